@@ -1,0 +1,32 @@
+"""The default engine: every client trained in this process on one resident model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedlt.client import ClientResult, ClientTask
+from fedlt.data.federated import FederatedData
+from fedlt.engines.base import Engine
+from fedlt.pluginmanager import HookSet
+from fedlt.worker import ClientTrainer
+
+__all__ = ["SerialEngine"]
+
+
+class SerialEngine(Engine):
+    """One process, one model reused for all clients, data resident on the device."""
+
+    name = "serial"
+
+    def __init__(self, scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> None:
+        super().__init__(scenario, data, hooks, device)
+        self.trainer = ClientTrainer(scenario, data, hooks, device)
+
+    def train_round(
+        self, tasks: Sequence[ClientTask], global_state: Mapping[str, torch.Tensor]
+    ) -> Iterator[ClientResult]:
+        for task in tasks:
+            yield self.trainer.run(task, global_state)

@@ -1,0 +1,109 @@
+"""A client trainer with a resident model: what every engine runs, in-process or on a worker.
+
+The model is built once and reused for every client: the global weights are copied into it in
+place, never re-constructed, and the weights it returns are its live tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedlt.client import ClientResult, ClientTask, LocalTraining, train_client
+from fedlt.context import ClientContext, SetupContext
+from fedlt.data.federated import FederatedData
+from fedlt.models import build_model
+from fedlt.pluginmanager import HookSet
+from fedlt.seeding import seed_torch, torch_generator
+
+__all__ = ["ClientTrainer", "aggregated_keys", "build_run_model", "client_context", "setup_context"]
+
+
+def setup_context(scenario: Any, data: FederatedData, device: torch.device) -> SetupContext:
+    return SetupContext(
+        seed=scenario.seed,
+        num_classes=data.num_classes,
+        input_shape=data.input_shape,
+        n_clients=data.n_clients,
+        device=device,
+        global_class_counts=data.train_class_counts,
+        generator=torch_generator(scenario.seed, "configure-model"),
+    )
+
+
+def client_context(scenario: Any, data: FederatedData, task: ClientTask, device: torch.device) -> ClientContext:
+    """The context of one client-round; its generator is seeded from (seed, round, client)."""
+    idx = data.client_tensor(task.client_id)
+    return ClientContext(
+        client_id=task.client_id,
+        round=task.round,
+        seed=scenario.seed,
+        num_classes=data.num_classes,
+        config=task.config,
+        local_class_counts=data.client_counts[task.client_id],
+        global_class_counts=data.train_class_counts,
+        indices=idx,
+        labels=data.y_train[idx],
+        x_train=data.x_train,
+        y_train=data.y_train,
+        batch_size=scenario.train.batch_size,
+        local_epochs=scenario.train.local_epochs,
+        local_steps=scenario.train.local_steps,
+        device=device,
+        generator=torch_generator(scenario.seed, "client", task.round, task.client_id),
+    )
+
+
+def build_run_model(scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> nn.Module:
+    """The scenario's model, initialised from the seed and configured by the plugins.
+
+    Every process builds the identical model, so frozen parameters agree without being sent.
+    """
+    seed_torch(scenario.seed, "model-init")
+    model = build_model(scenario.model.name, data.input_shape, data.num_classes, **scenario.model.params())
+    model.to(device)
+    if hooks.configure_model:
+        hooks.configure_model.all(model=model, ctx=setup_context(scenario, data, device), states=None)
+    return model
+
+
+def aggregated_keys(model: nn.Module) -> list[str]:
+    """State entries that training changes: trainable parameters and floating-point buffers."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return [k for k, v in model.state_dict().items() if k not in frozen and v.is_floating_point()]
+
+
+class ClientTrainer:
+    """Trains any client of the run on one resident model."""
+
+    def __init__(self, scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> None:
+        self.scenario = scenario
+        self.data = data
+        self.hooks = hooks
+        self.device = device
+        self.recipe = LocalTraining.from_scenario(scenario)
+        self.model = build_run_model(scenario, data, hooks, device)
+        self.keys = aggregated_keys(self.model)
+        state = self.model.state_dict()
+        self._targets = [state[k] for k in self.keys]
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def load_global(self, global_state: Mapping[str, torch.Tensor]) -> None:
+        for dst, key in zip(self._targets, self.keys, strict=True):
+            dst.copy_(global_state[key])
+
+    def run(self, task: ClientTask, global_state: Mapping[str, torch.Tensor]) -> ClientResult:
+        """Train one client from the global weights; the returned weights are live tensors."""
+        self.load_global(global_state)
+        seed_torch(self.scenario.seed, "torch", task.round, task.client_id)
+        ctx = client_context(self.scenario, self.data, task, self.device)
+        total, n_steps, payloads = train_client(
+            self.model, ctx, self.hooks, self.recipe, task.states, self._trainable
+        )
+        loss = float(total) / max(n_steps, 1)  # host sync: once per client-round
+        weights = dict(zip(self.keys, self._targets, strict=True))
+        return ClientResult(task.client_id, weights, ctx.n_samples, loss, n_steps, payloads, task.states)

@@ -1,0 +1,34 @@
+"""Balanced softmax (Ren et al., NeurIPS 2020): cross-entropy on logits shifted by log class counts.
+
+L = -log( n_y e^{z_y} / sum_j n_j e^{z_j} ) = CE(z + log n, y). Training against the prior lets
+the plain logits z estimate the balanced posterior, so evaluation uses z unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedlt import ClientContext, Plugin, hookimpl
+from fedlt_plugins.priors import PRIOR_DOC, Prior, log_prior
+
+
+class BalancedSoftmaxParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prior: Prior = Field("local", description=PRIOR_DOC)
+
+
+class BalancedSoftmax(Plugin):
+    """Balanced softmax loss with local or global class counts."""
+
+    Params = BalancedSoftmaxParams
+
+    @hookimpl
+    def client_start(self, ctx: ClientContext) -> None:
+        ctx.extra["balanced-softmax.log_prior"] = log_prior(ctx, self.params.prior)
+
+    @hookimpl
+    def client_loss(self, logits: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> torch.Tensor:
+        return F.cross_entropy(logits + ctx.extra["balanced-softmax.log_prior"], y, reduction="none")
