@@ -21,12 +21,22 @@ __all__ = ["main"]
 
 def _add_scenario(p: argparse.ArgumentParser, optional: bool = False) -> None:
     if optional:
-        p.add_argument("scenario", nargs="?", default="quickstart",
-                       help="scenario .toml file or built-in name (default: the embedded quickstart)")
+        p.add_argument(
+            "scenario",
+            nargs="?",
+            default="quickstart",
+            help="scenario .toml file or built-in name (default: the embedded quickstart)",
+        )
     else:
         p.add_argument("scenario", help="scenario .toml file or built-in name (e.g. quickstart)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a scenario key, e.g. --set federation.rounds=5 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a scenario key, e.g. --set federation.rounds=5 (repeatable)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,8 +90,15 @@ def _print_final(summary: dict[str, Any]) -> None:
     def fmt(v: Any) -> str:
         return "-" if v is None else f"{v:.4f}"
 
-    keys = ["accuracy", "balanced_accuracy", "head_accuracy", "medium_accuracy", "tail_accuracy",
-            "auroc_macro", "personalized_accuracy"]
+    keys = [
+        "accuracy",
+        "balanced_accuracy",
+        "head_accuracy",
+        "medium_accuracy",
+        "tail_accuracy",
+        "auroc_macro",
+        "personalized_accuracy",
+    ]
     print(f"{summary['scenario']}: {summary['rounds']} rounds in {summary['wall_seconds']:.1f}s")
     for k in keys:
         if k in f:
@@ -96,8 +113,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario, args.overrides)
     hooks = build_hooks(scenario.plugins)
     data = build_federated_data(scenario, "cpu")
-    print(f"{args.scenario}: valid ({data.n_clients} clients, {int(data.train_class_counts.sum())} training "
-          f"samples, {data.num_classes} classes, plugins: {', '.join(hooks.names) or 'none'})")
+    print(
+        f"{args.scenario}: valid ({data.n_clients} clients, {int(data.train_class_counts.sum())} training "
+        f"samples, {data.num_classes} classes, plugins: {', '.join(hooks.names) or 'none'})"
+    )
     return 0
 
 
@@ -110,8 +129,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
-    print(f"dataset {info['dataset']}: {info['num_classes']} classes, {info['n_train']} training samples "
-          f"after the long-tail profile, {info['n_test']} test samples")
+    print(
+        f"dataset {info['dataset']}: {info['num_classes']} classes, {info['n_train']} training samples "
+        f"after the long-tail profile, {info['n_test']} test samples"
+    )
     print("train class counts: " + " ".join(str(c) for c in info["train_class_counts"]))
     width = max(len(str(c)) for cl in info["clients"] for c in cl["class_counts"]) if info["clients"] else 1
     print(f"{'client':>6} {'n':>7} {'view':>5}  class counts")
@@ -126,8 +147,13 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
     plugins = discover_plugins()
     rows = [
-        {"name": i.name, "distribution": i.distribution, "entry_point": i.value, "hooks": i.hooks,
-         "parameters": i.parameters()}
+        {
+            "name": i.name,
+            "distribution": i.distribution,
+            "entry_point": i.value,
+            "hooks": i.hooks,
+            "parameters": i.parameters(),
+        }
         for i in sorted(plugins.values(), key=lambda i: i.name)
     ]
     if args.json:

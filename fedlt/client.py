@@ -63,8 +63,15 @@ class LocalTraining:
     def from_scenario(cls, scenario: Any) -> LocalTraining:
         t = scenario.train
         return cls(
-            t.local_epochs, t.local_steps, t.batch_size, t.optimizer, t.lr, t.momentum,
-            t.weight_decay, t.max_grad_norm, scenario.data.augment,
+            t.local_epochs,
+            t.local_steps,
+            t.batch_size,
+            t.optimizer,
+            t.lr,
+            t.momentum,
+            t.weight_decay,
+            t.max_grad_norm,
+            scenario.data.augment,
         )
 
     def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -80,8 +87,10 @@ def default_order(ctx: ClientContext) -> torch.Tensor:
         epochs = -(-ctx.local_steps * ctx.batch_size // max(n, 1))
     else:
         epochs = ctx.local_epochs
-    perms = [ctx.indices[torch.randperm(n, generator=ctx.generator, device="cpu").to(ctx.indices.device)]
-             for _ in range(epochs)]
+    perms = [
+        ctx.indices[torch.randperm(n, generator=ctx.generator, device="cpu").to(ctx.indices.device)]
+        for _ in range(epochs)
+    ]
     return torch.cat(perms) if len(perms) > 1 else perms[0]
 
 
@@ -99,7 +108,8 @@ def train_client(
     plugins' ``client_end`` payloads by plugin name.
     """
     model.train()
-    hooks.client_start(model=model, ctx=ctx, states=states) if hooks.client_start else None
+    if hooks.client_start:
+        hooks.client_start.all(model=model, ctx=ctx, states=states)
     params = list(trainable)
     if hooks.client_trainable_parameters:
         for _, extra in hooks.client_trainable_parameters.all(model=model, ctx=ctx, states=states):

@@ -44,9 +44,9 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Which dataset, from where, and how samples are prepared."""
 
-    dataset: Literal["digits", "synthetic", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder"] = (
-        Field("digits", description="Dataset from the registry.")
-    )
+    dataset: Literal[
+        "digits", "synthetic", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder"
+    ] = Field("digits", description="Dataset from the registry.")
     root: str | None = Field(
         None,
         description="Local folder (torchvision datasets) or folder/.tar/.tar.gz (imagefolder). "
@@ -54,17 +54,23 @@ class DataConfig(_Section):
     )
     download: bool = Field(False, description="Let torchvision download into `root` when files are missing.")
     test_fraction: float = Field(
-        0.3, gt=0, lt=1, description="Held-out test share for datasets without a test split (digits, imagefolder)."
+        0.3,
+        gt=0,
+        lt=1,
+        description="Held-out test share for datasets without a test split (digits, imagefolder).",
     )
     cache_dir: str | None = Field(
-        None, description="Where decoded imagefolder arrays are cached (default $FEDLT_CACHE or ~/.cache/fedlt)."
+        None,
+        description="Where decoded imagefolder arrays are cached (default $FEDLT_CACHE or ~/.cache/fedlt).",
     )
     image_size: int | None = Field(None, gt=0, description="Resize imagefolder images to this square size.")
     n_train: int = Field(5000, gt=0, description="synthetic: training samples.")
     n_test: int = Field(1000, gt=0, description="synthetic: test samples.")
     num_classes: int = Field(10, ge=2, description="synthetic: number of classes.")
     shape: list[int] = Field([20], min_length=1, description="synthetic: per-sample shape, e.g. [3, 32, 32].")
-    separation: float = Field(1.0, ge=0, description="synthetic: how far apart class means are (larger = easier).")
+    separation: float = Field(
+        1.0, ge=0, description="synthetic: how far apart class means are (larger = easier)."
+    )
     augment: Literal["none", "crop-flip"] = Field(
         "none", description="Training-time augmentation of image batches (random 4-pixel-padded crop + flip)."
     )
@@ -84,7 +90,9 @@ class LongTailConfig(_Section):
         "none", description="exponential: n_i = floor(n_max * IF^(-i/(C-1))); step: two levels."
     )
     imbalance_factor: float = Field(1.0, ge=1, description="IF = n_max / n_min (100 means a 100:1 tail).")
-    n_max: int | None = Field(None, gt=0, description="Samples kept for the head class (default: all it has).")
+    n_max: int | None = Field(
+        None, gt=0, description="Samples kept for the head class (default: all it has)."
+    )
     fraction_minority: float = Field(0.5, gt=0, lt=1, description="step: share of classes that are minority.")
 
 
@@ -98,25 +106,37 @@ class PartitionConfig(_Section):
     )
     n_clients: int = Field(10, ge=1, description="Number of clients.")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed clients).")
-    min_client_size: int = Field(0, ge=0, description="dirichlet: redraw until every client has this many samples.")
+    min_client_size: int = Field(
+        0, ge=0, description="dirichlet: redraw until every client has this many samples."
+    )
     shards_per_client: int = Field(2, ge=1, description="shards: shards (about classes) per client.")
 
 
 class ModelConfig(_Section):
     """The network; every model has a `features(x)` / `head` split."""
 
-    name: Literal["mlp", "cnn", "resnet8", "resnet20", "resnet32"] = Field("mlp", description="Model registry name.")
+    name: Literal["mlp", "cnn", "resnet8", "resnet20", "resnet32"] = Field(
+        "mlp", description="Model registry name."
+    )
     hidden: list[int] | None = Field(None, description="mlp: hidden layer widths (default [128, 64]).")
     widths: list[int] | None = Field(None, description="cnn: channels per conv block (default [16, 32]).")
     width: int | None = Field(None, gt=0, description="resnet*: first-stage width (default 16).")
 
     @model_validator(mode="after")
     def _params_fit_model(self) -> ModelConfig:
-        allowed = {"mlp": "hidden", "cnn": "widths", "resnet8": "width", "resnet20": "width", "resnet32": "width"}
+        allowed = {
+            "mlp": "hidden",
+            "cnn": "widths",
+            "resnet8": "width",
+            "resnet20": "width",
+            "resnet32": "width",
+        }
         for key in ("hidden", "widths", "width"):
             if getattr(self, key) is not None and allowed[self.name] != key:
                 raise ScenarioError(
-                    f"model.{key}", getattr(self, key), f"unset for model {self.name!r}",
+                    f"model.{key}",
+                    getattr(self, key),
+                    f"unset for model {self.name!r}",
                     hint=f"Model {self.name!r} takes '{allowed[self.name]}'.",
                 )
         return self
@@ -130,7 +150,9 @@ class TrainConfig(_Section):
     """Local training on each selected client."""
 
     local_epochs: int = Field(1, ge=1, description="Passes over the client's data per round.")
-    local_steps: int | None = Field(None, ge=1, description="If set, exactly this many batches per round instead.")
+    local_steps: int | None = Field(
+        None, ge=1, description="If set, exactly this many batches per round instead."
+    )
     batch_size: int = Field(32, ge=1, description="Local batch size.")
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="Local optimizer, fresh each round.")
     lr: float = Field(0.05, gt=0, description="Learning rate.")
@@ -151,10 +173,14 @@ class EvalConfig(_Section):
     """What evaluation measures."""
 
     shot_rule: Literal["count", "cumulative"] = Field(
-        "count", description="count: head > 100 > medium >= 20 > tail samples; cumulative: FedLoGe 75%/95% of samples."
+        "count",
+        description="count: head > 100 >= medium >= 20 > tail (samples); cumulative: FedLoGe 75%/95%.",
     )
     shot_thresholds: list[float] | None = Field(
-        None, min_length=2, max_length=2, description="Override the rule's two thresholds ([100, 20] or [0.75, 0.95])."
+        None,
+        min_length=2,
+        max_length=2,
+        description="Override the rule's two thresholds ([100, 20] or [0.75, 0.95]).",
     )
     personalized: bool = Field(True, description="Also measure accuracy on each client's local test view.")
     batch_size: int = Field(1024, ge=1, description="Evaluation batch size.")
@@ -219,7 +245,9 @@ class Scenario(_Section):
         seen: set[str] = set()
         for i, spec in enumerate(self.plugins):
             if spec.name in seen:
-                raise ScenarioError(f"plugins[{i}].name", spec.name, "listed once", hint="Merge the two tables.")
+                raise ScenarioError(
+                    f"plugins[{i}].name", spec.name, "listed once", hint="Merge the two tables."
+                )
             seen.add(spec.name)
         return self
 
@@ -251,7 +279,9 @@ def load_scenario(
         if not path.exists() and not path.suffix:
             path = builtin_scenario_path(str(source))
         if not path.is_file():
-            raise ScenarioError("scenario", str(source), "an existing .toml file or a built-in name: quickstart")
+            raise ScenarioError(
+                "scenario", str(source), "an existing .toml file or a built-in name: quickstart"
+            )
         try:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
@@ -326,15 +356,18 @@ def _descend(node: Any, part: str, key: str) -> Any:
         return node[_list_index(node, part, key)]
     if not isinstance(node, dict):
         raise ScenarioError(key, node, "a table to set keys in")
-    child = node.setdefault(part, {})
+    child = node.setdefault(part, [] if part == "plugins" else {})
     if part == "plugins" and not isinstance(child, list):
         raise ScenarioError(key, child, "a list of [[plugins]] tables")
     return child
 
 
 def _list_index(node: list[Any], part: str, key: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ScenarioError(key, part, f"an index from 0 to {len(node) - 1}")
+    # Index len(node) appends a new table: `--set plugins.0.name=focal` adds a first plugin.
+    if not part.isdigit() or int(part) > len(node):
+        raise ScenarioError(key, part, f"an index from 0 to {len(node)} ({len(node)} appends a new table)")
+    if int(part) == len(node):
+        node.append({})
     return int(part)
 
 
@@ -381,7 +414,7 @@ def _scenario_error(exc: ValidationError, raw: Mapping[str, Any]) -> ScenarioErr
         if isinstance(ctx_error, ScenarioError):
             one = ctx_error
         else:
-            loc = tuple(p for p in err["loc"] if p != "params" or True)
+            loc = tuple(err["loc"])
             key = _dotted(loc)
             if err["type"] == "extra_forbidden":
                 section = _dotted(loc[:-1]) or "the top level"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FedltError", "ScenarioError", "PluginError", "NonFiniteLossError"]
+__all__ = ["FedltError", "NonFiniteLossError", "PluginError", "ScenarioError"]
 
 
 class FedltError(Exception):
@@ -55,16 +55,20 @@ class PluginError(FedltError):
 
 
 class NonFiniteLossError(FedltError):
-    """A client's training loss became NaN or infinite; the run stops, keeping its last good checkpoint."""
+    """Training diverged (NaN/inf loss, weights or logits); the run stops, keeping its last good checkpoint.
 
-    def __init__(self, round: int, client: int, plugins: list[str], loss: float) -> None:
+    ``client`` is ``None`` when the divergence shows in the global model rather than one client.
+    """
+
+    def __init__(self, round: int, client: int | None, plugins: list[str], loss: float) -> None:
         self.round = round
         self.client = client
         self.plugins = plugins
         self.loss = loss
         stack = ", ".join(plugins) if plugins else "none"
+        where = f"on client {client}" if client is not None else "in the global model's test logits"
         super().__init__(
-            f"Training loss became {loss} in round {round} on client {client} "
+            f"Training diverged (loss, weights or logits became {loss}) in round {round} {where} "
             f"(plugins, in order: {stack}). The run stopped; the last good checkpoint is kept, "
             "so lower the learning rate or fix the plugin and run 'fedlt resume'."
         )

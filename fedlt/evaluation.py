@@ -11,6 +11,7 @@ from torch import nn
 from fedlt.client import ClientTask
 from fedlt.context import EvalContext
 from fedlt.data.federated import FederatedData
+from fedlt.errors import NonFiniteLossError
 from fedlt.metrics import classification_metrics, personalized_accuracy
 from fedlt.pluginmanager import HookSet
 from fedlt.worker import client_context
@@ -51,16 +52,25 @@ class Evaluator:
         if not self.hooks.eval_logits:
             return logits
         return self.hooks.eval_logits.chain(
-            "logits", logits=logits, features=features, model=model, ctx=self._ctx(round, client_id), states=states
+            "logits",
+            logits=logits,
+            features=features,
+            model=model,
+            ctx=self._ctx(round, client_id),
+            states=states,
         )
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, round: int, client_states: dict[int, dict[str, dict]]) -> dict[str, Any]:
+    def evaluate(
+        self, model: nn.Module, round: int, client_states: dict[int, dict[str, dict]]
+    ) -> dict[str, Any]:
         """All metrics for ``model`` after ``round``; plain JSON-ready values."""
         d, ev = self.data, self.scenario.eval
         was_training = model.training
         model.eval()
         feats, raw = _forward(model, d.x_test, ev.batch_size)
+        if not bool(torch.isfinite(raw).all()):
+            raise NonFiniteLossError(round, None, self.hooks.names, float(raw[~torch.isfinite(raw)][0]))
         logits = self._adjust(raw, feats, model, round, None, {})
         out = classification_metrics(
             logits, d.y_test, d.num_classes, d.train_class_counts, ev.shot_rule, ev.shot_thresholds
@@ -68,7 +78,9 @@ class Evaluator:
         if ev.personalized:
             correct, total = self._personalized(model, feats, raw, round, client_states)
             out["personalized_accuracy"] = personalized_accuracy(correct, total)
-            out["personalized_client_accuracy"] = [c / t if t else None for c, t in zip(correct, total, strict=True)]
+            out["personalized_client_accuracy"] = [
+                c / t if t else None for c, t in zip(correct, total, strict=True)
+            ]
         else:
             out["personalized_accuracy"] = None
         model.train(was_training)
@@ -102,7 +114,9 @@ class Evaluator:
             self._scratch = copy.deepcopy(model)
         scratch = self._scratch
         scratch.load_state_dict(model.state_dict())
-        ctx = client_context(self.scenario, self.data, ClientTask(client_id, round, {}), self.data.x_train.device)
+        ctx = client_context(
+            self.scenario, self.data, ClientTask(client_id, round, {}), self.data.x_train.device
+        )
         with torch.enable_grad():
             self.hooks.client_personalize.all(model=scratch, ctx=ctx, states=states)
         scratch.eval()

@@ -141,9 +141,13 @@ def discover_plugins() -> dict[str, PluginInfo]:
         try:
             cls = ep.load()
         except Exception as exc:
-            raise PluginError(ep.name, None, f"entry point {ep.name} = {ep.value} failed to load: {exc!r}") from exc
+            raise PluginError(
+                ep.name, None, f"entry point {ep.name} = {ep.value} failed to load: {exc!r}"
+            ) from exc
         if not (isinstance(cls, type) and issubclass(cls, Plugin)):
-            raise PluginError(ep.name, None, f"entry point {ep.name} = {ep.value} is not a fedlt.Plugin subclass")
+            raise PluginError(
+                ep.name, None, f"entry point {ep.name} = {ep.value} is not a fedlt.Plugin subclass"
+            )
         found[ep.name] = PluginInfo(ep.name, ep.value, dist, cls)
     return found
 
@@ -220,13 +224,17 @@ class _Hook:
     def plugin_names(self) -> list[str]:
         return [n for n, _, _ in self.impls]
 
-    def _call(self, plugin: str, fn: Callable[..., Any], argnames: tuple[str, ...], kwargs: dict[str, Any]) -> Any:
+    def _call(
+        self, plugin: str, fn: Callable[..., Any], argnames: tuple[str, ...], kwargs: dict[str, Any]
+    ) -> Any:
         __tracebackhide__ = True
         try:
             args = {}
             for a in argnames:
                 if a == "state":
-                    args[a] = kwargs["states"].setdefault(plugin, {}) if kwargs.get("states") is not None else {}
+                    args[a] = (
+                        kwargs["states"].setdefault(plugin, {}) if kwargs.get("states") is not None else {}
+                    )
                 else:
                     args[a] = kwargs[a]
             return fn(**args)
@@ -235,7 +243,9 @@ class _Hook:
         except Exception as exc:
             raise PluginError(plugin, self.name, f"{type(exc).__name__}: {exc}") from exc
 
-    def all(self, per_plugin: Mapping[str, Mapping[str, Any]] | None = None, **kwargs: Any) -> list[tuple[str, Any]]:
+    def all(
+        self, per_plugin: Mapping[str, Mapping[str, Any]] | None = None, **kwargs: Any
+    ) -> list[tuple[str, Any]]:
         """(plugin, result) for every implementation, in order; ``None`` results included.
 
         ``per_plugin`` gives arguments that differ by plugin (e.g. each plugin's own payloads).
@@ -255,7 +265,9 @@ class _Hook:
         for p, fn, a in self.impls:
             out = self._call(p, fn, a, kwargs)
             if out is None:
-                raise PluginError(p, self.name, f"returned None; a chain hook must return the new {value_name}")
+                raise PluginError(
+                    p, self.name, f"returned None; a chain hook must return the new {value_name}"
+                )
             kwargs[value_name] = out
         return kwargs[value_name]
 
@@ -292,7 +304,9 @@ class HookSet:
         try:
             pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise PluginError(exc.plugin.name if hasattr(exc.plugin, "name") else "?", None, str(exc)) from None
+            raise PluginError(
+                exc.plugin.name if hasattr(exc.plugin, "name") else "?", None, str(exc)
+            ) from None
         order = {p.name: i for i, p in enumerate(self.plugins)}
         self._hooks: dict[str, _Hook] = {}
         for name in hookspecs.COMBINE:

@@ -92,7 +92,9 @@ class Run:
         run_dir = Path(run_dir)
         if (run_dir / SCENARIO).exists():
             raise ScenarioError(
-                "--out", str(run_dir), "a new or empty folder",
+                "--out",
+                str(run_dir),
+                "a new or empty folder",
                 hint=f"It holds a run already: continue it with `fedlt resume {run_dir}`.",
             )
         run = cls(scenario, run_dir, progress)
@@ -112,7 +114,9 @@ class Run:
         """Run (or continue) to the last round; returns the summary written to summary.json."""
         s = self.scenario
         ckpt = load_checkpoint(self.run_dir)
-        self.hooks.server_setup.all(model=self.model, ctx=setup_context(s, self.data, self.device), states=None)
+        self.hooks.server_setup.all(
+            model=self.model, ctx=setup_context(s, self.data, self.device), states=None
+        )
         start, elapsed, history = 1, 0.0, []
         if ckpt is not None:
             self.model.load_state_dict(ckpt["global"])
@@ -131,7 +135,11 @@ class Run:
                 loss = self._round(engine, r)
                 record = None
                 if self._eval_due(r):
-                    record = {"round": r, "train_loss": loss, **self.evaluator.evaluate(self.model, r, self.client_states)}
+                    record = {
+                        "round": r,
+                        "train_loss": loss,
+                        **self.evaluator.evaluate(self.model, r, self.client_states),
+                    }
                     history.append(record)
                     with open(self.run_dir / METRICS, "a") as f:
                         f.write(json.dumps(record) + "\n")
@@ -140,8 +148,11 @@ class Run:
                 if bar is not None:
                     bar.update(1)
                     if record is not None:
-                        bar.set_postfix(acc=f"{record['accuracy']:.3f}", bacc=f"{record['balanced_accuracy']:.3f}",
-                                        loss=f"{loss:.3f}")
+                        bar.set_postfix(
+                            acc=f"{record['accuracy']:.3f}",
+                            bacc=f"{record['balanced_accuracy']:.3f}",
+                            loss=f"{loss:.3f}",
+                        )
                 if self.on_round is not None:
                     self.on_round(r, record)
         finally:
@@ -156,15 +167,33 @@ class Run:
         s, d = self.scenario, self.data
         selected = select_clients(s.seed, r, d.n_clients, s.federation.fraction_clients)
         config: dict[str, Any] = {"round": r}
-        ctx = RoundContext(r, s.seed, d.num_classes, tuple(selected), frozen_config(config),
-                           d.train_class_counts, d.client_counts)
+        ctx = RoundContext(
+            r,
+            s.seed,
+            d.num_classes,
+            tuple(selected),
+            frozen_config(config),
+            d.train_class_counts,
+            d.client_counts,
+        )
         if self.hooks.server_configure_round:
             for _, extra in self.hooks.server_configure_round.all(ctx=ctx, states=None):
                 config.update(extra or {})
-            ctx = RoundContext(r, s.seed, d.num_classes, tuple(selected), frozen_config(config),
-                               d.train_class_counts, d.client_counts)
+            ctx = RoundContext(
+                r,
+                s.seed,
+                d.num_classes,
+                tuple(selected),
+                frozen_config(config),
+                d.train_class_counts,
+                d.client_counts,
+            )
         global_state = self.model.state_dict()
-        aggregator = self.hooks.server_make_aggregator.first(ctx=ctx, states=None) if self.hooks.server_make_aggregator else None
+        aggregator = (
+            self.hooks.server_make_aggregator.first(ctx=ctx, states=None)
+            if self.hooks.server_make_aggregator
+            else None
+        )
         if aggregator is None:
             aggregator = FedAvg({k: global_state[k] for k in aggregated_keys(self.model)})
         tasks = [ClientTask(c, r, ctx.config, self.client_states.setdefault(c, {})) for c in selected]
@@ -186,7 +215,9 @@ class Run:
         if self.hooks.server_after_aggregate:
             self.hooks.server_after_aggregate.all(
                 per_plugin={name: {"payloads": p} for name, p in payloads.items()},
-                model=self.model, ctx=ctx, states=None,
+                model=self.model,
+                ctx=ctx,
+                states=None,
             )
         return float(np.mean(losses)) if losses else float("nan")
 
@@ -211,7 +242,9 @@ class Run:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.scenario.federation.rounds, initial=start - 1, desc=self.scenario.name, unit="round")
+        return tqdm(
+            total=self.scenario.federation.rounds, initial=start - 1, desc=self.scenario.name, unit="round"
+        )
 
     def _summary(self, history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         final = dict(history[-1]) if history else {}

@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 import torch
 
-__all__ = ["derive_seed", "numpy_rng", "torch_generator", "seed_torch"]
+__all__ = ["derive_seed", "numpy_rng", "seed_torch", "torch_generator"]
 
 
 def _key(part: int | str) -> int:
@@ -26,7 +26,9 @@ def _key(part: int | str) -> int:
 def derive_seed(seed: int, *parts: int | str) -> int:
     """A 63-bit seed derived from ``seed`` and any number of ints or string tags."""
     seq = np.random.SeedSequence([_key(seed), *(_key(p) for p in parts)])
-    return int(seq.generate_state(2, dtype=np.uint32).astype(np.uint64) @ np.array([1 << 31, 1], dtype=np.uint64)) & ((1 << 63) - 1)
+    return int(
+        seq.generate_state(2, dtype=np.uint32).astype(np.uint64) @ np.array([1 << 31, 1], dtype=np.uint64)
+    ) & ((1 << 63) - 1)
 
 
 def numpy_rng(seed: int, *parts: int | str) -> np.random.Generator:

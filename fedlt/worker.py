@@ -34,7 +34,9 @@ def setup_context(scenario: Any, data: FederatedData, device: torch.device) -> S
     )
 
 
-def client_context(scenario: Any, data: FederatedData, task: ClientTask, device: torch.device) -> ClientContext:
+def client_context(
+    scenario: Any, data: FederatedData, task: ClientTask, device: torch.device
+) -> ClientContext:
     """The context of one client-round; its generator is seeded from (seed, round, client)."""
     idx = data.client_tensor(task.client_id)
     return ClientContext(
@@ -104,6 +106,9 @@ class ClientTrainer:
         total, n_steps, payloads = train_client(
             self.model, ctx, self.hooks, self.recipe, task.states, self._trainable
         )
-        loss = float(total) / max(n_steps, 1)  # host sync: once per client-round
+        # One host sync per client-round. Adding 0 * (sum of the new weights) makes the loss
+        # non-finite when the weights diverged after the last step, so the run stops either way.
+        weight_sum = torch.stack([t.sum() for t in self._targets]).sum()
+        loss = float(total + 0.0 * weight_sum) / max(n_steps, 1)
         weights = dict(zip(self.keys, self._targets, strict=True))
         return ClientResult(task.client_id, weights, ctx.n_samples, loss, n_steps, payloads, task.states)

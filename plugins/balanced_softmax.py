@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from fedlt_plugins.priors import PRIOR_DOC, Prior, log_prior
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlt import ClientContext, Plugin, hookimpl
-from fedlt_plugins.priors import PRIOR_DOC, Prior, log_prior
 
 
 class BalancedSoftmaxParams(BaseModel):

@@ -17,11 +17,14 @@ class FocalParams(BaseModel):
 
     gamma: float = Field(2.0, ge=0, description="Focusing exponent; 0 gives (alpha-weighted) cross-entropy.")
     alpha: float | list[float] | None = Field(
-        None, description="Class weight alpha_t: one float for all classes, a list with one per class, or unset (1)."
+        None,
+        description="Class weight alpha_t: one float for all classes, one per class, or unset (1).",
     )
 
 
-def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float, alpha: torch.Tensor | None) -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor, y: torch.Tensor, gamma: float, alpha: torch.Tensor | None
+) -> torch.Tensor:
     """Per-sample focal loss; ``alpha`` is a (C,) tensor of class weights or None."""
     log_p = F.log_softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
     loss = -((1.0 - log_p.exp()) ** gamma) * log_p
@@ -38,7 +41,9 @@ class Focal(Plugin):
         alpha = self.params.alpha
         if isinstance(alpha, list) and len(alpha) != ctx.num_classes:
             raise ScenarioError(
-                f"plugins.{self.name}.alpha", alpha, f"a float or a list of {ctx.num_classes} floats (one per class)"
+                f"plugins.{self.name}.alpha",
+                alpha,
+                f"a float or a list of {ctx.num_classes} floats (one per class)",
             )
 
     @hookimpl

@@ -64,7 +64,7 @@ class FederatedData:
                     "id": k,
                     "n_samples": int(self.client_counts[k].sum()),
                     "class_counts": self.client_counts[k].tolist(),
-                    "test_view_size": int(len(self.test_views[k])),
+                    "test_view_size": len(self.test_views[k]),
                 }
                 for k in range(self.n_clients)
             ],
@@ -97,11 +97,15 @@ def check_data_feasible(scenario: Any) -> None:
     )
     if n is not None and scenario.partition.n_clients > n:
         raise ScenarioError(
-            "partition.n_clients", scenario.partition.n_clients, f"at most the {n} training samples of {d.dataset}"
+            "partition.n_clients",
+            scenario.partition.n_clients,
+            f"at most the {n} training samples of {d.dataset}",
         )
     if d.dataset in ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder") and not d.root:
         raise ScenarioError(
-            "data.root", d.root, f"a local folder for {d.dataset}",
+            "data.root",
+            d.root,
+            f"a local folder for {d.dataset}",
             hint="Point data.root at a copy (and set data.download = true to let torchvision fetch it).",
         )
 
@@ -117,13 +121,19 @@ def build_federated_data(scenario: Any, device: torch.device | str = "cpu") -> F
     y_lt = raw.train.y[keep]
     if part.n_clients > len(keep):
         raise ScenarioError(
-            "partition.n_clients", part.n_clients,
+            "partition.n_clients",
+            part.n_clients,
             f"at most the {len(keep)} training samples left after the long-tail profile",
         )
     clients = partition(
-        part.kind, y_lt, part.n_clients, numpy_rng(seed, "partition"),
-        alpha=part.alpha, min_client_size=part.min_client_size,
-        shards_per_client=part.shards_per_client, num_classes=raw.num_classes,
+        part.kind,
+        y_lt,
+        part.n_clients,
+        numpy_rng(seed, "partition"),
+        alpha=part.alpha,
+        min_client_size=part.min_client_size,
+        shards_per_client=part.shards_per_client,
+        num_classes=raw.num_classes,
     )
     per_client = client_class_counts(y_lt, clients, raw.num_classes)
     views = local_test_views(

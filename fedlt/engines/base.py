@@ -40,7 +40,7 @@ class Engine(ABC):
         A result's ``weights`` may be live tensors valid only until the next result is requested.
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional override; the serial engine holds nothing
         """Release workers and resources."""
 
 

@@ -1,0 +1,245 @@
+"""Evaluation metrics for long-tailed classification, as pure functions of logits and labels.
+
+Top-1 accuracy hides how a model does on rare classes, so every evaluation also reports balanced
+accuracy, per-class accuracy, head / medium / tail accuracy under a named split rule, and macro
+one-vs-rest ROC AUC. Results are plain Python (floats, lists, None) so they go straight to JSON.
+Nothing here knows about engines, clients or rounds.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlt.errors import ScenarioError
+
+__all__ = ["SHOT_RULES", "classification_metrics", "personalized_accuracy", "shot_groups"]
+
+SHOT_RULES: tuple[str, ...] = ("count", "cumulative")
+_DEFAULT_THRESHOLDS: dict[str, tuple[float, float]] = {"count": (100.0, 20.0), "cumulative": (0.75, 0.95)}
+
+
+def _to_numpy(array: Any) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        if array.is_floating_point():
+            array = array.double()
+        return array.numpy()
+    return np.asarray(array)
+
+
+def _counts_array(train_class_counts: Any) -> np.ndarray:
+    counts = _to_numpy(train_class_counts).astype(np.float64)
+    if counts.ndim != 1 or counts.size == 0:
+        raise ValueError(f"train_class_counts must be a non-empty 1-D sequence, got shape {counts.shape}")
+    if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+        raise ValueError("train_class_counts must be finite and >= 0")
+    return counts
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _resolve_thresholds(rule: str, thresholds: Any) -> tuple[float, float]:
+    """Check the split rule and its two thresholds, filling in the rule's defaults."""
+    if rule not in SHOT_RULES:
+        raise ScenarioError("eval.shot_rule", rule, f"one of {SHOT_RULES}")
+    if thresholds is None:
+        return _DEFAULT_THRESHOLDS[rule]
+    if rule == "count":
+        allowed = "[many, few] sample counts with many >= few >= 0, e.g. [100, 20]"
+    else:
+        allowed = "[head, medium] cumulative fractions with 0 < head <= medium <= 1, e.g. [0.75, 0.95]"
+    is_seq = isinstance(thresholds, (Sequence, np.ndarray)) and not isinstance(thresholds, str)
+    if not is_seq or len(thresholds) != 2 or not all(_is_real(t) for t in thresholds):
+        raise ScenarioError("eval.shot_thresholds", thresholds, allowed)
+    first, second = float(thresholds[0]), float(thresholds[1])
+    valid = (0 <= second <= first < np.inf) if rule == "count" else (0 < first <= second <= 1)
+    if not valid:
+        raise ScenarioError("eval.shot_thresholds", thresholds, allowed)
+    return first, second
+
+
+def shot_groups(
+    train_class_counts: Sequence[float] | np.ndarray | torch.Tensor,
+    rule: str = "count",
+    thresholds: Sequence[float] | None = None,
+) -> dict[str, list[int]]:
+    """Split classes into head / medium / tail by their training counts.
+
+    Parameters
+    ----------
+    train_class_counts : sequence of numbers
+        Training samples per class (global or one client's), length C.
+    rule : {"count", "cumulative"}
+        ``"count"`` is the OLTR many/medium/few convention: head has more than ``thresholds[0]``
+        (100) samples, tail fewer than ``thresholds[1]`` (20), medium the rest, boundaries
+        included. It leaves CIFAR-10-LT nearly without a tail, hence ``"cumulative"``, FedLoGe's
+        ``shot_split``: sort classes by count (descending, ties by class id); head is the
+        shortest prefix covering at least ``thresholds[0]`` (0.75) of all samples, medium
+        extends it until ``thresholds[1]`` (0.95) is covered, tail is the rest.
+    thresholds : pair of numbers, optional
+        The rule's two thresholds; ``None`` uses the defaults above.
+
+    Returns
+    -------
+    dict
+        ``{"head": [...], "medium": [...], "tail": [...]}``, each a sorted list of class ids.
+
+    Raises
+    ------
+    ScenarioError
+        For an unknown rule (``eval.shot_rule``) or bad thresholds (``eval.shot_thresholds``).
+    """
+    first, second = _resolve_thresholds(rule, thresholds)
+    counts = _counts_array(train_class_counts)
+    if rule == "count":
+        head = np.flatnonzero(counts > first)
+        tail = np.flatnonzero(counts < second)
+        medium = np.flatnonzero((counts <= first) & (counts >= second))
+    else:
+        total = counts.sum()
+        if total <= 0:
+            raise ValueError("the cumulative shot rule needs train_class_counts with a positive sum")
+        order = np.argsort(-counts, kind="stable")  # descending, ties keep ascending class id
+        covered = np.cumsum(counts[order])
+        # Index of the first class at which the cumulative count reaches each fraction.
+        end_head = int(np.argmax(covered >= first * total)) + 1
+        end_medium = max(end_head, int(np.argmax(covered >= second * total)) + 1)
+        head, medium, tail = order[:end_head], order[end_head:end_medium], order[end_medium:]
+    return {
+        name: sorted(int(c) for c in ids)
+        for name, ids in (("head", head), ("medium", medium), ("tail", tail))
+    }
+
+
+def _macro_auroc(logits: np.ndarray, labels: np.ndarray, present: np.ndarray) -> float | None:
+    """Macro one-vs-rest ROC AUC over the classes that have positives and negatives.
+
+    Ranks log-softmax scores: their order is that of the softmax probabilities, but they do not
+    underflow to 0, so confident predictions are not turned into spurious ties. Tied scores
+    count one half (the Mann-Whitney form of the AUC, as sklearn's ``roc_auc_score`` computes it).
+    """
+    n = labels.size
+    if int(present.sum()) < 2:
+        return None
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    # Summing each row in sorted order makes the normaliser independent of the class order, so
+    # rows whose logits are permutations of each other give exactly tied probabilities.
+    log_probs = shifted - np.log(np.exp(np.sort(shifted, axis=1)).sum(axis=1, keepdims=True))
+    classes = np.flatnonzero(present)
+    by_class = np.ascontiguousarray(log_probs[:, classes].T)  # (K, N): one sort per class row
+    aucs = np.empty(classes.size)
+    for k, c in enumerate(classes):
+        scores = by_class[k]
+        ordered = np.sort(scores)
+        pos = scores[labels == c]
+        # Average rank (1-based) of each positive among all N scores, ties sharing their mean rank.
+        ranks = (np.searchsorted(ordered, pos, "left") + np.searchsorted(ordered, pos, "right") + 1) / 2
+        n_pos = pos.size
+        aucs[k] = (ranks.sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos))
+    return float(aucs.mean())
+
+
+def _mean_or_none(values: np.ndarray) -> float | None:
+    return float(values.mean()) if values.size else None
+
+
+def classification_metrics(
+    logits: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor | Sequence[int],
+    num_classes: int,
+    train_class_counts: Sequence[float] | np.ndarray | torch.Tensor,
+    rule: str = "count",
+    thresholds: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Accuracy-type metrics of one evaluation, robust to class imbalance in train and test.
+
+    Parameters
+    ----------
+    logits : (N, C) array or tensor
+        Scores, already adjusted by any evaluation-time remedy; prediction is their argmax.
+    labels : (N,) array of int
+        True classes in ``[0, num_classes)``.
+    num_classes : int
+        C.
+    train_class_counts : sequence of numbers, length C
+        Training counts that define the head / medium / tail split (see ``shot_groups``).
+    rule, thresholds
+        The split rule, passed to ``shot_groups`` and reported back.
+
+    Returns
+    -------
+    dict
+        ``accuracy`` (top-1 over samples); ``balanced_accuracy`` (mean recall over the classes
+        present in ``labels``); ``per_class_accuracy`` (C floats, ``None`` for a class absent
+        from ``labels``); ``head_accuracy`` / ``medium_accuracy`` / ``tail_accuracy`` (mean
+        per-class accuracy over the group's present classes, ``None`` if it has none);
+        ``shot_rule`` (the rule, its thresholds and the three class lists); ``auroc_macro``
+        (macro one-vs-rest ROC AUC of the softmax probabilities over classes with positives
+        and negatives, ``None`` if fewer than two classes are present). Accuracy-type values
+        are ``None`` when there are no samples.
+    """
+    scores = _to_numpy(logits).astype(np.float64, copy=False)
+    y = _to_numpy(labels)
+    if scores.ndim != 2 or scores.shape[1] != num_classes:
+        raise ValueError(f"logits must have shape (N, {num_classes}), got {scores.shape}")
+    if (
+        np.isnan(scores).any()
+        or np.isposinf(scores).any()
+        or (scores.size and np.isneginf(scores.max(axis=1)).any())
+    ):
+        # -inf is allowed (masked classes), but every sample needs a finite best score.
+        raise ValueError("logits must not contain NaN or +inf, and no row may be all -inf")
+    if y.ndim != 1 or y.shape[0] != scores.shape[0]:
+        raise ValueError(f"labels must have shape ({scores.shape[0]},), got {y.shape}")
+    if y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must be integers in [0, {num_classes})")
+    counts = _counts_array(train_class_counts)
+    if counts.size != num_classes:
+        raise ValueError(f"train_class_counts must have {num_classes} entries, got {counts.size}")
+    first, second = _resolve_thresholds(rule, thresholds)
+    groups = shot_groups(counts, rule, (first, second))
+
+    y = y.astype(np.int64, copy=False)
+    correct = scores.argmax(axis=1) == y if y.size else np.zeros(0, dtype=bool)
+    support = np.bincount(y, minlength=num_classes)
+    hits = np.bincount(y[correct], minlength=num_classes)
+    present = support > 0
+    recall = np.divide(hits, support, out=np.zeros(num_classes), where=present)
+
+    result: dict[str, Any] = {
+        "accuracy": float(correct.mean()) if y.size else None,
+        "balanced_accuracy": _mean_or_none(recall[present]),
+        "per_class_accuracy": [float(r) if p else None for r, p in zip(recall, present, strict=True)],
+    }
+    for name, ids in groups.items():
+        ids_present = [c for c in ids if present[c]]
+        result[f"{name}_accuracy"] = _mean_or_none(recall[ids_present])
+    result["shot_rule"] = {"rule": rule, "thresholds": [first, second], **groups}
+    result["auroc_macro"] = _macro_auroc(scores, y, present)
+    return result
+
+
+def personalized_accuracy(correct: Sequence[int], total: Sequence[int]) -> float | None:
+    """Unweighted mean over clients of local-test accuracy (FedLoGe's personalised accuracy).
+
+    Each client counts once whatever its test-set size, so small (often tail-heavy) clients
+    weigh as much as large ones. Clients with ``total == 0`` have no local view and are
+    skipped; ``None`` if no client has one.
+    """
+    hit = np.asarray(correct, dtype=np.float64)
+    seen = np.asarray(total, dtype=np.float64)
+    if hit.shape != seen.shape or hit.ndim != 1:
+        raise ValueError(f"correct and total must be 1-D of equal length, got {hit.shape} and {seen.shape}")
+    if np.any(hit < 0) or np.any(hit > seen):
+        raise ValueError("need 0 <= correct <= total for every client")
+    has_view = seen > 0
+    if not has_view.any():
+        return None
+    return float((hit[has_view] / seen[has_view]).mean())

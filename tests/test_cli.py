@@ -1,0 +1,102 @@
+"""The fedlt command: exit codes, messages, inspect's JSON shape, plugins listing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedlt.cli import main
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedlt.cli", *args], capture_output=True, text=True)
+
+
+def test_validate_ok(capsys):
+    assert main(["validate", "quickstart"]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["partition.alpha=0"], "'partition.alpha' value must be greater than 0. Got 0"),
+        (["long_tail.imbalance_factor=0.5"], "'long_tail.imbalance_factor'"),
+        (["federation.fraction_clients=2"], "'federation.fraction_clients'"),
+        (["partition.n_clients=100000"], "'partition.n_clients' value must be at most the"),
+        (["data.dataset=imagenet"], "'data.dataset'"),
+        (["model.name=vgg"], "'model.name'"),
+        (["data.colour=1"], "Unknown key 'data.colour'"),
+        (["plugins.0.name=nope"], "'plugins[0].name' value must be an installed plugin"),
+        (["plugins.0.name=focal", "plugins.0.gamma=-2"], "'plugins[0].gamma' value must be greater than"),
+    ],
+)
+def test_bad_input_exits_2_with_message(capsys, overrides, fragment):
+    args = ["validate", "quickstart"]
+    for o in overrides:
+        args += ["--set", o]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ")
+    assert fragment in " ".join(err.split())
+
+
+def test_unknown_plugin_exits_2(tmp_path, capsys):
+    s = tmp_path / "s.toml"
+    s.write_text('[[plugins]]\nname = "focall"\n')
+    assert main(["validate", str(s)]) == 2
+    assert "installed plugin" in capsys.readouterr().err
+
+
+def test_missing_data_root_exits_2_before_work(tmp_path, capsys):
+    s = tmp_path / "s.toml"
+    s.write_text('[data]\ndataset = "cifar10"\nroot = "no/such/folder"\n')
+    assert main(["run", str(s), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "'data.root'" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "r").exists(), "nothing may be written before the input is valid"
+
+
+def test_inspect_json_shape(capsys):
+    assert main(["inspect", "quickstart", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_classes"] == 10
+    counts = info["train_class_counts"]
+    assert (
+        len(counts) == 10 and counts[0] > counts[-1] and counts[0] / counts[-1] == pytest.approx(10, rel=0.1)
+    )
+    assert len(info["clients"]) == 10
+    assert [c["id"] for c in info["clients"]] == list(range(10))
+    per_class = [sum(c["class_counts"][k] for c in info["clients"]) for k in range(10)]
+    assert per_class == counts
+    assert all("test_view_size" in c for c in info["clients"])
+
+
+def test_inspect_text(capsys):
+    assert main(["inspect", "quickstart", "--set", "partition.n_clients=3"]) == 0
+    out = capsys.readouterr().out
+    assert "train class counts" in out and out.count("\n") >= 5
+
+
+def test_plugins_listing(capsys):
+    assert main(["plugins", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["focal"]["distribution"] == "fedlt"
+    assert "client_loss" in rows["balanced-softmax"]["hooks"]
+    assert rows["balanced-softmax"]["parameters"][0]["name"] == "prior"
+
+
+def test_run_and_resume_via_console(tmp_path):
+    out = tmp_path / "r"
+    r = _cli("run", "quickstart", "--set", "federation.rounds=2", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "accuracy" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2
+    # resuming a finished run recomputes nothing and reports the same result
+    r2 = _cli("resume", str(out), "--quiet")
+    assert r2.returncode == 0, r2.stderr
+    assert json.loads((out / "summary.json").read_text())["final"] == summary["final"]

@@ -1,0 +1,320 @@
+"""Tests for fedlt.metrics: hand-worked examples, shot-split boundaries, edge cases, speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from fedlt.errors import ScenarioError
+from fedlt.metrics import SHOT_RULES, classification_metrics, personalized_accuracy, shot_groups
+
+CIFAR10_LT_IF100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+
+
+def _hand_example() -> tuple[np.ndarray, np.ndarray]:
+    """Six samples, three classes; logits are log-probabilities, so softmax gives these rows back.
+
+    Rows 1 and 4 are identical (labels 0 and 1), which creates exact AUROC ties.
+    """
+    probs = np.array(
+        [
+            [0.70, 0.20, 0.10],  # y=0, pred 0: right
+            [0.40, 0.35, 0.25],  # y=0, pred 0: right
+            [0.20, 0.60, 0.20],  # y=0, pred 1: wrong
+            [0.10, 0.80, 0.10],  # y=1, pred 1: right
+            [0.40, 0.35, 0.25],  # y=1, pred 0: wrong (same row as sample 1)
+            [0.30, 0.30, 0.40],  # y=2, pred 2: right
+        ]
+    )
+    return np.log(probs), np.array([0, 0, 0, 1, 1, 2])
+
+
+def test_hand_worked_example() -> None:
+    # Prepare
+    logits, labels = _hand_example()
+    # accuracy: 4 of 6 right. Per class: c0 2/3, c1 1/2, c2 1/1; balanced = (2/3 + 1/2 + 1)/3 = 13/18.
+    # AUROC, one-vs-rest on p_c, counting (positive > negative) pairs, ties as 1/2:
+    #   c0: positives 0.7, 0.4, 0.2 vs negatives 0.1, 0.4, 0.3 -> 3 + (2 + 0.5) + 1 = 6.5 of 9
+    #   c1: positives 0.8, 0.35 vs negatives 0.2, 0.35, 0.6, 0.3 -> 4 + (2 + 0.5) = 6.5 of 8
+    #   c2: positive 0.4 vs negatives 0.1, 0.25, 0.2, 0.1, 0.25 -> 5 of 5
+    expected_auroc = (6.5 / 9 + 6.5 / 8 + 1.0) / 3
+
+    # Execute
+    result = classification_metrics(logits, labels, 3, train_class_counts=[200, 50, 10])
+
+    # Assert
+    assert result["accuracy"] == pytest.approx(4 / 6)
+    assert result["balanced_accuracy"] == pytest.approx(13 / 18)
+    assert result["per_class_accuracy"] == pytest.approx([2 / 3, 1 / 2, 1.0])
+    # Count rule: 200 > 100 is head, 50 is medium, 10 < 20 is tail.
+    assert result["head_accuracy"] == pytest.approx(2 / 3)
+    assert result["medium_accuracy"] == pytest.approx(1 / 2)
+    assert result["tail_accuracy"] == pytest.approx(1.0)
+    assert result["shot_rule"] == {
+        "rule": "count",
+        "thresholds": [100.0, 20.0],
+        "head": [0],
+        "medium": [1],
+        "tail": [2],
+    }
+    assert result["auroc_macro"] == pytest.approx(expected_auroc)
+    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    assert result["auroc_macro"] == pytest.approx(
+        roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    )
+
+
+def test_result_is_plain_json_and_accepts_tensors() -> None:
+    # Prepare
+    logits, labels = _hand_example()
+
+    # Execute
+    from_numpy = classification_metrics(logits, labels, 3, [200, 50, 10])
+    from_torch = classification_metrics(
+        torch.from_numpy(logits).float(), torch.from_numpy(labels), 3, torch.tensor([200, 50, 10])
+    )
+
+    # Assert
+    assert json.loads(json.dumps(from_numpy)) == from_numpy
+    for key in ("accuracy", "balanced_accuracy", "auroc_macro"):
+        assert type(from_numpy[key]) is float
+        assert from_torch[key] == pytest.approx(from_numpy[key])
+    assert all(type(v) is float for v in from_numpy["per_class_accuracy"])
+
+
+def test_absent_classes_are_none_and_left_out() -> None:
+    # Prepare: 4 classes, class 3 never appears in the labels; class 2 is the only tail class.
+    logits = np.array(
+        [
+            [2.0, 0.0, 0.0, 1.0],  # y=0 right
+            [0.0, 2.0, 0.0, 3.0],  # y=1 wrong (pred 3, an absent class)
+            [0.0, 0.0, 2.0, 0.0],  # y=1 wrong (pred 2)
+            [0.0, 0.0, 2.0, 0.0],  # y=2 right
+        ]
+    )
+    labels = np.array([0, 1, 1, 2])
+
+    # Execute
+    result = classification_metrics(logits, labels, 4, train_class_counts=[300, 200, 10, 5])
+
+    # Assert
+    assert result["per_class_accuracy"] == [1.0, 0.0, 1.0, None]
+    assert result["accuracy"] == pytest.approx(2 / 4)
+    assert result["balanced_accuracy"] == pytest.approx(2 / 3)  # mean over classes 0, 1, 2 only
+    assert result["head_accuracy"] == pytest.approx(0.5)  # classes 0 and 1
+    assert result["medium_accuracy"] is None  # no class has 20..100 samples
+    assert result["tail_accuracy"] == pytest.approx(1.0)  # class 3 is tail but absent
+    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    expected = np.mean([roc_auc_score(labels == c, probs[:, c]) for c in (0, 1, 2)])
+    assert result["auroc_macro"] == pytest.approx(expected)
+
+
+def test_auroc_none_with_one_class_and_metrics_none_without_samples() -> None:
+    # Prepare
+    one_class_logits = np.array([[1.0, 0.0], [0.0, 1.0]])
+    empty = np.zeros((0, 2))
+
+    # Execute
+    one_class = classification_metrics(one_class_logits, np.array([1, 1]), 2, [10, 10])
+    no_samples = classification_metrics(empty, np.zeros(0, dtype=np.int64), 2, [10, 10])
+
+    # Assert
+    assert one_class["auroc_macro"] is None
+    assert one_class["accuracy"] == pytest.approx(0.5)
+    assert no_samples["accuracy"] is None
+    assert no_samples["balanced_accuracy"] is None
+    assert no_samples["per_class_accuracy"] == [None, None]
+    assert no_samples["auroc_macro"] is None
+
+
+def test_auroc_matches_sklearn_on_random_data_with_ties() -> None:
+    # Prepare: integer logits make many exact ties between samples.
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-3, 4, size=(400, 5)).astype(np.float64)
+    labels = rng.integers(0, 5, size=400)
+    # Equal probabilities can differ in the last bit depending on the order softmax sums a row;
+    # rounding to 12 digits restores the exact ties (distinct values here differ far more).
+    probs = np.round(torch.softmax(torch.from_numpy(logits), dim=1).numpy(), 12)
+
+    # Execute
+    result = classification_metrics(logits, labels, 5, [100] * 5)
+
+    # Assert
+    expected = roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    assert result["auroc_macro"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_auroc_does_not_tie_underflowing_probabilities() -> None:
+    # Prepare: class-1 probabilities underflow to exactly 0 in float64 (e^-900, e^-1000), yet the
+    # logits still rank the y=1 samples (-900) above the y=0 samples (-1000).
+    logits = np.array([[0.0, -1000.0], [0.0, -1000.0], [0.0, -900.0], [0.0, -900.0]])
+    labels = np.array([0, 0, 1, 1])
+
+    # Execute
+    result = classification_metrics(logits, labels, 2, [10, 10])
+
+    # Assert: class 1 is ranked perfectly (AUC 1). Class 0's probabilities, 1 - e^-1000 and
+    # 1 - e^-900, both round to 1.0 and tie (AUC 0.5): (1 + 0.5) / 2. Plain softmax gives 0.5.
+    assert result["auroc_macro"] == pytest.approx(0.75)
+
+
+def test_masked_classes_with_minus_inf_are_allowed() -> None:
+    # Prepare: an evaluation-time remedy masked class 2 with -inf.
+    logits = np.array([[1.0, 0.0, -np.inf], [0.0, 1.0, -np.inf], [0.0, 1.0, -np.inf]])
+    labels = np.array([0, 1, 0])
+
+    # Execute
+    result = classification_metrics(logits, labels, 3, [10, 10, 10])
+
+    # Assert
+    assert result["accuracy"] == pytest.approx(2 / 3)
+    assert math.isfinite(result["auroc_macro"])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_positive_inf_logits_are_rejected(bad: float) -> None:
+    logits = np.array([[1.0, bad], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="NaN"):
+        classification_metrics(logits, np.array([0, 1]), 2, [10, 10])
+
+
+def test_shape_mismatches_are_rejected() -> None:
+    logits, labels = _hand_example()
+    with pytest.raises(ValueError, match="logits"):
+        classification_metrics(logits, labels, 4, [1, 1, 1, 1])
+    with pytest.raises(ValueError, match="labels"):
+        classification_metrics(logits, labels[:5], 3, [1, 1, 1])
+    with pytest.raises(ValueError, match="labels"):
+        classification_metrics(logits, np.array([0, 0, 0, 1, 1, 3]), 3, [1, 1, 1])
+    with pytest.raises(ValueError, match="train_class_counts"):
+        classification_metrics(logits, labels, 3, [1, 1])
+
+
+def test_count_rule_boundaries_are_medium() -> None:
+    # Prepare: 100 is not > 100 and 20 is not < 20, so both are medium (OLTR convention).
+    counts = [500, 150, 100, 60, 20, 19, 5]
+
+    # Execute
+    groups = shot_groups(counts, rule="count")
+
+    # Assert
+    assert groups == {"head": [0, 1], "medium": [2, 3, 4], "tail": [5, 6]}
+
+
+def test_count_rule_custom_thresholds() -> None:
+    # head: > 150; tail: < 19; medium: 19..150 inclusive.
+    assert shot_groups([500, 150, 100, 60, 20, 19, 5], "count", [150, 19]) == {
+        "head": [0],
+        "medium": [1, 2, 3, 4, 5],
+        "tail": [6],
+    }
+
+
+def test_cumulative_rule_cifar10_lt() -> None:
+    # Prepare: 12,406 samples; cumulative shares 0.403, 0.645, 0.789 | 0.876, 0.928, 0.959 | ...
+    # Head reaches 75% at class 2, medium reaches 95% at class 5.
+
+    # Execute
+    groups = shot_groups(CIFAR10_LT_IF100, rule="cumulative")
+
+    # Assert
+    assert groups == {"head": [0, 1, 2], "medium": [3, 4, 5], "tail": [6, 7, 8, 9]}
+
+
+def test_cumulative_rule_sorts_by_count_and_breaks_ties_by_id() -> None:
+    # Prepare: shuffled counts; classes 1 and 3 tie at 30.
+    counts = [10, 30, 50, 30, 0]  # total 120; order 2, 1, 3, 0, 4
+
+    # Execute
+    groups = shot_groups(counts, rule="cumulative", thresholds=[0.5, 0.9])
+
+    # Assert: 50/120 = 0.42 < 0.5, +30 = 0.67 >= 0.5 -> head {2, 1}; +30 = 0.92 >= 0.9 -> medium {3}.
+    assert groups == {"head": [1, 2], "medium": [3], "tail": [0, 4]}
+
+
+def test_cumulative_rule_exact_threshold_hit_stops_the_group() -> None:
+    # 3 of 4 samples is exactly 0.75: the prefix that reaches it is the head.
+    assert shot_groups([3, 1], "cumulative", [0.75, 1.0]) == {"head": [0], "medium": [1], "tail": []}
+
+
+def test_shot_rule_errors_name_the_key() -> None:
+    with pytest.raises(ScenarioError) as info:
+        shot_groups([1, 2], rule="thirds")
+    assert info.value.key == "eval.shot_rule"
+    assert "thirds" in str(info.value)
+    for rule, bad in [
+        ("count", [20, 100]),
+        ("count", [100]),
+        ("count", "100,20"),
+        ("count", [True, False]),
+        ("cumulative", [0.95, 0.75]),
+        ("cumulative", [0.0, 0.5]),
+        ("cumulative", [0.75, 1.5]),
+    ]:
+        with pytest.raises(ScenarioError) as info:
+            shot_groups([1, 2], rule=rule, thresholds=bad)
+        assert info.value.key == "eval.shot_thresholds"
+    with pytest.raises(ScenarioError):
+        classification_metrics(*_hand_example(), 3, [1, 1, 1], rule="nope")
+    assert SHOT_RULES == ("count", "cumulative")
+
+
+def test_shot_rule_is_reported_with_cumulative_rule() -> None:
+    # Prepare: a balanced 10-class test set with perfect predictions.
+    labels = np.arange(10)
+    logits = np.eye(10)
+
+    # Execute
+    result = classification_metrics(logits, labels, 10, CIFAR10_LT_IF100, rule="cumulative")
+
+    # Assert
+    assert result["shot_rule"] == {
+        "rule": "cumulative",
+        "thresholds": [0.75, 0.95],
+        "head": [0, 1, 2],
+        "medium": [3, 4, 5],
+        "tail": [6, 7, 8, 9],
+    }
+    assert result["tail_accuracy"] == 1.0
+    assert result["auroc_macro"] == pytest.approx(1.0)
+
+
+def test_personalized_accuracy_ignores_empty_clients() -> None:
+    # Prepare: client accuracies 9/10, 1/2 and an empty client (no local test view).
+    correct, total = [9, 1, 0], [10, 2, 0]
+
+    # Execute
+    result = personalized_accuracy(correct, total)
+
+    # Assert: unweighted mean (0.9 + 0.5) / 2, not the pooled 10/12.
+    assert result == pytest.approx(0.7)
+    assert type(result) is float
+    assert personalized_accuracy([0, 0], [0, 0]) is None
+    assert personalized_accuracy([], []) is None
+    with pytest.raises(ValueError):
+        personalized_accuracy([3], [2])
+    with pytest.raises(ValueError):
+        personalized_accuracy([1, 2], [2])
+
+
+def test_fast_on_cifar100_sized_test_set() -> None:
+    # Prepare: N=10,000, C=100.
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 100, size=10_000)
+    logits = torch.from_numpy(rng.normal(size=(10_000, 100)).astype(np.float32))
+    counts = [int(500 * 0.01 ** (i / 99)) for i in range(100)]
+
+    # Execute
+    start = time.perf_counter()
+    result = classification_metrics(logits, torch.from_numpy(labels), 100, counts, rule="cumulative")
+    elapsed = time.perf_counter() - start
+
+    # Assert
+    assert elapsed < 0.5
+    assert 0.45 < result["auroc_macro"] < 0.55  # random scores

@@ -1,0 +1,172 @@
+"""End-to-end runs: outputs, determinism, resume equivalence, non-finite loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import fedlt
+from fedlt.errors import NonFiniteLossError
+from fedlt.runner import Run, select_clients
+
+
+def _final(summary):
+    return {k: v for k, v in summary["final"].items()}
+
+
+def test_outputs_and_summary_shape(tiny, tmp_path):
+    summary = fedlt.run(tiny, out=tmp_path / "r")
+    out = tmp_path / "r"
+    assert (out / "scenario.toml").is_file() and (out / "checkpoint.pt").is_file()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2, 3]
+    assert json.loads((out / "summary.json").read_text()) == summary
+    final = summary["final"]
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "head_accuracy",
+        "medium_accuracy",
+        "tail_accuracy",
+        "auroc_macro",
+        "personalized_accuracy",
+    ):
+        assert isinstance(final[key], float), key
+    assert len(final["per_class_accuracy"]) == 10
+    assert final["shot_rule"]["rule"] == "count" and final["shot_rule"]["thresholds"] == [60.0, 20.0]
+    assert summary["scenario"] == "tiny" and summary["rounds"] == 3 and summary["wall_seconds"] > 0
+    # The resolved scenario reproduces the run's configuration exactly.
+    assert fedlt.load_scenario(out / "scenario.toml") == fedlt.load_scenario(tiny)
+
+
+def test_same_seed_same_numbers_different_seed_different(tiny, tmp_path):
+    a = fedlt.run(tiny, out=tmp_path / "a")
+    b = fedlt.run(tiny, out=tmp_path / "b")
+    c = fedlt.run(tiny, out=tmp_path / "c", seed=4)
+    assert _final(a) == _final(b)
+    assert _final(a) != _final(c)
+
+
+def test_eval_every_and_selection(tiny, tmp_path):
+    tiny["federation"].update(rounds=5, eval_every=2)
+    fedlt.run(tiny, out=tmp_path / "r")
+    rounds = [json.loads(x)["round"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [2, 4, 5]
+    assert select_clients(0, 1, 10, 0.3) == select_clients(0, 1, 10, 0.3)
+    assert len(select_clients(0, 1, 10, 0.3)) == 3
+    assert select_clients(0, 1, 10, 1.0) == list(range(10))
+    rounds_differ = {tuple(select_clients(0, r, 10, 0.3)) for r in range(1, 20)}
+    assert len(rounds_differ) > 5
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny, tmp_path):
+    tiny["federation"].update(rounds=5, eval_every=1)
+    full = fedlt.run(tiny, out=tmp_path / "full")
+
+    run = Run.create(fedlt.load_scenario(tiny), tmp_path / "cut")
+
+    def stop_after_3(r, record):
+        if r == 3:
+            raise _Stop
+
+    run.on_round = stop_after_3
+    with pytest.raises(_Stop):
+        run.execute()
+    resumed = fedlt.resume(tmp_path / "cut")
+    assert _final(resumed) == _final(full)
+    cut_lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    full_lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in cut_lines] == [json.loads(x) for x in full_lines]
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path):
+    """Kill the CLI process with SIGKILL mid-run, resume, and compare with a clean run."""
+    tiny["federation"].update(rounds=12, eval_every=1)
+    tiny["partition"]["n_clients"] = 6
+    tiny["train"]["local_epochs"] = 4
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(fedlt.config.scenario_to_toml(fedlt.load_scenario(tiny)))
+    full = fedlt.run(scenario, out=tmp_path / "full")
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fedlt.cli", "run", str(scenario), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoint.pt").exists()
+    done = torch.load(out / "checkpoint.pt", weights_only=False)["round"]
+    assert done < 12, "the kill came too late to test anything"
+    result = subprocess.run(
+        [sys.executable, "-m", "fedlt.cli", "resume", str(out), "--quiet"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    resumed = json.loads((out / "summary.json").read_text())
+    assert _final(resumed) == _final(full)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
+    tiny["federation"].update(rounds=6)
+    tiny["train"]["lr"] = 1e6
+    with pytest.raises(NonFiniteLossError) as info:
+        fedlt.run(tiny, out=tmp_path / "r")
+    err = info.value
+    assert err.round >= 1 and err.client in (None, 0, 1, 2, 3)
+    assert f"round {err.round}" in str(err)
+    assert (f"client {err.client}" if err.client is not None else "global model") in str(err)
+    if err.round > 1:
+        ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+        assert ckpt["round"] == err.round - 1
+        assert all(torch.isfinite(v).all() for v in ckpt["global"].values() if v.is_floating_point())
+
+
+def test_refuses_to_overwrite_a_run(tiny, tmp_path):
+    fedlt.run(tiny, out=tmp_path / "r")
+    with pytest.raises(fedlt.ScenarioError, match="fedlt resume"):
+        fedlt.run(tiny, out=tmp_path / "r")
+
+
+def test_quickstart_learns(tmp_path):
+    """The embedded default scenario, as shipped: accuracy far above chance (0.1)."""
+    summary = fedlt.run("quickstart", out=tmp_path / "q")
+    assert summary["final"]["accuracy"] > 0.6
+    assert summary["final"]["balanced_accuracy"] > 0.6
+    assert summary["final"]["personalized_accuracy"] > 0.6
+    assert os.path.getsize(tmp_path / "q" / "metrics.jsonl") > 0
+
+
+def test_nan_loss_names_round_client_and_plugins(monkeypatch, tiny, tmp_path):
+    from fedlt import pluginmanager
+    from fedlt.pluginmanager import Plugin, PluginInfo, hookimpl
+
+    class NanInRound2(Plugin):
+        @hookimpl
+        def client_sample_weights(self, y, ctx):
+            return torch.full(y.shape, float("nan") if ctx.round == 2 else 1.0)
+
+    real = pluginmanager.discover_plugins()
+    monkeypatch.setattr(
+        pluginmanager,
+        "discover_plugins",
+        lambda: {**real, "nan-in-round-2": PluginInfo("nan-in-round-2", "t", "t", NanInRound2)},
+    )
+    tiny["plugins"] = [{"name": "focal", "gamma": 0.0}, {"name": "nan-in-round-2"}]
+    with pytest.raises(NonFiniteLossError) as info:
+        fedlt.run(tiny, out=tmp_path / "r")
+    assert info.value.round == 2 and info.value.client == select_clients(3, 2, 4, 0.5)[0]
+    assert "focal, nan-in-round-2" in str(info.value)
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["round"] == 1
