@@ -153,6 +153,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
             "entry_point": i.value,
             "hooks": i.hooks,
             "parameters": i.parameters(),
+            "error": i.error,
         }
         for i in sorted(plugins.values(), key=lambda i: i.name)
     ]
@@ -161,6 +162,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         print(f"{r['name']}  ({r['distribution']}: {r['entry_point']})")
+        if r["error"]:
+            print(f"  unusable: {r['error']}")
+            continue
         print(f"  hooks: {', '.join(r['hooks'])}")
         if r["parameters"]:
             params = ", ".join(f"{p['name']}: {p['type']} = {p['default']!r}" for p in r["parameters"])

@@ -84,6 +84,9 @@ class PluginInfo:
     value: str
     distribution: str
     cls: type[Plugin]
+    #: Why the entry point could not be used (then ``cls`` is the bare base class); the error is
+    #: raised only when a scenario asks for this plugin, so one broken package breaks nothing else.
+    error: str | None = None
 
     @property
     def hooks(self) -> list[str]:
@@ -125,29 +128,36 @@ def _is_hookimpl(fn: Any) -> bool:
 def discover_plugins() -> dict[str, PluginInfo]:
     """Every plugin registered in the ``fedlt.plugins`` entry-point group, by name.
 
-    Loading is lazy per entry point; a name registered by two distributions is an error.
+    A plugin that fails to load, or a name registered by two distributions, is recorded with its
+    error and reported when a scenario uses it (and by ``fedlt plugins``), not here.
     """
     found: dict[str, PluginInfo] = {}
     for ep in md.entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist.name if ep.dist is not None else "?"
-        if ep.name in found and found[ep.name].value != ep.value:
+        if ep.name in found:
             other = found[ep.name]
-            raise PluginError(
-                ep.name,
-                None,
-                f"registered twice: by {other.distribution} ({other.value}) and by {dist} ({ep.value}). "
-                "Uninstall one of them.",
-            )
+            if other.value != ep.value:
+                found[ep.name] = PluginInfo(
+                    ep.name,
+                    ep.value,
+                    dist,
+                    Plugin,
+                    f"registered twice: by {other.distribution} ({other.value}) and by {dist} ({ep.value}). "
+                    "Uninstall one of them.",
+                )
+            continue
         try:
             cls = ep.load()
         except Exception as exc:
-            raise PluginError(
-                ep.name, None, f"entry point {ep.name} = {ep.value} failed to load: {exc!r}"
-            ) from exc
-        if not (isinstance(cls, type) and issubclass(cls, Plugin)):
-            raise PluginError(
-                ep.name, None, f"entry point {ep.name} = {ep.value} is not a fedlt.Plugin subclass"
+            found[ep.name] = PluginInfo(
+                ep.name, ep.value, dist, Plugin, f"entry point {ep.value} failed to load: {exc!r}"
             )
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+            found[ep.name] = PluginInfo(
+                ep.name, ep.value, dist, Plugin, f"entry point {ep.value} is not a fedlt.Plugin subclass"
+            )
+            continue
         found[ep.name] = PluginInfo(ep.name, ep.value, dist, cls)
     return found
 
@@ -191,6 +201,8 @@ def instantiate_plugins(
             raise ScenarioError(
                 f"plugins[{i}].name", spec.name, f"an installed plugin: {known}", hint="See `fedlt plugins`."
             )
+        if info.error is not None:
+            raise PluginError(spec.name, None, info.error)
         try:
             params = info.cls.Params.model_validate(spec.params)
         except ValidationError as exc:

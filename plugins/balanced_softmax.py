@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from fedlt_plugins.priors import PRIOR_DOC, Prior, log_prior
+from fedlt_plugins.priors import PRIOR_DOC, Prior, log_prior_tensor, prior_counts
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from fedlt import ClientContext, Plugin, hookimpl
 
@@ -26,8 +27,9 @@ class BalancedSoftmax(Plugin):
     Params = BalancedSoftmaxParams
 
     @hookimpl
-    def client_start(self, ctx: ClientContext) -> None:
-        ctx.extra["balanced-softmax.log_prior"] = log_prior(ctx, self.params.prior)
+    def client_start(self, model: nn.Module, ctx: ClientContext) -> None:
+        counts = prior_counts(self.params.prior, ctx.local_class_counts, ctx.global_class_counts, model)
+        ctx.extra["balanced-softmax.log_prior"] = log_prior_tensor(counts, ctx.device)
 
     @hookimpl
     def client_loss(self, logits: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> torch.Tensor:

@@ -69,7 +69,7 @@ def test_balanced_softmax_matches_formula(prior, counts):
     # Prepare: equal logits, so the loss is -log(n_y / sum n): -log(3/4), -log(1/4).
     plugin = _plugin("balanced-softmax", prior=prior)
     ctx = _ctx([3, 1], [30, 10]) if prior == "local" else _ctx([1, 1], [30, 10])
-    plugin.client_start(ctx=ctx)
+    plugin.client_start(model=None, ctx=ctx)
     out = plugin.client_loss(logits=torch.zeros(2, 2), y=torch.tensor([0, 1]), ctx=ctx)
     torch.testing.assert_close(out, torch.tensor([-math.log(0.75), -math.log(0.25)]))
 
@@ -77,7 +77,7 @@ def test_balanced_softmax_matches_formula(prior, counts):
 def test_balanced_softmax_zero_counts_stay_finite():
     plugin = _plugin("balanced-softmax")
     ctx = _ctx([5, 0, 2], [5, 0, 2])
-    plugin.client_start(ctx=ctx)
+    plugin.client_start(model=None, ctx=ctx)
     out = plugin.client_loss(logits=torch.zeros(1, 3), y=torch.tensor([1]), ctx=ctx)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, torch.tensor([-math.log(1 / 8)]))
@@ -102,3 +102,17 @@ def test_balanced_softmax_raises_tail_accuracy(tmp_path):
     )["final"]
     assert bs["tail_accuracy"] > ce["tail_accuracy"] + 0.05
     assert bs["balanced_accuracy"] > ce["balanced_accuracy"]
+
+
+def test_estimated_prior_follows_head_norms():
+    from fedlt_plugins.priors import estimated_shares, prior_counts
+
+    head = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[2.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 0, 1.0, 0]]))
+    model = torch.nn.Module()
+    model.head = head
+    np.testing.assert_allclose(estimated_shares(model), np.array([8, 1, 1]) / 10)
+    np.testing.assert_allclose(
+        prior_counts("estimated", np.array([5, 3, 2]), np.array([1, 1, 1]), model), [8, 1, 1]
+    )
