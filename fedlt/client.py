@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +31,10 @@ class ClientTask:
     round: int
     config: Mapping[str, Any]
     states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Continual scenarios: this round's slice of the client's stream, and the class counts it
+    #: has seen so far (this slice included). ``None`` offline.
+    indices: np.ndarray | None = None
+    seen_counts: np.ndarray | None = None
 
 
 @dataclass
@@ -94,6 +99,32 @@ def default_order(ctx: ClientContext) -> torch.Tensor:
     return torch.cat(perms) if len(perms) > 1 else perms[0]
 
 
+def _batch_plan(
+    ctx: ClientContext, hooks: HookSet, recipe: LocalTraining, states
+) -> list[tuple[torch.Tensor, bool]]:
+    """The round's steps as (batch indices, ends a stream batch) pairs.
+
+    Offline: consecutive batches of the sampler's order (``client_select_indices`` or a fresh
+    permutation per epoch), at most ``local_steps``. Stream: the round's chunk in stream order,
+    each batch repeated ``online_iter`` times; the last repeat ends the batch (memory update).
+    """
+    bs = recipe.batch_size
+    if ctx.online_iter is not None:
+        chunk = ctx.indices
+        plan = []
+        for start in range(0, chunk.numel(), bs):
+            batch = chunk[start : start + bs]
+            plan.extend((batch, i == ctx.online_iter - 1) for i in range(ctx.online_iter))
+        return plan
+    order = hooks.client_select_indices.first(ctx=ctx, states=states) if hooks.client_select_indices else None
+    if order is None:
+        order = default_order(ctx)
+    n_steps = -(-order.numel() // bs)
+    if recipe.local_steps is not None:
+        n_steps = min(n_steps, recipe.local_steps)
+    return [(order[i * bs : (i + 1) * bs], False) for i in range(n_steps)]
+
+
 def train_client(
     model: nn.Module,
     ctx: ClientContext,
@@ -115,16 +146,11 @@ def train_client(
         for _, extra in hooks.client_trainable_parameters.all(model=model, ctx=ctx, states=states):
             params.extend(extra or ())
     opt = recipe.make_optimizer(params)
-
-    order = hooks.client_select_indices.first(ctx=ctx, states=states) if hooks.client_select_indices else None
-    if order is None:
-        order = default_order(ctx)
-    bs = recipe.batch_size
-    n_steps = -(-order.numel() // bs)
-    if recipe.local_steps is not None:
-        n_steps = min(n_steps, recipe.local_steps)
+    plan = _batch_plan(ctx, hooks, recipe, states)
 
     # Settle per-batch dispatch once: a None means "no plugin implements it".
+    replay = hooks.client_replay_indices or None
+    update_memory = hooks.client_update_memory or None
     forward = hooks.client_forward or None
     transform = hooks.client_transform_logits or None
     loss_hook = hooks.client_loss or None
@@ -134,36 +160,39 @@ def train_client(
     augment = recipe.augment == "crop-flip"
     x_all, y_all = ctx.x_train, ctx.y_train
     total = torch.zeros((), device=ctx.device)
+    n_local, bs = max(ctx.n_samples, 1), recipe.batch_size
 
-    n_local = max(ctx.n_samples, 1)
-    for step in range(n_steps):
+    for step, (batch, ends_batch) in enumerate(plan):
         ctx.step, ctx.epoch = step, step * bs // n_local
-        idx = order[step * bs : (step + 1) * bs]
+        # data: the batch, plus replayed samples in a stream
+        idx = batch
+        if replay:
+            extra_idx = replay.concat(batch=batch, ctx=ctx, states=states)
+            if extra_idx is not None and extra_idx.numel():
+                idx = torch.cat([batch, extra_idx.to(batch.device)])
         x, y = x_all[idx], y_all[idx]
         if augment:
             x = crop_flip(x, ctx.generator)
         # forward: features and logits
-        out = forward.first(model=model, x=x, ctx=ctx, states=states) if forward else None
+        out = forward.first(model=model, x=x, y=y, ctx=ctx, states=states) if forward else None
         if out is None:
             h = model.features(x)
             z = model.head(h)
         else:
             h, z = out
         if transform:
-            z = transform.chain("logits", logits=z, features=h, y=y, ctx=ctx, states=states)
+            z = transform.chain("logits", logits=z, features=h, y=y, model=model, ctx=ctx, states=states)
         # loss: per-sample loss x per-sample weights, plus extra losses
-        if loss_hook:
-            per_sample = loss_hook.first(logits=z, y=y, features=h, ctx=ctx, states=states)
+        if loss_hook or weights_hook:
+            per_sample = (
+                loss_hook.first(logits=z, y=y, features=h, ctx=ctx, states=states) if loss_hook else None
+            )
             if per_sample is None:
                 per_sample = F.cross_entropy(z, y, reduction="none")
             if weights_hook:
                 w = weights_hook.product(logits=z, y=y, features=h, ctx=ctx, states=states)
                 per_sample = per_sample if w is None else per_sample * w
             loss = per_sample.mean()
-        elif weights_hook:
-            w = weights_hook.product(logits=z, y=y, features=h, ctx=ctx, states=states)
-            per_sample = F.cross_entropy(z, y, reduction="none")
-            loss = (per_sample if w is None else per_sample * w).mean()
         else:
             loss = F.cross_entropy(z, y)
         if extra_hook:
@@ -179,10 +208,13 @@ def train_client(
             torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
         opt.step()
         total += loss.detach()
+        # memory: a stream batch is consumed once its online_iter steps are done
+        if ends_batch and update_memory:
+            update_memory.all(batch=batch, ctx=ctx, states=states)
 
     payloads: dict[str, Any] = {}
     if hooks.client_end:
         for name, payload in hooks.client_end.all(model=model, ctx=ctx, states=states):
             if payload is not None:
                 payloads[name] = payload
-    return total, n_steps, payloads
+    return total, len(plan), payloads

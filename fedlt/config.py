@@ -28,6 +28,7 @@ __all__ = [
     "PartitionConfig",
     "PluginSpec",
     "Scenario",
+    "StreamConfig",
     "TrainConfig",
     "apply_overrides",
     "builtin_scenario_path",
@@ -110,6 +111,31 @@ class PartitionConfig(_Section):
         0, ge=0, description="dirichlet: redraw until every client has this many samples."
     )
     shards_per_client: int = Field(2, ge=1, description="shards: shards (about classes) per client.")
+
+
+class StreamConfig(_Section):
+    """Continual learning: each client's data arrives as a stream of tasks (Si-Blurry)."""
+
+    kind: Literal["none", "si-blurry", "i-blurry"] = Field(
+        "none",
+        description="none: offline federated learning; si-blurry: stochastic blurry task boundaries per "
+        "client (Moon et al. 2023); i-blurry: the non-stochastic variant (equal splits).",
+    )
+    n_tasks: int = Field(5, ge=1, description="Tasks T per client stream.")
+    disjoint_percent: float = Field(
+        50.0,
+        ge=0,
+        le=100,
+        description="N: share of a client's classes that are disjoint (appear in one task).",
+    )
+    blurry_percent: float = Field(
+        10.0, ge=0, le=100, description="M: share of blurry-class samples that leak into other tasks."
+    )
+    samples_per_round: int = Field(
+        64, ge=1, description="Stream samples a selected client consumes per round."
+    )
+    online_iter: int = Field(1, ge=1, description="Gradient steps on each incoming batch.")
+    eval_period: int = Field(1, ge=1, description="Anytime evaluation every this many rounds.")
 
 
 class ModelConfig(_Section):
@@ -232,6 +258,7 @@ class Scenario(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     long_tail: LongTailConfig = Field(default_factory=LongTailConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)

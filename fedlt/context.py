@@ -49,7 +49,11 @@ class ClientContext:
 
     ``indices`` are the client's rows of the (device-resident) training tensors ``x_train`` /
     ``y_train``; ``labels`` are their labels. ``generator`` is seeded from (seed, round, client)
-    and is the only source of randomness a plugin should use here.
+    and is the only source of randomness a plugin should use here. ``extra`` is scratch space
+    for this client-round (discarded at its end): compute per-round constants there once.
+
+    In a continual scenario (``online_iter`` is set) ``indices`` are this round's slice of the
+    client's stream and ``local_class_counts`` count what the client has seen so far.
     """
 
     client_id: int
@@ -68,6 +72,7 @@ class ClientContext:
     local_steps: int | None
     device: torch.device
     generator: torch.Generator
+    online_iter: int | None = None
     step: int = 0
     epoch: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +80,11 @@ class ClientContext:
     @property
     def n_samples(self) -> int:
         return int(self.indices.numel())
+
+    @property
+    def seen_classes(self) -> np.ndarray:
+        """Boolean (C,) mask of the classes in the client's data (seen so far, in a stream)."""
+        return self.local_class_counts > 0
 
     def class_counts(self, prior: str) -> np.ndarray:
         """Class counts by source: ``"local"`` (this client's) or ``"global"`` (privileged)."""

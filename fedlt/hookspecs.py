@@ -12,10 +12,12 @@ The protocol of one run
    a. clients are selected (seeded by (seed, r)); ``server_configure_round`` adds per-round config;
    b. ``server_make_aggregator`` picks how updates combine (FedAvg by default);
    c. per selected client, wherever the engine runs it:
-      ``client_start`` → ``client_trainable_parameters`` → ``client_select_indices`` → per batch
-      [``client_forward`` → ``client_transform_logits`` → ``client_loss`` ×
-      ``client_sample_weights`` + ``client_extra_losses`` → backward → ``client_after_backward`` →
-      optimizer step] → ``client_end`` (payload for the server);
+      ``client_start`` → ``client_trainable_parameters`` → ``client_select_indices`` (offline) →
+      per step [``client_replay_indices`` (streams) → ``client_forward`` →
+      ``client_transform_logits`` → ``client_loss`` × ``client_sample_weights`` +
+      ``client_extra_losses`` → backward → ``client_after_backward`` → optimizer step] →
+      ``client_update_memory`` after each stream batch's steps (streams) → ``client_end``
+      (payload for the server);
    d. updates are aggregated; the new global weights are loaded; ``server_after_aggregate``;
    e. every ``eval_every`` rounds: ``eval_logits`` on the global test set; per client
       ``client_personalize`` (if any plugin implements it) then ``eval_logits`` on its local view;
@@ -27,7 +29,7 @@ Hooks take keyword arguments only and an implementation declares just the ones i
 hook can gain arguments without breaking plugins. Implementations run in the order plugins are
 listed in the scenario (never registration order). How results combine is part of each hook:
 *first result* (the first non-``None`` wins), *all* (a list), *chain* (each receives the previous
-one's output), *product* or *sum*.
+one's output), *product*, *sum* or *concat* (tensors joined).
 
 ``state`` is special: it is the calling plugin's own per-client state, a ``dict`` for this
 client that fedlt keeps between rounds, checkpoints, and ships with the task to whichever worker
@@ -70,6 +72,8 @@ COMBINE: dict[str, str] = {
     "client_start": "all",
     "client_trainable_parameters": "all",
     "client_select_indices": "first",
+    "client_replay_indices": "concat",
+    "client_update_memory": "all",
     "client_forward": "first",
     "client_transform_logits": "chain",
     "client_loss": "first",
@@ -217,11 +221,48 @@ def client_select_indices(ctx: ClientContext, state: dict[str, Any]) -> torch.Te
     """
 
 
+@hookspec
+def client_replay_indices(
+    batch: torch.Tensor, ctx: ClientContext, state: dict[str, Any]
+) -> torch.Tensor | None:
+    """Extra samples to train on together with an incoming stream batch (replay memory).
+
+    Only called in continual scenarios (a ``[stream]``), once per optimizer step, so each of
+    ``online_iter`` steps on the same stream batch may replay different samples.
+
+    :param batch: the dataset indices of the incoming stream batch.
+    :return: dataset indices to append (the replayed rows follow the stream rows in the batch
+        that the per-batch hooks see; ``ctx.extra`` is the place to note how many you added), or
+        ``None``.
+
+    Combine: concatenated in scenario order. Per step.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def client_update_memory(batch: torch.Tensor, ctx: ClientContext, state: dict[str, Any]) -> None:
+    """An incoming stream batch has been trained on; update the client's memory from it.
+
+    Memories store dataset *indices* (in ``state``), never copies of samples. Draw from
+    ``ctx.generator`` (reservoir, class-balanced reservoir, GDumb).
+
+    :param batch: the dataset indices of the stream batch just consumed.
+
+    Combine: all. Once per stream batch (after its ``online_iter`` steps).
+
+    .. versionadded:: 0.1
+    """
+
+
 @hookspec(firstresult=True)
 def client_forward(
-    model: nn.Module, x: torch.Tensor, ctx: ClientContext, state: dict[str, Any]
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: ClientContext, state: dict[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Compute ``(features, logits)`` for a training batch.
+    """Compute ``(features, logits)`` for a training batch (e.g. adaptive feature scaling).
+
+    :param y: the batch labels (training-time forwards may use them).
 
     :return: the pair, or ``None`` for the default ``h = model.features(x); z = model.head(h)``.
 
@@ -233,7 +274,12 @@ def client_forward(
 
 @hookspec
 def client_transform_logits(
-    logits: torch.Tensor, features: torch.Tensor, y: torch.Tensor, ctx: ClientContext, state: dict[str, Any]
+    logits: torch.Tensor,
+    features: torch.Tensor,
+    y: torch.Tensor,
+    model: nn.Module,
+    ctx: ClientContext,
+    state: dict[str, Any],
 ) -> torch.Tensor:
     """Rewrite training logits (masking unseen classes, instance-wise masks).
 

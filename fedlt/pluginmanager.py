@@ -291,6 +291,13 @@ class _Hook:
                 acc = out if acc is None else acc * out
         return acc
 
+    def concat(self, **kwargs: Any) -> torch.Tensor | None:
+        """Non-None tensor results joined along the first dimension, in order."""
+        parts = [out for p, fn, a in self.impls if (out := self._call(p, fn, a, kwargs)) is not None]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def sum(self, **kwargs: Any) -> torch.Tensor | None:
         acc = None
         for p, fn, a in self.impls:

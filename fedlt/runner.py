@@ -76,6 +76,8 @@ class Run:
         self.model = build_run_model(scenario, self.data, self.hooks, self.device)
         self.evaluator = Evaluator(scenario, self.data, self.hooks)
         self.client_states: dict[int, dict[str, dict[str, Any]]] = {}
+        #: Continual runs: how far each client has consumed its stream.
+        self.stream_pos: dict[int, int] = {}
         self.on_round: Callable[[int, dict[str, Any] | None], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -122,6 +124,7 @@ class Run:
             self.model.load_state_dict(ckpt["global"])
             self.hooks.load_state_dict(ckpt["plugins"])
             self.client_states = ckpt["client_states"]
+            self.stream_pos = ckpt.get("stream_pos", {})
             start, elapsed = ckpt["round"] + 1, ckpt["elapsed"]
             history = truncate_metrics(self.run_dir / METRICS, ckpt["round"])
         elif (self.run_dir / METRICS).exists():
@@ -133,13 +136,8 @@ class Run:
         try:
             for r in range(start, s.federation.rounds + 1):
                 loss = self._round(engine, r)
-                record = None
-                if self._eval_due(r):
-                    record = {
-                        "round": r,
-                        "train_loss": loss,
-                        **self.evaluator.evaluate(self.model, r, self.client_states),
-                    }
+                record = self._evaluate(r, loss)
+                if record is not None:
                     history.append(record)
                     with open(self.run_dir / METRICS, "a") as f:
                         f.write(json.dumps(record) + "\n")
@@ -148,10 +146,14 @@ class Run:
                 if bar is not None:
                     bar.update(1)
                     if record is not None:
+                        shown = {
+                            "acc": "accuracy",
+                            "bacc": "balanced_accuracy",
+                            "anytime": "anytime_accuracy",
+                        }
                         bar.set_postfix(
-                            acc=f"{record['accuracy']:.3f}",
-                            bacc=f"{record['balanced_accuracy']:.3f}",
                             loss=f"{loss:.3f}",
+                            **{k: f"{record[m]:.3f}" for k, m in shown.items() if record.get(m) is not None},
                         )
                 if self.on_round is not None:
                     self.on_round(r, record)
@@ -197,6 +199,7 @@ class Run:
         if aggregator is None:
             aggregator = FedAvg({k: global_state[k] for k in aggregated_keys(self.model)})
         tasks = [ClientTask(c, r, ctx.config, self.client_states.setdefault(c, {})) for c in selected]
+        new_pos = self._attach_stream(tasks)
         payloads: dict[str, dict[int, Any]] = {name: {} for name in self.hooks.names}
         losses = []
         for result in engine.train_round(tasks, global_state):
@@ -206,7 +209,9 @@ class Run:
             self.client_states[result.client_id] = result.states
             for name, payload in result.payloads.items():
                 payloads[name][result.client_id] = payload
-            losses.append(result.loss)
+            if result.n_steps:
+                losses.append(result.loss)
+        self.stream_pos.update(new_pos)
         new = aggregator.result()
         if new is not None:
             with torch.no_grad():
@@ -221,6 +226,55 @@ class Run:
             )
         return float(np.mean(losses)) if losses else float("nan")
 
+    # ------------------------------------------------------------------ streams
+
+    def _attach_stream(self, tasks: list[ClientTask]) -> dict[int, int]:
+        """Give each task its next stream slice; returns the positions after this round."""
+        streams = self.data.streams
+        if streams is None:
+            return {}
+        per_round = self.scenario.stream.samples_per_round
+        new_pos = {}
+        for task in tasks:
+            stream = streams[task.client_id].indices
+            pos = self.stream_pos.get(task.client_id, 0)
+            end = min(pos + per_round, len(stream))
+            task.indices = stream[pos:end]
+            task.seen_counts = self._seen_counts(task.client_id, end)
+            new_pos[task.client_id] = end
+        return new_pos
+
+    def _seen_counts(self, client: int, pos: int) -> np.ndarray:
+        seen = self.data.streams[client].indices[:pos]
+        return np.bincount(self.data.y_train_np[seen], minlength=self.data.num_classes)
+
+    def _client_seen(self) -> list[np.ndarray]:
+        return [self._seen_counts(k, self.stream_pos.get(k, 0)) > 0 for k in range(self.data.n_clients)]
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _evaluate(self, r: int, loss: float) -> dict[str, Any] | None:
+        s = self.scenario
+        full = self._eval_due(r)
+        anytime = task_end = None
+        if self.data.streams is not None:
+            from fedlt.continual_metrics import task_end_rounds
+
+            ends = task_end_rounds(s.federation.rounds, s.stream.n_tasks)
+            task_end = ends.index(r) if r in ends else None
+            if r % s.stream.eval_period == 0 or r == s.federation.rounds or task_end is not None:
+                anytime = self._client_seen()
+        if not full and anytime is None:
+            return None
+        exposed = None if anytime is None else np.logical_or.reduce(anytime)
+        metrics = self.evaluator.evaluate(self.model, r, self.client_states, full, exposed, anytime)
+        record: dict[str, Any] = {"round": r, "train_loss": loss}
+        if anytime is not None:
+            record["periodic"] = r % s.stream.eval_period == 0 or r == s.federation.rounds
+            record["task_end"] = task_end
+        record.update(metrics)
+        return record
+
     def _eval_due(self, r: int) -> bool:
         every = self.scenario.federation.eval_every
         return r == self.scenario.federation.rounds or (every > 0 and r % every == 0)
@@ -234,6 +288,7 @@ class Run:
                 "global": self.model.state_dict(),
                 "plugins": self.hooks.state_dict(),
                 "client_states": self.client_states,
+                "stream_pos": self.stream_pos,
             },
         )
 
@@ -247,8 +302,11 @@ class Run:
         )
 
     def _summary(self, history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
-        final = dict(history[-1]) if history else {}
+        full = [h for h in history if "accuracy" in h]
+        final = dict(full[-1]) if full else {}
         final.pop("round", None)
+        if self.data.streams is not None:
+            final.update(continual_summary(history))
         summary = {
             "scenario": self.scenario.name,
             "rounds": self.scenario.federation.rounds,
@@ -260,3 +318,25 @@ class Run:
         }
         (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def continual_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """A_auc, A_last, A_avg and F_last (global and personalised) from the anytime evaluations.
+
+    A_auc and A_last use the periodic evaluations (every ``eval_period`` rounds and the last);
+    A_avg and F_last use the evaluations at the global task ends (see ``task_end_rounds``).
+    """
+    from fedlt.continual_metrics import a_auc, a_avg, a_last, f_last
+
+    periodic = [h for h in history if h.get("periodic")]
+    ends = [h for h in history if h.get("task_end") is not None]
+    out: dict[str, Any] = {}
+    for suffix, key in (("", "anytime_accuracy"), ("_personalized", "anytime_personalized_accuracy")):
+        series = [h[key] for h in periodic if h.get(key) is not None]
+        end_series = [h[key] for h in ends if h.get(key) is not None]
+        out[f"a_auc{suffix}"] = a_auc(series)
+        out[f"a_last{suffix}"] = a_last(series)
+        out[f"a_avg{suffix}"] = a_avg(end_series)
+    out["f_last"] = f_last([h["anytime_per_class_accuracy"] for h in ends])
+    out["anytime_history"] = [[h["round"], h.get("anytime_accuracy")] for h in periodic]
+    return out

@@ -38,14 +38,20 @@ def client_context(
     scenario: Any, data: FederatedData, task: ClientTask, device: torch.device
 ) -> ClientContext:
     """The context of one client-round; its generator is seeded from (seed, round, client)."""
-    idx = data.client_tensor(task.client_id)
+    streaming = task.indices is not None
+    if streaming:
+        idx = torch.as_tensor(task.indices, dtype=torch.long, device=data.x_train.device)
+        counts = task.seen_counts
+    else:
+        idx = data.client_tensor(task.client_id)
+        counts = data.client_counts[task.client_id]
     return ClientContext(
         client_id=task.client_id,
         round=task.round,
         seed=scenario.seed,
         num_classes=data.num_classes,
         config=task.config,
-        local_class_counts=data.client_counts[task.client_id],
+        local_class_counts=counts,
         global_class_counts=data.train_class_counts,
         indices=idx,
         labels=data.y_train[idx],
@@ -56,6 +62,7 @@ def client_context(
         local_steps=scenario.train.local_steps,
         device=device,
         generator=torch_generator(scenario.seed, "client", task.round, task.client_id),
+        online_iter=scenario.stream.online_iter if streaming else None,
     )
 
 

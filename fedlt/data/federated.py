@@ -38,10 +38,19 @@ class FederatedData:
     client_indices: list[np.ndarray]
     client_counts: np.ndarray
     test_views: list[np.ndarray]
+    #: Continual scenarios: each client's task stream over its indices (``None`` offline).
+    streams: list[Any] | None = None  # list[fedlt.data.stream.ClientStream]
 
     @property
     def n_clients(self) -> int:
         return len(self.client_indices)
+
+    @property
+    def y_train_np(self) -> np.ndarray:
+        """Training labels as a host numpy array (cached), for bookkeeping off the device."""
+        if "_y_np" not in self.__dict__:
+            self.__dict__["_y_np"] = self.y_train.cpu().numpy()
+        return self.__dict__["_y_np"]
 
     def client_tensor(self, client_id: int) -> torch.Tensor:
         """The client's training indices as a long tensor on the data's device (cached)."""
@@ -65,6 +74,7 @@ class FederatedData:
                     "n_samples": int(self.client_counts[k].sum()),
                     "class_counts": self.client_counts[k].tolist(),
                     "test_view_size": len(self.test_views[k]),
+                    **({"tasks": self.streams[k].describe()} if self.streams is not None else {}),
                 }
                 for k in range(self.n_clients)
             ],
@@ -139,6 +149,23 @@ def build_federated_data(scenario: Any, device: torch.device | str = "cpu") -> F
     views = local_test_views(
         per_client, raw.test.y, [numpy_rng(seed, "test-view", k) for k in range(part.n_clients)]
     )
+    streams = None
+    st = scenario.stream
+    if st.kind != "none":
+        from fedlt.data.stream import build_stream
+
+        streams = [
+            build_stream(
+                idx,
+                y_lt,
+                st.kind,
+                st.n_tasks,
+                st.disjoint_percent,
+                st.blurry_percent,
+                numpy_rng(seed, "stream", k),
+            )
+            for k, idx in enumerate(clients)
+        ]
     device = torch.device(device)
     return FederatedData(
         name=raw.name,
@@ -153,4 +180,5 @@ def build_federated_data(scenario: Any, device: torch.device | str = "cpu") -> F
         client_indices=clients,
         client_counts=per_client,
         test_views=views,
+        streams=streams,
     )
