@@ -215,8 +215,25 @@ class EvalConfig(_Section):
 class EngineConfig(_Section):
     """Where clients are trained."""
 
-    kind: Literal["serial"] = Field("serial", description="serial: one process, one resident model.")
+    kind: Literal["serial", "ray"] = Field(
+        "serial",
+        description="serial: one process, one resident model; ray: a pool of Ray actors, each with a "
+        "resident model, the data shared through Ray's object store.",
+    )
     device: str = Field("cpu", description="cpu, cuda or cuda:N; data and model live there.")
+    num_workers: int = Field(2, ge=1, description="ray: actors in the pool (clients trained at once).")
+    num_cpus: float = Field(
+        1.0, gt=0, description="ray: CPUs reserved per worker (per client being trained)."
+    )
+    num_gpus: float = Field(
+        0.0, ge=0, description="ray: GPUs (or a fraction) per worker; > 0 trains on cuda."
+    )
+    address: str | None = Field(
+        None, description='ray: join an existing cluster ("auto" or host:port); unset starts a local Ray.'
+    )
+    max_retries: int = Field(
+        1, ge=0, description="ray: re-runs of a client task that raised before the run fails."
+    )
 
     @field_validator("device")
     @classmethod

@@ -40,6 +40,9 @@ class ScenarioError(FedltError, ValueError):
             message += f" {hint}"
         super().__init__(message)
 
+    def __reduce__(self):  # picklable across processes, with a possibly rewritten message
+        return (_rebuild, (ScenarioError, (self.key, self.value, self.allowed, self.hint), self.args))
+
 
 class PluginError(FedltError):
     """A plugin raised inside a hook, or declared itself wrongly.
@@ -47,11 +50,25 @@ class PluginError(FedltError):
     Carries ``plugin`` (its name) and ``hook`` so callers and tests can locate the fault.
     """
 
-    def __init__(self, plugin: str, hook: str | None, message: str) -> None:
+    def __init__(
+        self, plugin: str, hook: str | None, message: str, client: int | None = None, round: int | None = None
+    ) -> None:
         self.plugin = plugin
         self.hook = hook
+        self.message = message
+        self.client = client
+        self.round = round
         where = f"Plugin {plugin!r}" + (f" in hook {hook!r}" if hook else "")
+        if client is not None:
+            where += f" on client {client} in round {round}"
         super().__init__(f"{where}: {message}")
+
+    def located(self, client: int, round: int) -> PluginError:
+        """The same error, naming the client and round it happened in."""
+        return PluginError(self.plugin, self.hook, self.message, client, round)
+
+    def __reduce__(self):  # picklable across processes (Ray workers), attributes included
+        return (PluginError, (self.plugin, self.hook, self.message, self.client, self.round))
 
 
 class NonFiniteLossError(FedltError):
@@ -67,8 +84,18 @@ class NonFiniteLossError(FedltError):
         self.loss = loss
         stack = ", ".join(plugins) if plugins else "none"
         where = f"on client {client}" if client is not None else "in the global model's test logits"
+        self._init_args = (round, client, plugins, loss)
         super().__init__(
             f"Training diverged (loss, weights or logits became {loss}) in round {round} {where} "
             f"(plugins, in order: {stack}). The run stopped; the last good checkpoint is kept, "
             "so lower the learning rate or fix the plugin and run 'fedlt resume'."
         )
+
+    def __reduce__(self):
+        return (NonFiniteLossError, self._init_args)
+
+
+def _rebuild(cls: type[Exception], init_args: tuple, args: tuple) -> Exception:
+    exc = cls(*init_args)
+    exc.args = args
+    return exc

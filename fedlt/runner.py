@@ -22,6 +22,7 @@ from fedlt.checkpoint import load_checkpoint, save_checkpoint, truncate_metrics
 from fedlt.client import ClientTask
 from fedlt.config import Scenario, load_scenario, scenario_to_toml
 from fedlt.context import RoundContext, frozen_config
+from fedlt.continual_metrics import a_auc, a_avg, a_last, f_last, task_end_rounds
 from fedlt.data.federated import FederatedData, build_federated_data
 from fedlt.engines import make_engine
 from fedlt.errors import NonFiniteLossError, ScenarioError
@@ -258,8 +259,6 @@ class Run:
         full = self._eval_due(r)
         anytime = task_end = None
         if self.data.streams is not None:
-            from fedlt.continual_metrics import task_end_rounds
-
             ends = task_end_rounds(s.federation.rounds, s.stream.n_tasks)
             task_end = ends.index(r) if r in ends else None
             if r % s.stream.eval_period == 0 or r == s.federation.rounds or task_end is not None:
@@ -326,8 +325,6 @@ def continual_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     A_auc and A_last use the periodic evaluations (every ``eval_period`` rounds and the last);
     A_avg and F_last use the evaluations at the global task ends (see ``task_end_rounds``).
     """
-    from fedlt.continual_metrics import a_auc, a_avg, a_last, f_last
-
     periodic = [h for h in history if h.get("periodic")]
     ends = [h for h in history if h.get("task_end") is not None]
     out: dict[str, Any] = {}

@@ -15,6 +15,7 @@ from torch import nn
 from fedlt.client import ClientResult, ClientTask, LocalTraining, train_client
 from fedlt.context import ClientContext, SetupContext
 from fedlt.data.federated import FederatedData
+from fedlt.errors import PluginError
 from fedlt.models import build_model
 from fedlt.pluginmanager import HookSet
 from fedlt.seeding import seed_torch, torch_generator
@@ -110,9 +111,12 @@ class ClientTrainer:
         self.load_global(global_state)
         seed_torch(self.scenario.seed, "torch", task.round, task.client_id)
         ctx = client_context(self.scenario, self.data, task, self.device)
-        total, n_steps, payloads = train_client(
-            self.model, ctx, self.hooks, self.recipe, task.states, self._trainable
-        )
+        try:
+            total, n_steps, payloads = train_client(
+                self.model, ctx, self.hooks, self.recipe, task.states, self._trainable
+            )
+        except PluginError as exc:
+            raise exc.located(task.client_id, task.round) from exc.__cause__
         # One host sync per client-round. Adding 0 * (sum of the new weights) makes the loss
         # non-finite when the weights diverged after the last step, so the run stops either way.
         weight_sum = torch.stack([t.sum() for t in self._targets]).sum()

@@ -15,6 +15,7 @@ import torch
 from fedlt.data.datasets import RawDataset, known_train_size, load_dataset, to_tensor
 from fedlt.data.longtail import long_tail_counts, subsample_long_tail
 from fedlt.data.partition import partition
+from fedlt.data.stream import ClientStream, build_stream
 from fedlt.data.views import class_counts, client_class_counts, local_test_views
 from fedlt.errors import ScenarioError
 from fedlt.seeding import numpy_rng
@@ -39,7 +40,7 @@ class FederatedData:
     client_counts: np.ndarray
     test_views: list[np.ndarray]
     #: Continual scenarios: each client's task stream over its indices (``None`` offline).
-    streams: list[Any] | None = None  # list[fedlt.data.stream.ClientStream]
+    streams: list[ClientStream] | None = None
 
     @property
     def n_clients(self) -> int:
@@ -58,6 +59,49 @@ class FederatedData:
         if client_id not in cache:
             cache[client_id] = torch.as_tensor(self.client_indices[client_id], device=self.x_train.device)
         return cache[client_id]
+
+    def to_shared(self) -> dict[str, Any]:
+        """The training side as numpy arrays and metadata: what remote workers need.
+
+        Put into Ray's object store once, the arrays are read zero-copy by every worker on the
+        node. The test set stays with the driver, which evaluates.
+        """
+        return {
+            "meta": {
+                "name": self.name,
+                "num_classes": self.num_classes,
+                "class_names": self.class_names,
+                "input_shape": self.input_shape,
+            },
+            "x_train": self.x_train.cpu().numpy(),
+            "y_train": self.y_train.cpu().numpy(),
+            "train_class_counts": self.train_class_counts,
+            "client_indices": self.client_indices,
+            "client_counts": self.client_counts,
+        }
+
+    @classmethod
+    def from_shared(cls, shared: dict[str, Any], device: torch.device | str = "cpu") -> FederatedData:
+        """Rebuild (training side only) from :meth:`to_shared`; CPU arrays are used without copying."""
+        import warnings
+
+        with warnings.catch_warnings():
+            # Object-store arrays are read-only; training never writes to the data tensors.
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(shared["x_train"]).to(device)
+            y = torch.from_numpy(shared["y_train"]).to(device)
+        empty = torch.empty((0, *x.shape[1:]), dtype=x.dtype, device=device)
+        return cls(
+            **shared["meta"],
+            x_train=x,
+            y_train=y,
+            x_test=empty,
+            y_test=torch.empty(0, dtype=torch.long, device=device),
+            train_class_counts=shared["train_class_counts"],
+            client_indices=shared["client_indices"],
+            client_counts=shared["client_counts"],
+            test_views=[np.empty(0, dtype=np.int64) for _ in shared["client_indices"]],
+        )
 
     def describe(self) -> dict[str, Any]:
         """What `fedlt inspect --json` prints: counts after the long tail, per client, views."""
@@ -152,8 +196,6 @@ def build_federated_data(scenario: Any, device: torch.device | str = "cpu") -> F
     streams = None
     st = scenario.stream
     if st.kind != "none":
-        from fedlt.data.stream import build_stream
-
         streams = [
             build_stream(
                 idx,

@@ -15,6 +15,7 @@ import torch
 
 from fedlt.client import ClientResult, ClientTask
 from fedlt.data.federated import FederatedData
+from fedlt.errors import ScenarioError
 from fedlt.pluginmanager import HookSet
 
 __all__ = ["Engine", "make_engine"]
@@ -46,7 +47,18 @@ class Engine(ABC):
 
 def make_engine(scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> Engine:
     """The engine the scenario's ``[engine] kind`` names."""
+    kind = scenario.engine.kind
+    if kind == "ray":
+        try:
+            from fedlt.engines.ray_engine import RayEngine
+        except ImportError as exc:
+            raise ScenarioError(
+                "engine.kind",
+                kind,
+                "an engine whose dependencies are installed",
+                hint="Install the extra: pip install 'fedlt[ray]'.",
+            ) from exc
+        return RayEngine(scenario, data, hooks, device)
     from fedlt.engines.serial import SerialEngine
 
-    engines: dict[str, type[Engine]] = {"serial": SerialEngine}
-    return engines[scenario.engine.kind](scenario, data, hooks, device)
+    return SerialEngine(scenario, data, hooks, device)
