@@ -138,38 +138,49 @@ class StreamConfig(_Section):
     eval_period: int = Field(1, ge=1, description="Anytime evaluation every this many rounds.")
 
 
+MODEL_KEYS: dict[str, tuple[str, ...]] = {
+    "mlp": ("hidden",),
+    "cnn": ("widths",),
+    "resnet8": ("width",),
+    "resnet20": ("width",),
+    "resnet32": ("width",),
+    "vit": ("patch_size", "dim", "depth", "heads", "pretrained"),
+}
+
+
 class ModelConfig(_Section):
     """The network; every model has a `features(x)` / `head` split."""
 
-    name: Literal["mlp", "cnn", "resnet8", "resnet20", "resnet32"] = Field(
+    name: Literal["mlp", "cnn", "resnet8", "resnet20", "resnet32", "vit"] = Field(
         "mlp", description="Model registry name."
     )
     hidden: list[int] | None = Field(None, description="mlp: hidden layer widths (default [128, 64]).")
     widths: list[int] | None = Field(None, description="cnn: channels per conv block (default [16, 32]).")
     width: int | None = Field(None, gt=0, description="resnet*: first-stage width (default 16).")
+    patch_size: int | None = Field(None, gt=0, description="vit: patch size in pixels (default 4).")
+    dim: int | None = Field(None, gt=0, description="vit: token width (default 64).")
+    depth: int | None = Field(None, gt=0, description="vit: transformer blocks (default 4).")
+    heads: int | None = Field(None, gt=0, description="vit: attention heads (default 4).")
+    pretrained: str | None = Field(
+        None, description="vit: a local file with pretrained weights (a state dict) to start from."
+    )
 
     @model_validator(mode="after")
     def _params_fit_model(self) -> ModelConfig:
-        allowed = {
-            "mlp": "hidden",
-            "cnn": "widths",
-            "resnet8": "width",
-            "resnet20": "width",
-            "resnet32": "width",
-        }
-        for key in ("hidden", "widths", "width"):
-            if getattr(self, key) is not None and allowed[self.name] != key:
+        takes = MODEL_KEYS[self.name]
+        for key in sorted({k for keys in MODEL_KEYS.values() for k in keys}):
+            if getattr(self, key) is not None and key not in takes:
                 raise ScenarioError(
                     f"model.{key}",
                     getattr(self, key),
                     f"unset for model {self.name!r}",
-                    hint=f"Model {self.name!r} takes '{allowed[self.name]}'.",
+                    hint=f"Model {self.name!r} takes: {', '.join(takes)}.",
                 )
         return self
 
     def params(self) -> dict[str, Any]:
         """The model-specific parameters that were set, for ``build_model``."""
-        return {k: v for k in ("hidden", "widths", "width") if (v := getattr(self, k)) is not None}
+        return {k: v for k in MODEL_KEYS[self.name] if (v := getattr(self, k)) is not None}
 
 
 class TrainConfig(_Section):

@@ -77,7 +77,7 @@ def test_relative_root_resolves_against_scenario_file(tmp_path):
         ({"data": {"dataset": "imagenet"}}, "data.dataset", "'digits'"),
         ({"model": {"name": "vgg"}}, "model.name", "'mlp'"),
         ({"engine": {"device": "tpu"}}, "engine.device", "'cpu'"),
-        ({"model": {"name": "cnn", "hidden": [8]}}, "model.hidden", "takes 'widths'"),
+        ({"model": {"name": "cnn", "hidden": [8]}}, "model.hidden", "takes: widths"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(raw, key, fragment):
