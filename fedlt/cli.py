@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlt.errors import FedltError, NonFiniteLossError
+from fedlt.errors import FedltError, NonFiniteLossError, PluginError
 
 __all__ = ["main"]
 
@@ -106,13 +106,19 @@ def _print_final(summary: dict[str, Any]) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    import torch
+
     from fedlt.config import load_scenario
     from fedlt.data.federated import build_federated_data
     from fedlt.pluginmanager import build_hooks
+    from fedlt.runner import check_requirements, resolve_device
+    from fedlt.worker import build_run_model
 
     scenario = load_scenario(args.scenario, args.overrides)
+    resolve_device(scenario.engine.device)
     hooks = build_hooks(scenario.plugins)
     data = build_federated_data(scenario, "cpu")
+    check_requirements(scenario, hooks, build_run_model(scenario, data, hooks, torch.device("cpu")))
     print(
         f"{args.scenario}: valid ({data.n_clients} clients, {int(data.train_class_counts.sum())} training "
         f"samples, {data.num_classes} classes, plugins: {', '.join(hooks.names) or 'none'})"
@@ -187,10 +193,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except NonFiniteLossError as exc:
-        print(textwrap.fill(f"error: {exc}", 100), file=sys.stderr)
+        print(textwrap.fill(f"error: {exc}", 100, break_on_hyphens=False), file=sys.stderr)
         return 1
+    except PluginError as exc:
+        print(textwrap.fill(f"error: {exc}", 100, break_on_hyphens=False), file=sys.stderr)
+        # A plugin that fails while training is a runtime failure (1), not bad input (2).
+        return 1 if exc.round is not None else 2
     except FedltError as exc:
-        print(textwrap.fill(f"error: {exc}", 100), file=sys.stderr)
+        print(textwrap.fill(f"error: {exc}", 100, break_on_hyphens=False), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; continue with `fedlt resume RUN_DIR`", file=sys.stderr)

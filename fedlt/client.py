@@ -149,8 +149,9 @@ def train_client(
     plan = _batch_plan(ctx, hooks, recipe, states)
 
     # Settle per-batch dispatch once: a None means "no plugin implements it".
-    replay = hooks.client_replay_indices or None
-    update_memory = hooks.client_update_memory or None
+    streaming = ctx.online_iter is not None
+    replay = hooks.client_replay_indices if streaming and hooks.client_replay_indices else None
+    update_memory = hooks.client_update_memory if streaming and hooks.client_update_memory else None
     forward = hooks.client_forward or None
     transform = hooks.client_transform_logits or None
     loss_hook = hooks.client_loss or None

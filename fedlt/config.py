@@ -232,6 +232,13 @@ class EngineConfig(_Section):
         "resident model, the data shared through Ray's object store.",
     )
     device: str = Field("cpu", description="cpu, cuda or cuda:N; data and model live there.")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads for client training (serial: this process; ray: each worker, "
+        "default int(num_cpus)). BLAS sums in a thread-count-dependent order, so engines agree bit for bit "
+        "when this matches.",
+    )
     num_workers: int = Field(2, ge=1, description="ray: actors in the pool (clients trained at once).")
     num_cpus: float = Field(
         1.0, gt=0, description="ray: CPUs reserved per worker (per client being trained)."
@@ -274,7 +281,9 @@ class PluginSpec(BaseModel):
         # Users write parameters inline in the table; gather them into `params`.
         if isinstance(data, Mapping) and "params" not in data:
             data = dict(data)
-            return {"name": data.pop("name", None), "params": data}
+            if "name" not in data:
+                raise ScenarioError("plugins[].name", None, "set: every [[plugins]] table names its plugin")
+            return {"name": data.pop("name"), "params": data}
         return data
 
 

@@ -165,7 +165,7 @@ class Evaluator:
                 continue
             idx = torch.as_tensor(view, device=d.y_test.device)
             # Plugins may read but not change a client's state during evaluation.
-            states = {p: dict(s) for p, s in client_states.get(k, {}).items()}
+            states = copy.deepcopy(client_states.get(k, {}))
             if personalize:
                 local = self._personal_model(model, k, round, states)
                 h, z = _forward(local, d.x_test[idx], self.scenario.eval.batch_size)

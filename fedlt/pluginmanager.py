@@ -9,6 +9,7 @@ scenario, ``state`` is injected per plugin, and an exception is re-raised as a
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -125,6 +126,26 @@ def _is_hookimpl(fn: Any) -> bool:
     return fn is not None and hasattr(fn, "fedlt_impl")
 
 
+#: Environment variable naming plugins that are not installed: ``name=module:Class,...``.
+EXTRA_PLUGINS_ENV = "FEDLT_EXTRA_PLUGINS"
+
+
+def _extra_entry_points() -> list[md.EntryPoint]:
+    """Plugins named in $FEDLT_EXTRA_PLUGINS, for developing a plugin before packaging it.
+
+    Worker processes (Ray) inherit the variable, so such plugins work on every engine as long as
+    their module is importable there (e.g. via PYTHONPATH).
+    """
+    spec = os.environ.get(EXTRA_PLUGINS_ENV, "").strip()
+    eps = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or ":" not in value:
+            raise ScenarioError(EXTRA_PLUGINS_ENV, item, "a comma-separated list of name=module:Class")
+        eps.append(md.EntryPoint(name=name.strip(), value=value.strip(), group=ENTRY_POINT_GROUP))
+    return eps
+
+
 def discover_plugins() -> dict[str, PluginInfo]:
     """Every plugin registered in the ``fedlt.plugins`` entry-point group, by name.
 
@@ -132,7 +153,7 @@ def discover_plugins() -> dict[str, PluginInfo]:
     error and reported when a scenario uses it (and by ``fedlt plugins``), not here.
     """
     found: dict[str, PluginInfo] = {}
-    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+    for ep in [*md.entry_points(group=ENTRY_POINT_GROUP), *_extra_entry_points()]:
         dist = ep.dist.name if ep.dist is not None else "?"
         if ep.name in found:
             other = found[ep.name]
@@ -162,14 +183,17 @@ def discover_plugins() -> dict[str, PluginInfo]:
     return found
 
 
-def _plugin_param_error(index: int, name: str, exc: ValidationError) -> ScenarioError:
+def _plugin_param_error(index: int, name: str, exc: ValidationError, params: list[str]) -> ScenarioError:
     messages = []
     first: ScenarioError | None = None
     for err in exc.errors():
         pname = ".".join(str(p) for p in err["loc"])
         key = f"plugins[{index}].{pname}"
         if err["type"] == "extra_forbidden":
-            one = ScenarioError(key, err.get("input"), f"a parameter of plugin {name!r}")
+            allowed = ", ".join(params) or "none"
+            one = ScenarioError(
+                key, err.get("input"), f"a parameter of plugin {name!r} (it takes: {allowed})"
+            )
         else:
             allowed = err["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
             one = ScenarioError(key, err.get("input"), f"{allowed} (parameter {pname!r} of plugin {name!r})")
@@ -206,7 +230,7 @@ def instantiate_plugins(
         try:
             params = info.cls.Params.model_validate(spec.params)
         except ValidationError as exc:
-            raise _plugin_param_error(i, spec.name, exc) from None
+            raise _plugin_param_error(i, spec.name, exc, list(info.cls.Params.model_fields)) from None
         except ScenarioError:
             raise
         plugin = info.cls(params)
@@ -316,16 +340,17 @@ class HookSet:
         pm = pluggy.PluginManager("fedlt")
         pm.add_hookspecs(hookspecs)
         for plugin in self.plugins:
+            for attr in dir(type(plugin)):
+                if _is_hookimpl(getattr(type(plugin), attr, None)) and attr not in hookspecs.COMBINE:
+                    raise PluginError(
+                        plugin.name, attr, f"unknown hook {attr!r}; hooks are: {', '.join(hookspecs.COMBINE)}"
+                    )
             try:
                 pm.register(plugin, name=plugin.name)
             except pluggy.PluginValidationError as exc:
-                raise PluginError(plugin.name, None, str(exc)) from None
-        try:
-            pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            raise PluginError(
-                exc.plugin.name if hasattr(exc.plugin, "name") else "?", None, str(exc)
-            ) from None
+                # pluggy's text starts with its own "Plugin '<name>' for hook ..." line: keep the rest.
+                detail = str(exc).split("\n", 1)[-1].replace("\n", "; ")
+                raise PluginError(plugin.name, None, detail) from None
         order = {p.name: i for i, p in enumerate(self.plugins)}
         self._hooks: dict[str, _Hook] = {}
         for name in hookspecs.COMBINE:

@@ -25,7 +25,7 @@ from fedlt.context import RoundContext, frozen_config
 from fedlt.continual_metrics import a_auc, a_avg, a_last, f_last, task_end_rounds
 from fedlt.data.federated import FederatedData, build_federated_data
 from fedlt.engines import make_engine
-from fedlt.errors import NonFiniteLossError, ScenarioError
+from fedlt.errors import NonFiniteLossError, PluginError, ScenarioError
 from fedlt.evaluation import Evaluator
 from fedlt.pluginmanager import HookSet, build_hooks
 from fedlt.seeding import numpy_rng
@@ -45,6 +45,32 @@ def select_clients(seed: int, round: int, n_clients: int, fraction: float) -> li
         return list(range(n_clients))
     chosen = numpy_rng(seed, "select", round).choice(n_clients, size=k, replace=False)
     return sorted(int(c) for c in chosen)
+
+
+#: What a plugin may list in ``requires``, and how each is checked before a run starts.
+REQUIREMENTS = {
+    "head": (
+        "a model with a linear `head`",
+        lambda s, m: isinstance(getattr(m, "head", None), torch.nn.Linear),
+    ),
+    "stream": ("a continual scenario ([stream] kind set)", lambda s, m: s.stream.kind != "none"),
+    "prompts": ("a model with a prompt slot (model.name = 'vit')", lambda s, m: hasattr(m, "prompter")),
+}
+
+
+def check_requirements(scenario: Scenario, hooks: HookSet, model: torch.nn.Module) -> None:
+    """Every plugin's declared ``requires`` hold for this scenario and model, or a clear error."""
+    for i, plugin in enumerate(hooks.plugins):
+        for req in sorted(plugin.requires):
+            if req not in REQUIREMENTS:
+                raise PluginError(
+                    plugin.name, None, f"requires unknown capability {req!r}; known: {sorted(REQUIREMENTS)}"
+                )
+            what, holds = REQUIREMENTS[req]
+            if not holds(scenario, model):
+                raise ScenarioError(
+                    f"plugins[{i}].name", plugin.name, f"used with {what}", hint="It requires it."
+                )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,11 +101,13 @@ class Run:
         self.hooks: HookSet = build_hooks(scenario.plugins)
         self.data: FederatedData = build_federated_data(scenario, self.device)
         self.model = build_run_model(scenario, self.data, self.hooks, self.device)
+        check_requirements(scenario, self.hooks, self.model)
         self.evaluator = Evaluator(scenario, self.data, self.hooks)
         self.client_states: dict[int, dict[str, dict[str, Any]]] = {}
         #: Continual runs: how far each client has consumed its stream.
         self.stream_pos: dict[int, int] = {}
         self.on_round: Callable[[int, dict[str, Any] | None], None] | None = None
+        self.engine: Any = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -131,7 +159,7 @@ class Run:
         elif (self.run_dir / METRICS).exists():
             (self.run_dir / METRICS).unlink()
 
-        engine = make_engine(s, self.data, self.hooks, self.device)
+        engine = self.engine = make_engine(s, self.data, self.hooks, self.device)
         t0 = time.perf_counter()
         bar = self._progress_bar(start)
         try:

@@ -83,7 +83,7 @@ class RayEngine(Engine):
             ray.init(**init)
             self._started_ray = True
         self._device = "cuda" if cfg.num_gpus > 0 else str(device)
-        self._threads = max(int(cfg.num_cpus), 1)
+        self._threads = cfg.threads if cfg.threads is not None else max(int(cfg.num_cpus), 1)
         self._actor_cls = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0)(_Worker)
         self._shared = ray.put(data.to_shared())
         self.workers = [self._spawn() for _ in range(cfg.num_workers)]
@@ -115,8 +115,11 @@ class RayEngine(Engine):
             actor = self.workers[slot]
             inflight[actor.run.remote(tasks[i], state_ref)] = (i, slot, actor)
 
+        # Results are yielded in task order; cap how far ahead of the next one work may run so the
+        # buffer of early finishers stays bounded (streaming aggregation, bounded memory).
+        window = 2 * len(self.workers)
         while nxt < len(tasks):
-            while queue and idle:
+            while queue and idle and queue[-1] < nxt + window:
                 submit(idle.pop())
             if nxt in done:
                 yield self._to_tensors(done.pop(nxt))

@@ -23,6 +23,8 @@ class SerialEngine(Engine):
 
     def __init__(self, scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> None:
         super().__init__(scenario, data, hooks, device)
+        if scenario.engine.threads is not None:
+            torch.set_num_threads(scenario.engine.threads)
         self.trainer = ClientTrainer(scenario, data, hooks, device)
 
     def train_round(
