@@ -145,6 +145,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     for cl in info["clients"]:
         counts = " ".join(f"{c:>{width}}" for c in cl["class_counts"])
         print(f"{cl['id']:>6} {cl['n_samples']:>7} {cl['test_view_size']:>5}  {counts}")
+    streams = [cl for cl in info["clients"] if "tasks" in cl]
+    if streams:
+        print("\nstreams (per task: classes, samples, blurry samples dealt in):")
+        for cl in streams:
+            tasks = "  |  ".join(f"{t['classes']} n={t['size']} b={t['blurry']}" for t in cl["tasks"])
+            print(f"{cl['id']:>6}  {tasks}")
     return 0
 
 

@@ -100,3 +100,17 @@ def test_run_and_resume_via_console(tmp_path):
     r2 = _cli("resume", str(out), "--quiet")
     assert r2.returncode == 0, r2.stderr
     assert json.loads((out / "summary.json").read_text())["final"] == summary["final"]
+
+
+def test_inspect_shows_each_clients_stream(capsys):
+    assert main(["inspect", "scenarios/siblurry_quick.toml", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    for client in info["clients"]:
+        tasks = client["tasks"]
+        assert len(tasks) == 5
+        assert all(set(t) == {"classes", "size", "blurry"} for t in tasks)
+        assert sum(t["size"] for t in tasks) == client["n_samples"]
+    # task boundaries are drawn per client, so they differ between clients
+    assert len({tuple(t["size"] for t in c["tasks"]) for c in info["clients"]}) > 1
+    assert main(["inspect", "scenarios/siblurry_quick.toml"]) == 0
+    assert "streams (per task" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from pydantic import BaseModel
 
 from fedlt import Plugin, hookimpl
 
@@ -29,3 +30,17 @@ class LocalCounter(Plugin):
     def client_transform_logits(self, logits, ctx, state):
         # Depends on the state, so a lost or stale state changes the numbers.
         return logits + 1e-3 * state["bias"].to(logits.device) * state["rounds"]
+
+
+class Pause(Plugin):
+    """Sleeps after each aggregation, so a test can kill a run between its checkpoints."""
+
+    class Params(BaseModel):
+        model_config = {"extra": "forbid"}
+        seconds: float = 0.2
+
+    @hookimpl
+    def server_after_aggregate(self):
+        import time
+
+        time.sleep(self.params.seconds)
