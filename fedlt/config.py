@@ -226,31 +226,33 @@ class EvalConfig(_Section):
 class EngineConfig(_Section):
     """Where clients are trained."""
 
-    kind: Literal["serial", "ray"] = Field(
+    kind: Literal["serial", "ray", "flower"] = Field(
         "serial",
         description="serial: one process, one resident model; ray: a pool of Ray actors, each with a "
-        "resident model, the data shared through Ray's object store.",
+        "resident model, the data shared through Ray's object store; flower: Flower ClientApps on "
+        "Flower's Simulation Runtime (one SuperNode per client), or on the Grid of `flwr run`.",
     )
     device: str = Field("cpu", description="cpu, cuda or cuda:N; data and model live there.")
     threads: int | None = Field(
         None,
         ge=1,
-        description="torch intra-op threads for client training (serial: this process; ray: each worker, "
-        "default int(num_cpus)). BLAS sums in a thread-count-dependent order, so engines agree bit for bit "
-        "when this matches.",
+        description="torch intra-op threads for client training (serial: this process; ray/flower: each "
+        "worker, default int(num_cpus)). BLAS sums in a thread-count-dependent order, so engines agree bit "
+        "for bit when this matches.",
     )
-    num_workers: int = Field(2, ge=1, description="ray: actors in the pool (clients trained at once).")
+    num_workers: int = Field(2, ge=1, description="ray/flower: actors in the pool (clients trained at once).")
     num_cpus: float = Field(
-        1.0, gt=0, description="ray: CPUs reserved per worker (per client being trained)."
+        1.0, gt=0, description="ray/flower: CPUs reserved per worker (per client being trained)."
     )
     num_gpus: float = Field(
-        0.0, ge=0, description="ray: GPUs (or a fraction) per worker; > 0 trains on cuda."
+        0.0, ge=0, description="ray/flower: GPUs (or a fraction) per worker; > 0 trains on cuda."
     )
     address: str | None = Field(
-        None, description='ray: join an existing cluster ("auto" or host:port); unset starts a local Ray.'
+        None,
+        description='ray/flower: join a running Ray cluster ("auto" or host:port); unset starts a local Ray.',
     )
     max_retries: int = Field(
-        1, ge=0, description="ray: re-runs of a client task that raised before the run fails."
+        1, ge=0, description="ray/flower: re-runs of a client task that failed before the run fails."
     )
 
     @field_validator("device")
@@ -332,8 +334,8 @@ def load_scenario(
 ) -> Scenario:
     """Read a scenario (path, built-in name or dict), apply ``key.sub=value`` overrides, validate.
 
-    Relative ``data.root`` / ``data.cache_dir`` are resolved against the scenario file's folder so
-    a scenario works from any working directory.
+    Relative ``data.root``, ``data.cache_dir`` and ``model.pretrained`` are resolved against the
+    scenario file's folder so a scenario works from any working directory.
     """
     base: Path | None = None
     if isinstance(source, Mapping):
@@ -354,10 +356,10 @@ def load_scenario(
     raw = apply_overrides(raw, overrides)
     scenario = scenario_from_dict(raw)
     if base is not None:
-        for key in ("root", "cache_dir"):
-            value = getattr(scenario.data, key)
+        for section, key in (("data", "root"), ("data", "cache_dir"), ("model", "pretrained")):
+            value = getattr(getattr(scenario, section), key)
             if value and not Path(value).expanduser().is_absolute():
-                setattr(scenario.data, key, str((base / value).resolve()))
+                setattr(getattr(scenario, section), key, str((base / value).resolve()))
     return scenario
 
 

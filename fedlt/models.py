@@ -12,7 +12,8 @@ Models draw their initial weights from torch's global RNG only, in a fixed order
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,11 +29,12 @@ __all__ = [
     "BasicBlock",
     "FedModel",
     "ResNet",
+    "ViT",
     "build_model",
     "model_params",
 ]
 
-MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "resnet8", "resnet20", "resnet32")
+MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "resnet8", "resnet20", "resnet32", "vit")
 
 
 class FedModel(nn.Module):
@@ -257,6 +259,259 @@ class ResNet(FedModel):
         return self.stages(self.stem(x)).mean(dim=(2, 3))
 
 
+def _square_side(input_shape: Any) -> int | None:
+    """``s`` when ``input_shape`` is ``(s * s,)`` (a flattened square image such as digits' 64)."""
+    if isinstance(input_shape, Sequence) and len(input_shape) == 1 and _positive_int(input_shape[0]):
+        side = math.isqrt(input_shape[0])
+        return side if side * side == input_shape[0] else None
+    return None
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention whose keys and values may include extra (prompt) tokens.
+
+    ``qkv`` is one ``Linear(dim, 3 * dim)`` as in timm, so its rows are the query, key and value
+    projections in that order; the extra tokens go through the key and value rows only.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend from the ``(B, N, dim)`` tokens ``x`` to ``x`` plus ``extra`` (``(B, L, dim)``)."""
+        b, n, dim = x.shape
+        if extra is None:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            w, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(x, w[:dim], bias[:dim])
+            k, v = F.linear(torch.cat((x, extra), dim=1), w[dim:], bias[dim:]).chunk(2, dim=-1)
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (B, T, dim) -> (B, heads, T, dim / heads)
+            return t.unflatten(-1, (self.heads, dim // self.heads)).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        return self.proj(out.transpose(1, 2).reshape(b, n, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` (MLP ratio 4, GELU).
+
+    ``prompt`` tokens (``(B, L, dim)``) are layer-normed with ``norm1`` and join the keys and
+    values of this block's attention only; the block returns the ``N`` original tokens. This is
+    exactly ``block(cat(x, prompt))[:, :N]`` (MVP's ``prompt_tuning``), minus the wasted compute
+    on the prompt rows.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("fc1", nn.Linear(dim, 4 * dim))
+        self.mlp.add_module("act", nn.GELU())
+        self.mlp.add_module("fc2", nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), None if prompt is None else self.norm1(prompt))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(FedModel):
+    """A small pre-norm Vision Transformer (Dosovitskiy et al., ICLR 2021) with a prompt slot.
+
+    Patches of ``patch_size`` pixels are embedded by a conv with that stride, a learnable [CLS]
+    token is prepended and learnable position embeddings are added; then ``depth`` pre-norm
+    blocks (multi-head self-attention, MLP with ratio 4) and a final LayerNorm. The features are
+    the normed [CLS] output (``feature_dim = dim``) and ``head = nn.Linear(dim, num_classes)``.
+    Parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``,
+    ``pos_embed``, ``blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``,
+    ``head``), so a timm checkpoint of the same size loads as it is.
+
+    Inputs are ``(C, H, W)`` with ``H`` and ``W`` divisible by ``patch_size``. A flat input whose
+    length is a perfect square ``s * s`` is viewed as ``(1, s, s)``: scikit-learn's digits
+    (64 values) become 8x8 images, which the default ``patch_size = 4`` cuts into 2x2 = 4
+    patches (plus [CLS]: 5 tokens); ``patch_size = 2`` gives 16 patches.
+
+    Initialisation is drawn from torch's global RNG in a fixed order: truncated normal (std
+    0.02) for ``cls_token``, ``pos_embed`` and every linear weight, zero linear biases, PyTorch's
+    default for the patch conv. ``pretrained`` then overwrites the weights from a file.
+
+    Prompt slot
+    -----------
+    ``prompter`` (``None`` by default) is where prompt-based continual-learning plugins
+    (``mvp-prompts``) plug in. When it is set, :meth:`features` first computes the query
+    ``q = features of the un-prompted model`` under ``torch.no_grad()`` (MVP and L2P use the
+    frozen model's [CLS] as the query), then calls ``prompts = prompter(q)``, which must return
+    ``{block_index: (B, L, dim) tensor}`` and may record its own per-sample selection for the
+    current batch; then it runs the blocks again with those prompt tokens. The prompts are
+    *per-block and not carried*: block ``i``'s prompt tokens are extra keys and values of block
+    ``i``'s attention only (layer-normed by its ``norm1``, projected by its ``qkv``), and are
+    dropped after it, as MVP's ``prompt_tuning`` does (``x = block(cat(x, P_i))[:, :N]``). The
+    returned features are the prompted [CLS] output. Since evaluation also calls
+    ``features`` then ``head`` per batch, prompts act in training and evaluation alike. The cost
+    is two passes through the blocks per batch.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        ``(channels, height, width)``, or ``(s * s,)`` for flattened square images.
+    num_classes : int
+        Number of output classes.
+    patch_size : int, default=4
+        Patch side in pixels; must divide the height and the width.
+    dim : int, default=64
+        Token width (``feature_dim``).
+    depth : int, default=4
+        Number of transformer blocks.
+    heads : int, default=4
+        Attention heads; must divide ``dim``.
+    pretrained : str, optional
+        A local file holding a state dict (``torch.save(model.state_dict(), path)``, or a dict
+        with that state dict under ``"state_dict"`` or ``"model"``). Every backbone entry must be
+        present with this model's shape; ``head.*`` entries are loaded when their shapes match
+        this model's number of classes and are otherwise left at their fresh initialisation.
+        A missing, unreadable or incompatible file raises ``ScenarioError("model.pretrained")``.
+    """
+
+    prompter: nn.Module | None
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        patch_size: int = 4,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        pretrained: str | None = None,
+    ) -> None:
+        super().__init__()
+        shape = _check_input_shape(input_shape, image=False)
+        side = _square_side(shape)
+        if side is not None:
+            shape = (1, side, side)
+        if len(shape) != 3:
+            raise ValueError(
+                f"vit needs input_shape (channels, height, width) or (s*s,), got {input_shape!r}"
+            )
+        self.num_classes = _check_num_classes(num_classes)
+        for key, value in (("patch_size", patch_size), ("dim", dim), ("depth", depth), ("heads", heads)):
+            if not _positive_int(value):
+                raise ScenarioError(f"model.{key}", value, "a positive integer")
+        channels, height, width = shape
+        if height % patch_size or width % patch_size:
+            raise ScenarioError(
+                "model.patch_size",
+                patch_size,
+                f"a divisor of the image height {height} and width {width}",
+                hint="The ViT cuts images into non-overlapping patch_size x patch_size patches.",
+            )
+        if dim % heads:
+            raise ScenarioError("model.heads", heads, f"a divisor of model.dim = {dim}")
+        self.image_shape = shape
+        self.patch_size, self.dim, self.depth, self.heads = patch_size, dim, depth, heads
+        self.n_patches = (height // patch_size) * (width // patch_size)
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(channels, dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.n_patches + 1, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.feature_dim = dim
+        self.head = nn.Linear(dim, self.num_classes)
+        self.prompter = None
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        if pretrained is not None:
+            self.load_pretrained(pretrained)
+
+    def load_pretrained(self, path: str) -> None:
+        """Load the backbone (and a matching head) from the state-dict file ``path``.
+
+        Raises
+        ------
+        ScenarioError
+            Key ``model.pretrained``: the file is missing, unreadable, not a state dict, or its
+            backbone entries do not match this model (missing, unexpected or mis-shaped keys).
+        """
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ScenarioError(
+                "model.pretrained", path, "an existing local file", hint="No file at that path."
+            )
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ScenarioError(
+                "model.pretrained",
+                path,
+                "a file written by torch.save(model.state_dict(), path)",
+                hint=f"Loading it failed: {type(exc).__name__}: {exc}",
+            ) from None
+        if isinstance(state, Mapping):
+            for wrapper in ("state_dict", "model"):
+                if set(state) == {wrapper} and isinstance(state[wrapper], Mapping):
+                    state = state[wrapper]
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ScenarioError("model.pretrained", path, "a file holding a state dict (names -> tensors)")
+        own = self.state_dict()
+        problems = []
+        backbone = [k for k in own if not k.startswith("head.")]
+        if missing := [k for k in backbone if k not in state]:
+            problems.append(f"missing {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+        if unexpected := [k for k in state if k not in own]:
+            problems.append(f"unexpected {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
+        shapes = [
+            f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+            for k in backbone
+            if k in state and state[k].shape != own[k].shape
+        ]
+        if shapes:
+            problems.append("shape mismatch " + "; ".join(shapes[:3]))
+        if problems:
+            raise ScenarioError(
+                "model.pretrained",
+                path,
+                f"weights of a ViT with patch_size={self.patch_size}, dim={self.dim}, depth={self.depth}, "
+                f"heads={self.heads} and {self.n_patches} patches",
+                hint="The file does not fit: " + ", ".join(problems) + ".",
+            )
+        load = {k: state[k] for k in backbone}
+        load.update({k: v for k, v in state.items() if k.startswith("head.") and v.shape == own[k].shape})
+        self.load_state_dict(load, strict=False)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with [CLS] prepended and position embeddings added: ``(B, 1 + n_patches, dim)``."""
+        if x.dim() == 2:
+            x = x.view(x.shape[0], *self.image_shape)
+        t = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        return torch.cat((self.cls_token.expand(t.shape[0], -1, -1), t), dim=1) + self.pos_embed
+
+    def _encode(self, tokens: torch.Tensor, prompts: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """The normed [CLS] output, with ``prompts[i]`` joining block ``i``'s keys and values."""
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, prompts.get(i))
+        return self.norm(tokens[:, 0])
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """[CLS] features; prompted by ``self.prompter`` when it is set (see the class docstring)."""
+        tokens = self._tokens(x)
+        if self.prompter is None:
+            return self._encode(tokens, {})
+        with torch.no_grad():
+            query = self._encode(tokens, {})
+        return self._encode(tokens, self.prompter(query))
+
+
 # name -> (constructor, the parameters a scenario may set with their defaults)
 _REGISTRY: dict[str, tuple[Callable[..., FedModel], dict[str, object]]] = {
     "mlp": (MLP, {"hidden": (128, 64)}),
@@ -264,6 +519,7 @@ _REGISTRY: dict[str, tuple[Callable[..., FedModel], dict[str, object]]] = {
     "resnet8": (lambda shape, c, **p: ResNet(shape, c, depth=8, **p), {"width": 16}),
     "resnet20": (lambda shape, c, **p: ResNet(shape, c, depth=20, **p), {"width": 16}),
     "resnet32": (lambda shape, c, **p: ResNet(shape, c, depth=32, **p), {"width": 16}),
+    "vit": (ViT, {"patch_size": 4, "dim": 64, "depth": 4, "heads": 4, "pretrained": None}),
 }
 
 
@@ -305,12 +561,16 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **par
         parameter value that is not allowed (key ``model.<param>``).
     """
     constructor, defaults = _lookup(name)
-    if name != "mlp" and isinstance(input_shape, Sequence) and len(input_shape) != 3:
+    flat_square = name == "vit" and _square_side(input_shape) is not None
+    if name != "mlp" and isinstance(input_shape, Sequence) and len(input_shape) != 3 and not flat_square:
+        needs = "image-shaped (channels, height, width) samples"
+        if name == "vit":
+            needs += " or flat samples whose length is a perfect square"
         raise ScenarioError(
             "model.name",
             name,
             f"'mlp' for data whose samples have shape {tuple(input_shape)}",
-            hint=f"The {name!r} model needs image-shaped (channels, height, width) samples.",
+            hint=f"The {name!r} model needs {needs}.",
         )
     for key, value in params.items():
         if key not in defaults:
