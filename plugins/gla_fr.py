@@ -1,0 +1,190 @@
+"""FedLoGe's global and local adaptive feature realignment, GLA-FR (Xiao et al., ICLR 2024).
+
+Two heads ride on the backbone's features, both trained on *detached* features so they never
+train the backbone (with ``sse-c`` the frozen sparse ETF alone drives it):
+
+- an auxiliary global head ``gla_aux`` (a submodule added to the model, so trained locally and
+  FedAvg-aggregated like the rest of the model);
+- a per-client local head that lives in the client's plugin ``state``: trained by the local
+  optimizer, checkpointed with the client, never sent to the server.
+
+Neither is used as trained; evaluation realigns them without further training:
+
+- global (generic model): w_c <- gamma * w_c^aux / ||w_c^aux||, logits = W h + b^aux. Equal row
+  norms remove the head-class bias that FedAvg leaves in the norms of the aux head's rows.
+- personalised (client k): w_{k,c} <- w_c^aux * ||l_{k,c}|| (norm transfer from the local head),
+  logits = l_k(h) + W_k h + b^aux, with classes the client never saw masked out.
+
+Randomness: the aux head's initial weights come from ``SetupContext.generator`` (stream
+``"configure-model"``); each client's local head is initialised at its first round from its own
+stream ``torch_generator(seed, "gla-fr-local-head", client_id)``, so the client's sample order
+(``ctx.generator``) is the same as in a run without gla-fr.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from fedlt import ClientContext, EvalContext, Plugin, SetupContext, hookimpl
+from fedlt.seeding import torch_generator
+
+__all__ = [
+    "AUX_NAME",
+    "GLAFR",
+    "MASK_VALUE",
+    "global_realign",
+    "local_realign",
+    "mask_absent_classes",
+]
+
+#: Name of the auxiliary global head added to the model (its state-dict keys start with it).
+AUX_NAME = "gla_aux"
+
+#: Logit given to classes a client has no training samples of (finite, so metrics stay finite).
+MASK_VALUE = -1e9
+
+_EXTRA = "gla-fr.local_head"
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def linear_init(
+    out_features: int, in_features: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """nn.Linear's default initialisation, drawn from ``generator``: U(-1/sqrt(d), 1/sqrt(d)) for
+    weight (kaiming_uniform with a=sqrt(5)) and bias."""
+    bound = 1.0 / math.sqrt(in_features)
+    weight = (torch.rand(out_features, in_features, generator=generator) * 2.0 - 1.0) * bound
+    bias = (torch.rand(out_features, generator=generator) * 2.0 - 1.0) * bound
+    return weight, bias
+
+
+def global_realign(aux_weight: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Rows rescaled to the same norm: w_c <- gamma * w_c / ||w_c|| (a zero row stays zero)."""
+    norms = aux_weight.norm(dim=1, keepdim=True).clamp_min(torch.finfo(aux_weight.dtype).tiny)
+    return gamma * aux_weight / norms
+
+
+def local_realign(aux_weight: torch.Tensor, local_weight: torch.Tensor) -> torch.Tensor:
+    """Norm transfer: w_{k,c} <- w_c^aux * ||l_{k,c}|| (raw aux rows, as in FedLoGe's code)."""
+    return aux_weight * local_weight.norm(dim=1, keepdim=True)
+
+
+def mask_absent_classes(logits: torch.Tensor, counts: np.ndarray) -> torch.Tensor:
+    """Logits with every class of zero count set to :data:`MASK_VALUE`."""
+    absent = torch.as_tensor(np.asarray(counts) == 0, device=logits.device)
+    return logits.masked_fill(absent, MASK_VALUE)
+
+
+# --------------------------------------------------------------------------- plugin
+
+
+class GLAFRParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gamma: float = Field(1.7, gt=0, description="Row norm of the globally realigned aux head (FedLoGe: 1.7).")
+    mask_absent: bool = Field(
+        True,
+        description=(
+            "Personalised evaluation: give the classes a client has no training samples of a logit "
+            "of -1e9 (FedLoGe does; it uses each client's class set at test time)."
+        ),
+    )
+
+
+class GLAFR(Plugin):
+    """GLA-FR, the realignment half of FedLoGe (Xiao et al., ICLR 2024, arXiv 2401.08977).
+
+    Training adds CE(gla_aux(h.detach()), y) + CE(l_k(h.detach()), y): an aggregated auxiliary
+    head and a per-client local head l_k (kept in the client's state, never sent). Evaluation:
+    generic logits = W^G h + b^aux with w_c^G = gamma * w_c^aux / ||w_c^aux||; client k's logits =
+    l_k(h) + W_k h + b^aux with w_{k,c} = w_c^aux * ||l_{k,c}||, absent classes masked. Both
+    *replace* the model head's logits. FedLoGe = ``sse-c`` + ``gla-fr``.
+    """
+
+    Params = GLAFRParams
+    requires = frozenset({"head"})
+
+    # ------------------------------------------------------------------ model
+
+    @hookimpl
+    def configure_model(self, model: nn.Module, ctx: SetupContext) -> None:
+        if hasattr(model, AUX_NAME):
+            raise ValueError(f"the model already has a {AUX_NAME!r} module; another plugin added one")
+        d, c = int(model.head.in_features), int(ctx.num_classes)
+        aux = torch.nn.utils.skip_init(nn.Linear, d, c, device=model.head.weight.device)
+        weight, bias = linear_init(c, d, ctx.generator)
+        with torch.no_grad():
+            aux.weight.copy_(weight)
+            aux.bias.copy_(bias)
+        model.add_module(AUX_NAME, aux)
+
+    # ------------------------------------------------------------------ client round
+
+    @hookimpl
+    def client_start(self, model: nn.Module, ctx: ClientContext, state: dict[str, Any]) -> None:
+        if "local_weight" not in state:
+            # The client's first round. A stream of its own (not ctx.generator) leaves the
+            # client's sample order exactly as in a run without gla-fr.
+            g = torch_generator(ctx.seed, "gla-fr-local-head", ctx.client_id)
+            state["local_weight"], state["local_bias"] = linear_init(
+                int(ctx.num_classes), int(model.head.in_features), g
+            )
+        # Fresh leaves on the training device; the optimizer updates them in place.
+        weight = state["local_weight"].detach().to(ctx.device, copy=True).requires_grad_(True)
+        bias = state["local_bias"].detach().to(ctx.device, copy=True).requires_grad_(True)
+        ctx.extra[_EXTRA] = (weight, bias)
+
+    @hookimpl
+    def client_trainable_parameters(self, ctx: ClientContext) -> list[torch.Tensor]:
+        return list(ctx.extra[_EXTRA])
+
+    @hookimpl
+    def client_extra_losses(
+        self, model: nn.Module, y: torch.Tensor, features: torch.Tensor, ctx: ClientContext
+    ) -> torch.Tensor:
+        h = features.detach()  # these heads must not train the backbone
+        weight, bias = ctx.extra[_EXTRA]
+        aux = getattr(model, AUX_NAME)
+        return F.cross_entropy(aux(h), y) + F.cross_entropy(F.linear(h, weight, bias), y)
+
+    @hookimpl
+    def client_end(self, ctx: ClientContext, state: dict[str, Any]) -> None:
+        weight, bias = ctx.extra.pop(_EXTRA)
+        state["local_weight"], state["local_bias"] = weight.detach(), bias.detach()
+        # Nothing for the server: the local head never leaves the client.
+        return None
+
+    # ------------------------------------------------------------------ evaluation
+
+    @hookimpl
+    def eval_logits(
+        self,
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        model: nn.Module,
+        ctx: EvalContext,
+        state: dict[str, Any],
+    ) -> torch.Tensor:
+        aux = getattr(model, AUX_NAME)
+        h = features.to(aux.weight.dtype)
+        if ctx.client_id is None:
+            return F.linear(h, global_realign(aux.weight, self.params.gamma), aux.bias)
+        if "local_weight" in state:
+            local_w = state["local_weight"].to(h.device)
+            local_b = state["local_bias"].to(h.device)
+            out = F.linear(h, local_w, local_b) + F.linear(h, local_realign(aux.weight, local_w), aux.bias)
+        else:
+            # Never trained, so no local head yet: fall back to the generic (realigned) model.
+            out = F.linear(h, global_realign(aux.weight, self.params.gamma), aux.bias)
+        if self.params.mask_absent and ctx.local_class_counts is not None:
+            out = mask_absent_classes(out, ctx.local_class_counts)
+        return out
