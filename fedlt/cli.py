@@ -1,4 +1,4 @@
-"""The ``fedlt`` command: run, resume, validate, inspect, plugins.
+"""The ``fedlt`` command: run, resume, validate, inspect, plugins, export-flower.
 
 Bad input (a scenario key, a plugin, a missing data root) exits with status 2 and one paragraph
 naming the key, the value and what is allowed, before any work starts.
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlt.errors import FedltError, NonFiniteLossError, PluginError
+from fedlt.errors import FedltError, NonFiniteLossError
 
 __all__ = ["main"]
 
@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list discovered plugins")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("export-flower", help="write the scenario as a Flower App project for `flwr run`")
+    _add_scenario(p)
+    p.add_argument("dir", type=Path, help="new or empty folder for the project (a valid Flower app name)")
+    p.add_argument("--out", type=Path, help="run folder the app writes (default DIR/runs/fedlt-<name>)")
     return parser
 
 
@@ -184,12 +189,23 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_flower(args: argparse.Namespace) -> int:
+    from fedlt.config import load_scenario
+    from fedlt.export import export_flower, flwr_run_command
+
+    app_dir = export_flower(args.scenario, args.dir, args.overrides, args.out)
+    print(f"wrote Flower App project {app_dir}; run it with:")
+    print(f"  {flwr_run_command(app_dir, load_scenario(app_dir / 'scenario.toml'))}")
+    return 0
+
+
 COMMANDS = {
     "run": _cmd_run,
     "resume": _cmd_resume,
     "validate": _cmd_validate,
     "inspect": _cmd_inspect,
     "plugins": _cmd_plugins,
+    "export-flower": _cmd_export_flower,
 }
 
 
@@ -201,13 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         print(textwrap.fill(f"error: {exc}", 100, break_on_hyphens=False), file=sys.stderr)
         return 1
-    except PluginError as exc:
-        print(textwrap.fill(f"error: {exc}", 100, break_on_hyphens=False), file=sys.stderr)
-        # A plugin that fails while training is a runtime failure (1), not bad input (2).
-        return 1 if exc.round is not None else 2
     except FedltError as exc:
         print(textwrap.fill(f"error: {exc}", 100, break_on_hyphens=False), file=sys.stderr)
-        return 2
+        return exc.exit_status
     except KeyboardInterrupt:
         print("interrupted; continue with `fedlt resume RUN_DIR`", file=sys.stderr)
         return 130

@@ -14,6 +14,9 @@ __all__ = ["FedltError", "NonFiniteLossError", "PluginError", "ScenarioError"]
 class FedltError(Exception):
     """Base class of the errors fedlt raises for the user to read."""
 
+    #: CLI exit status: 2 for bad input found before any work, 1 for failures while running.
+    exit_status: int = 2
+
 
 class ScenarioError(FedltError, ValueError):
     """A scenario key holds a value that is not allowed.
@@ -63,6 +66,11 @@ class PluginError(FedltError):
             where += f" on client {client} in round {round}"
         super().__init__(f"{where}: {message}")
 
+    @property
+    def exit_status(self) -> int:  # type: ignore[override]
+        # A plugin failing while training is a runtime failure, not bad input.
+        return 1 if self.round is not None else 2
+
     def located(self, client: int, round: int) -> PluginError:
         """The same error, naming the client and round it happened in."""
         return PluginError(self.plugin, self.hook, self.message, client, round)
@@ -76,6 +84,8 @@ class NonFiniteLossError(FedltError):
 
     ``client`` is ``None`` when the divergence shows in the global model rather than one client.
     """
+
+    exit_status = 1
 
     def __init__(self, round: int, client: int | None, plugins: list[str], loss: float) -> None:
         self.round = round

@@ -1,4 +1,7 @@
-"""Engines train a round's clients: in one process (serial), later on Ray or Flower."""
+"""Engines train a round's clients: in one process (serial), on Ray actors, or on Flower.
+
+Only the serial engine is imported here; Ray and Flower engines load when a scenario asks.
+"""
 
 from fedlt.engines.base import Engine, make_engine
 from fedlt.engines.serial import SerialEngine

@@ -59,6 +59,17 @@ def make_engine(scenario: Any, data: FederatedData, hooks: HookSet, device: torc
                 hint="Install the extra: pip install 'fedlt[ray]'.",
             ) from exc
         return RayEngine(scenario, data, hooks, device)
+    if kind == "flower":
+        try:
+            from fedlt.engines.flower_engine import FlowerEngine
+        except ImportError as exc:
+            raise ScenarioError(
+                "engine.kind",
+                kind,
+                "an engine whose dependencies are installed",
+                hint="Install the extra: pip install 'fedlt[flower]'.",
+            ) from exc
+        return FlowerEngine(scenario, data, hooks, device)
     from fedlt.engines.serial import SerialEngine
 
     return SerialEngine(scenario, data, hooks, device)
