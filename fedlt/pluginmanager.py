@@ -13,7 +13,6 @@ import os
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pluggy
@@ -77,17 +76,48 @@ class Plugin:
         """Restore what :meth:`state_dict` returned."""
 
 
-@dataclass(frozen=True)
 class PluginInfo:
-    """A discovered plugin: its name, where it comes from, and its class."""
+    """A discovered plugin: its name, where it comes from, and (loaded on first use) its class.
 
-    name: str
-    value: str
-    distribution: str
-    cls: type[Plugin]
-    #: Why the entry point could not be used (then ``cls`` is the bare base class); the error is
-    #: raised only when a scenario asks for this plugin, so one broken package breaks nothing else.
-    error: str | None = None
+    Loading is deferred so a run imports only the plugins its scenario lists; ``error`` says why
+    an entry point cannot be used (then ``cls`` is the bare base class). It is raised only when a
+    scenario asks for this plugin, so one broken package breaks nothing else.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        value: str,
+        distribution: str,
+        cls: type[Plugin] | None = None,
+        error: str | None = None,
+        entry_point: md.EntryPoint | None = None,
+    ) -> None:
+        self.name, self.value, self.distribution = name, value, distribution
+        self._cls, self._error, self._ep = cls, error, entry_point
+
+    def _load(self) -> None:
+        if self._cls is not None or self._error is not None:
+            return
+        try:
+            cls = self._ep.load() if self._ep is not None else None
+        except Exception as exc:
+            self._error = f"entry point {self.value} failed to load: {exc!r}"
+            return
+        if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+            self._error = f"entry point {self.value} is not a fedlt.Plugin subclass"
+            return
+        self._cls = cls
+
+    @property
+    def cls(self) -> type[Plugin]:
+        self._load()
+        return self._cls if self._cls is not None else Plugin
+
+    @property
+    def error(self) -> str | None:
+        self._load()
+        return self._error
 
     @property
     def hooks(self) -> list[str]:
@@ -167,19 +197,7 @@ def discover_plugins() -> dict[str, PluginInfo]:
                     "Uninstall one of them.",
                 )
             continue
-        try:
-            cls = ep.load()
-        except Exception as exc:
-            found[ep.name] = PluginInfo(
-                ep.name, ep.value, dist, Plugin, f"entry point {ep.value} failed to load: {exc!r}"
-            )
-            continue
-        if not (isinstance(cls, type) and issubclass(cls, Plugin)):
-            found[ep.name] = PluginInfo(
-                ep.name, ep.value, dist, Plugin, f"entry point {ep.value} is not a fedlt.Plugin subclass"
-            )
-            continue
-        found[ep.name] = PluginInfo(ep.name, ep.value, dist, cls)
+        found[ep.name] = PluginInfo(ep.name, ep.value, dist, entry_point=ep)
     return found
 
 
