@@ -1,0 +1,49 @@
+"""Smoke test of the serial-engine benchmark: both sides run on a tiny workload and print times.
+
+Why: benchmarks/bench_serial.py is run by hand, rarely; this keeps the floor script, the fedlt
+scenario it builds and its output parsing from rotting in between. Both sides run in this
+process (the benchmark itself uses subprocesses) so the test pays for one torch import, not
+three. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import runpy
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"N": "4", "PER": "20", "R": "1", "FRAC": "0.5"}
+
+
+def _load_bench() -> ModuleType:
+    name = "fedlt_bench_serial"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "bench_serial.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_floor_and_fedlt_sides_run_and_print_times(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = _load_bench()
+    for key, value in TINY.items():
+        monkeypatch.setenv(key, value)
+
+    runpy.run_path(str(ROOT / "benchmarks" / "floor_fedavg.py"), run_name="__main__")
+    floor = bench._numbers(capsys.readouterr().out)
+    assert floor["raw_wall_s"] >= 0
+
+    bench.fedlt_child()  # what `bench_serial.py --child` runs: fedlt.run on the equivalent scenario
+    fedlt = bench._numbers(capsys.readouterr().out)
+    assert fedlt["fedlt_wall_s"] >= fedlt["fedlt_rounds_s"] >= 0
+    assert fedlt["torch_threads"] >= 1
