@@ -171,7 +171,8 @@ def train_client(
             extra_idx = replay.concat(batch=batch, ctx=ctx, states=states)
             if extra_idx is not None and extra_idx.numel():
                 idx = torch.cat([batch, extra_idx.to(batch.device)])
-        x, y = x_all[idx], y_all[idx]
+        # index_select is several times faster than advanced indexing (x_all[idx]) for a row gather
+        x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)
         if augment:
             x = crop_flip(x, ctx.generator)
         # forward: features and logits

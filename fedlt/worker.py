@@ -55,7 +55,7 @@ def client_context(
         local_class_counts=counts,
         global_class_counts=data.train_class_counts,
         indices=idx,
-        labels=data.y_train[idx],
+        labels=data.y_train.index_select(0, idx),
         x_train=data.x_train,
         y_train=data.y_train,
         batch_size=scenario.train.batch_size,
