@@ -44,5 +44,14 @@ def torch_generator(seed: int, *parts: int | str, device: str | torch.device = "
 
 
 def seed_torch(seed: int, *parts: int | str) -> None:
-    """Seed torch's global RNG (CPU and CUDA) for code that draws from it, e.g. dropout."""
-    torch.manual_seed(derive_seed(seed, *parts))
+    """Seed torch's global RNG (CPU and CUDA) for code that draws from it, e.g. dropout.
+
+    Not ``torch.manual_seed``: that also queues lazy CUDA seeding with a captured stack trace,
+    which costs more than a small client's training step. CUDA generators are seeded when CUDA
+    is initialised; on a CUDA run it is (the data already lives on the device) whenever a client
+    is trained, the only place code may draw from the global GPU generator.
+    """
+    s = derive_seed(seed, *parts)
+    torch.default_generator.manual_seed(s)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(s)

@@ -233,6 +233,19 @@ def test_to_tensor_scalar_stats_and_no_mutation() -> None:
     assert torch.allclose(to_tensor(ds, RawSplit(readonly, split.y)), t)
 
 
+def test_to_tensor_identity_stats_never_aliases_the_dataset() -> None:
+    # Synthetic data has mean 0 / std 1: the fast path skips normalising, but the tensor must
+    # still be a copy, or training code writing into it would corrupt the dataset.
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    split = RawSplit(x, np.array([0, 1, 0]))
+    ds = RawDataset("t", split, split, 2, ("a", "b"), (2,), (0.0,), (1.0,))
+    for indices in (None, np.arange(3), np.array([2, 0])):
+        t = to_tensor(ds, split, indices)
+        assert torch.equal(t, torch.from_numpy(x if indices is None else x[indices]))
+        t.fill_(-1.0)
+        assert x[0, 0] == 0.0 and x[2, 1] == 5.0
+
+
 def test_to_tensor_digits_is_standardised() -> None:
     ds = load_dataset("digits")
     t = to_tensor(ds, ds.train)

@@ -321,11 +321,19 @@ def to_tensor(dataset: RawDataset, split: RawSplit, indices: np.ndarray | None =
     uint8 images are scaled to [0, 1] first; then ``(x - mean) / std`` per channel (axis 1) when
     the dataset has per-channel statistics, or with the single scalar otherwise.
     """
-    x = split.x if indices is None else split.x[np.asarray(indices, dtype=np.int64)]
+    idx = None if indices is None else np.asarray(indices, dtype=np.int64)
+    if idx is not None and len(idx) == len(split.x) and np.array_equal(idx, np.arange(len(idx))):
+        idx = None  # every sample in order (no long tail applied): skip the gather copy
+    x = split.x if idx is None else split.x[idx]
     if not x.flags.writeable:  # torch.from_numpy warns on read-only arrays
         x = x.copy()
     t = torch.from_numpy(np.ascontiguousarray(x))
-    t = t.to(torch.float32).div_(255.0) if x.dtype == np.uint8 else t.to(torch.float32)
+    if x.dtype == np.uint8:
+        t = t.to(torch.float32).div_(255.0)
+    elif t.dtype != torch.float32 or t.data_ptr() == split.x.__array_interface__["data"][0]:
+        t = t.to(torch.float32, copy=True)  # never hand out a view of the dataset's own array
+    if all(m == 0 for m in dataset.mean) and all(s == 1 for s in dataset.std):
+        return t  # identity statistics (synthetic data): no second full-size pass
     mean = torch.tensor(dataset.mean, dtype=torch.float32)
     std = torch.tensor(dataset.std, dtype=torch.float32)
     if len(dataset.mean) > 1:

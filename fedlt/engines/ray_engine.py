@@ -34,9 +34,11 @@ class _Worker:
     """Actor body: one resident model and the shared data; trains one client per call."""
 
     def __init__(self, scenario: Any, shared: dict[str, Any], device: str, threads: int) -> None:
+        from fedlt.allocator import keep_freed_memory
         from fedlt.pluginmanager import build_hooks
         from fedlt.worker import ClientTrainer
 
+        keep_freed_memory()
         torch.set_num_threads(threads)
         data = FederatedData.from_shared(shared, device)
         self.trainer = ClientTrainer(scenario, data, build_hooks(scenario.plugins), torch.device(device))

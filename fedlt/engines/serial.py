@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from fedlt.allocator import keep_freed_memory
 from fedlt.client import ClientResult, ClientTask
 from fedlt.data.federated import FederatedData
 from fedlt.engines.base import Engine
@@ -23,6 +24,7 @@ class SerialEngine(Engine):
 
     def __init__(self, scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> None:
         super().__init__(scenario, data, hooks, device)
+        keep_freed_memory()
         if scenario.engine.threads is not None:
             torch.set_num_threads(scenario.engine.threads)
         self.trainer = ClientTrainer(scenario, data, hooks, device)
