@@ -73,6 +73,58 @@ def child(engine: str, n: int, per: int, rounds: int, frac: float) -> None:
     print(json.dumps({"wall_s": wall, "round_s": per_round}))
 
 
+def ceiling_child(threads: int, steps: int) -> None:
+    """Time the W1 training step (the anchor's CNN, batch 50, SGD) with ``threads`` intra-op threads."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(HERE))
+    from floor_fedavg import Net
+
+    from fedlt.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the serial engine and every Ray worker do
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    x, y = torch.randn(500, 3, 32, 32), torch.randint(0, 10, (500,))
+
+    def run(n: int) -> None:
+        for i in range(n):
+            b = slice((i % 10) * 50, (i % 10) * 50 + 50)
+            opt.zero_grad()
+            F.cross_entropy(net(x[b]), y[b]).backward()
+            opt.step()
+
+    run(20)
+    t = time.perf_counter()
+    run(steps)
+    print(json.dumps({"step_s": (time.perf_counter() - t) / steps}))
+
+
+def ceiling(steps: int, repeats: int) -> dict[str, float]:
+    """The most any 2-worker engine can gain here: steps/s of 2 single-thread processes at once
+    against one process with 2 threads (what the serial engine uses), same step, same machine."""
+    cmd = [sys.executable, __file__, "--ceiling-child", "{t}", "--steps", str(steps)]
+
+    def launch(t: int) -> subprocess.Popen:
+        return subprocess.Popen([c.format(t=t) for c in cmd], stdout=subprocess.PIPE, text=True)
+
+    def step_s(proc: subprocess.Popen) -> float:
+        out, _ = proc.communicate()
+        return json.loads(out.strip().splitlines()[-1])["step_s"]
+
+    two_threads, alone, pair = [], [], []
+    for _ in range(repeats):
+        two_threads.append(step_s(launch(2)))
+        alone.append(step_s(launch(1)))
+        a, b = launch(1), launch(1)
+        pair.append(max(step_s(a), step_s(b)))
+    t2, t1, tp = (statistics.median(v) for v in (two_threads, alone, pair))
+    return {"two_threads_s": t2, "one_thread_s": t1, "pair_s": tp, "speedup": 2 * t2 / tp}
+
+
 def measure(kind: str, env: dict[str, str], args: argparse.Namespace) -> dict[str, float | None]:
     t0 = time.perf_counter()
     if kind == "flower":
@@ -124,6 +176,8 @@ def machine() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--child", choices=["serial", "ray"])
+    p.add_argument("--ceiling-child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=200, help="training steps per ceiling measurement")
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--per", type=int, default=500)
     p.add_argument("--rounds", type=int, default=5)
@@ -133,6 +187,9 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         child(args.child, args.n, args.per, args.rounds, args.frac)
+        return
+    if args.ceiling_child:
+        ceiling_child(args.ceiling_child, args.steps)
         return
     if args.quick:
         args.repeats, args.rounds = 1, 2
@@ -145,6 +202,13 @@ def main() -> None:
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "PYTHONWARNINGS": "ignore",
     }
+    ceil = ceiling(50 if args.quick else args.steps, args.repeats if args.quick else max(args.repeats, 3))
+    print(
+        f"ceiling: 2 threads {1000 * ceil['two_threads_s']:.1f} ms/step, 1 thread alone"
+        f" {1000 * ceil['one_thread_s']:.1f}, 2 single-thread processes at once {1000 * ceil['pair_s']:.1f}"
+        f" -> at most {ceil['speedup']:.2f}x",
+        flush=True,
+    )
     kinds = ["serial", "ray"] + (["flower"] if FLOWER.exists() else [])
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     for rep in range(args.repeats):
@@ -194,8 +258,16 @@ def main() -> None:
             f" (Flower {f_wall:.2f}s vs fedlt-Ray {r_wall:.2f}s; target: faster)."
         )
     lines += [
+        f"- Ceiling on this machine, measured in the same run: one W1 training step takes"
+        f" {1000 * ceil['two_threads_s']:.1f} ms with 2 intra-op threads (the serial engine),"
+        f" {1000 * ceil['one_thread_s']:.1f} ms with 1 thread alone, and"
+        f" {1000 * ceil['pair_s']:.1f} ms when two single-thread processes run at once (the two cores"
+        f" slow each other down). So no 2-worker engine can train more than"
+        f" **{ceil['speedup']:.2f}x** as fast as the serial engine here, before any start-up or"
+        " communication; the Ray steady state above is measured against that.",
         "- The serial engine uses torch's default intra-op threads (2 here); each Ray worker one thread.",
-        "  Ray start-up (a few seconds) is inside both the Ray and the Flower wall times.",
+        "  Ray start-up (`ray.init` plus two actors importing torch, several seconds) is inside both"
+        " the Ray and the Flower wall times.",
         END,
     ]
     block = "\n".join(lines)
