@@ -115,12 +115,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     from fedlt.config import load_scenario
     from fedlt.data.federated import build_federated_data
+    from fedlt.engines import check_engine_available
     from fedlt.pluginmanager import build_hooks
     from fedlt.runner import check_requirements, resolve_device
     from fedlt.worker import build_run_model
 
     scenario = load_scenario(args.scenario, args.overrides)
     resolve_device(scenario.engine.device)
+    check_engine_available(scenario.engine.kind)
     hooks = build_hooks(scenario.plugins)
     data = build_federated_data(scenario, "cpu")
     check_requirements(scenario, hooks, build_run_model(scenario, data, hooks, torch.device("cpu")))

@@ -24,7 +24,7 @@ from fedlt.config import Scenario, load_scenario, scenario_to_toml
 from fedlt.context import RoundContext, frozen_config
 from fedlt.continual_metrics import a_auc, a_avg, a_last, f_last, task_end_rounds
 from fedlt.data.federated import FederatedData, build_federated_data
-from fedlt.engines import make_engine
+from fedlt.engines import check_engine_available, make_engine
 from fedlt.errors import NonFiniteLossError, PluginError, ScenarioError
 from fedlt.evaluation import Evaluator
 from fedlt.pluginmanager import HookSet, build_hooks
@@ -97,6 +97,7 @@ class Run:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.device = resolve_device(scenario.engine.device)
+        check_engine_available(scenario.engine.kind)
         # Validate plugins before any data is loaded or work starts.
         self.hooks: HookSet = build_hooks(scenario.plugins)
         self.data: FederatedData = build_federated_data(scenario, self.device)
@@ -198,19 +199,9 @@ class Run:
         s, d = self.scenario, self.data
         selected = select_clients(s.seed, r, d.n_clients, s.federation.fraction_clients)
         config: dict[str, Any] = {"round": r}
-        ctx = RoundContext(
-            r,
-            s.seed,
-            d.num_classes,
-            tuple(selected),
-            frozen_config(config),
-            d.train_class_counts,
-            d.client_counts,
-        )
-        if self.hooks.server_configure_round:
-            for _, extra in self.hooks.server_configure_round.all(ctx=ctx, states=None):
-                config.update(extra or {})
-            ctx = RoundContext(
+
+        def round_context() -> RoundContext:
+            return RoundContext(
                 r,
                 s.seed,
                 d.num_classes,
@@ -219,6 +210,12 @@ class Run:
                 d.train_class_counts,
                 d.client_counts,
             )
+
+        ctx = round_context()
+        if self.hooks.server_configure_round:
+            for _, extra in self.hooks.server_configure_round.all(ctx=ctx, states=None):
+                config.update(extra or {})
+            ctx = round_context()
         global_state = self.model.state_dict()
         aggregator = (
             self.hooks.server_make_aggregator.first(ctx=ctx, states=None)

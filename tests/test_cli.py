@@ -60,6 +60,24 @@ def test_missing_data_root_exits_2_before_work(tmp_path, capsys):
     assert not (tmp_path / "r").exists(), "nothing may be written before the input is valid"
 
 
+@pytest.mark.parametrize(("kind", "module"), [("ray", "ray"), ("flower", "flwr")])
+def test_engine_without_its_extra_exits_2_before_work(tmp_path, capsys, monkeypatch, kind, module):
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == module else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    out = tmp_path / "r"
+    assert main(["run", "quickstart", "--set", f"engine.kind={kind}", "--out", str(out), "--quiet"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "'engine.kind'" in err and f"pip install 'fedlt[{kind}]'" in err
+    assert not out.exists(), "nothing may be written before the input is valid"
+    assert main(["validate", "quickstart", "--set", f"engine.kind={kind}"]) == 2
+
+
 def test_inspect_json_shape(capsys):
     assert main(["inspect", "quickstart", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -3,7 +3,7 @@
 Only the serial engine is imported here; Ray and Flower engines load when a scenario asks.
 """
 
-from fedlt.engines.base import Engine, make_engine
+from fedlt.engines.base import Engine, check_engine_available, make_engine
 from fedlt.engines.serial import SerialEngine
 
-__all__ = ["Engine", "SerialEngine", "make_engine"]
+__all__ = ["Engine", "SerialEngine", "check_engine_available", "make_engine"]

@@ -45,31 +45,34 @@ class Engine(ABC):
         """Release workers and resources."""
 
 
-def make_engine(scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> Engine:
-    """The engine the scenario's ``[engine] kind`` names."""
-    kind = scenario.engine.kind
-    if kind == "ray":
-        try:
-            from fedlt.engines.ray_engine import RayEngine
-        except ImportError as exc:
-            raise ScenarioError(
-                "engine.kind",
-                kind,
-                "an engine whose dependencies are installed",
-                hint="Install the extra: pip install 'fedlt[ray]'.",
-            ) from exc
-        return RayEngine(scenario, data, hooks, device)
-    if kind == "flower":
-        try:
-            from fedlt.engines.flower_engine import FlowerEngine
-        except ImportError as exc:
-            raise ScenarioError(
-                "engine.kind",
-                kind,
-                "an engine whose dependencies are installed",
-                hint="Install the extra: pip install 'fedlt[flower]'.",
-            ) from exc
-        return FlowerEngine(scenario, data, hooks, device)
-    from fedlt.engines.serial import SerialEngine
+#: What each engine needs beyond fedlt's core dependencies: (module to find, extra that installs it).
+_ENGINE_NEEDS = {"ray": ("ray", "ray"), "flower": ("flwr", "flower")}
 
-    return SerialEngine(scenario, data, hooks, device)
+
+def check_engine_available(kind: str) -> None:
+    """Fail before any work when the engine's optional dependencies are missing (nothing imported)."""
+    import importlib.util
+
+    if kind not in _ENGINE_NEEDS:
+        return
+    module, extra = _ENGINE_NEEDS[kind]
+    if importlib.util.find_spec(module) is None:
+        raise ScenarioError(
+            "engine.kind",
+            kind,
+            "an engine whose dependencies are installed ('serial' always is)",
+            hint=f"Install the extra: pip install 'fedlt[{extra}]' (the '{module}' package is missing).",
+        )
+
+
+def make_engine(scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> Engine:
+    """The engine the scenario's ``[engine] kind`` names (imported only when asked for)."""
+    kind = scenario.engine.kind
+    check_engine_available(kind)
+    if kind == "ray":
+        from fedlt.engines.ray_engine import RayEngine as engine_cls
+    elif kind == "flower":
+        from fedlt.engines.flower_engine import FlowerEngine as engine_cls
+    else:
+        from fedlt.engines.serial import SerialEngine as engine_cls
+    return engine_cls(scenario, data, hooks, device)
