@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,3 +26,32 @@ TINY: dict[str, Any] = {
 def tiny() -> dict[str, Any]:
     """A fresh copy of a 4-client, 3-round digits scenario (about a second to run)."""
     return copy.deepcopy(TINY)
+
+
+class _Interrupted(Exception):
+    """Raised from a run's round callback to cut it off, as a crash would."""
+
+
+@pytest.fixture
+def interrupted_run() -> Callable[[dict[str, Any], Path, int], Any]:
+    """``interrupt(scenario, run_dir, after)``: start a run and cut it off after round ``after``.
+
+    The run folder then holds what a killed run leaves (checkpoint of round ``after``); tests
+    resume it with ``fedlt.resume(run_dir)`` and compare with an uninterrupted run.
+    """
+    import fedlt
+    from fedlt.runner import Run
+
+    def interrupt(scenario: dict[str, Any], run_dir: Path, after: int) -> Run:
+        run = Run.create(fedlt.load_scenario(scenario), run_dir)
+
+        def stop(r: int, record: Any) -> None:
+            if r == after:
+                raise _Interrupted
+
+        run.on_round = stop
+        with pytest.raises(_Interrupted):
+            run.execute()
+        return run
+
+    return interrupt

@@ -23,7 +23,6 @@ import fedlt
 from fedlt.checkpoint import load_checkpoint
 from fedlt.context import ClientContext, EvalContext, RoundContext, SetupContext
 from fedlt.pluginmanager import build_hooks
-from fedlt.runner import Run
 from fedlt.seeding import torch_generator
 
 # Small enough that a tiny run's server work takes milliseconds.
@@ -296,24 +295,12 @@ def test_client_uploads_gradients_against_the_round_classifier(where):
 # --------------------------------------------------------------------------- runs
 
 
-class _Stop(Exception):
-    pass
-
-
-def test_run_keeps_fedavg_model_and_resumes_to_the_same_numbers(tiny, tmp_path):
+def test_run_keeps_fedavg_model_and_resumes_to_the_same_numbers(tiny, tmp_path, interrupted_run):
     plain = fedlt.run(tiny, out=tmp_path / "plain")
     tiny["plugins"] = [{"name": "creff", **SMALL}]
     full = fedlt.run(tiny, out=tmp_path / "full")
 
-    run = Run.create(fedlt.load_scenario(tiny), tmp_path / "cut")
-
-    def stop_after_2(r, record):
-        if r == 2:
-            raise _Stop
-
-    run.on_round = stop_after_2
-    with pytest.raises(_Stop):
-        run.execute()
+    interrupted_run(tiny, tmp_path / "cut", after=2)
     resumed = fedlt.resume(tmp_path / "cut")
 
     # Checkpoint/resume reproduces the final metrics exactly.

@@ -96,21 +96,10 @@ def test_cnn_with_augmentation_on_gpu(tmp_path):
     assert _finite(summary) and summary["final"]["accuracy"] > 0.2
 
 
-def test_resume_on_gpu_matches_uninterrupted(tiny, tmp_path):
-    class Stop(Exception):
-        pass
-
+def test_resume_on_gpu_matches_uninterrupted(tiny, tmp_path, interrupted_run):
     tiny["federation"].update(rounds=4)
     tiny["plugins"] = [{"name": "balanced-softmax", "prior": "local"}]
     s = _on(tiny, "cuda")
     full = fedlt.run(s, out=tmp_path / "full")
-    run = Run.create(fedlt.load_scenario(s), tmp_path / "cut")
-
-    def stop_after_2(r, record):
-        if r == 2:
-            raise Stop
-
-    run.on_round = stop_after_2
-    with pytest.raises(Stop):
-        run.execute()
+    interrupted_run(s, tmp_path / "cut", after=2)
     assert fedlt.resume(tmp_path / "cut")["final"] == full["final"]

@@ -326,10 +326,6 @@ def test_update_memory_hook_applies_the_policy_in_stream_order():
 # --------------------------------------------------------------------------- end to end
 
 
-class _Stop(Exception):
-    pass
-
-
 def _stream_scenario(tiny, **replay):
     tiny["stream"] = {"kind": "si-blurry", "n_tasks": 3, "samples_per_round": 48, "online_iter": 2}
     tiny["federation"].update(rounds=3, eval_every=3)
@@ -337,7 +333,7 @@ def _stream_scenario(tiny, **replay):
     return tiny
 
 
-def test_stream_run_memory_state_checkpoint_and_resume(tiny, tmp_path, monkeypatch):
+def test_stream_run_memory_state_checkpoint_and_resume(tiny, tmp_path, monkeypatch, interrupted_run):
     # Spy on the replay hook to see the rows the engine received (the marker must be kept).
     replayed: list[int] = []
     original = Replay.client_replay_indices
@@ -370,15 +366,7 @@ def test_stream_run_memory_state_checkpoint_and_resume(tiny, tmp_path, monkeypat
     assert load_checkpoint(tmp_path / "full")["client_states"] == run.client_states
 
     # Resume: stop after round 2, continue, and get the uninterrupted run's numbers and memories.
-    cut = Run.create(fedlt.load_scenario(scenario), tmp_path / "cut")
-
-    def stop_after_2(r, record):
-        if r == 2:
-            raise _Stop
-
-    cut.on_round = stop_after_2
-    with pytest.raises(_Stop):
-        cut.execute()
+    interrupted_run(scenario, tmp_path / "cut", after=2)
     resumed = fedlt.resume(tmp_path / "cut")
     assert resumed["final"] == full["final"]
     assert load_checkpoint(tmp_path / "cut")["client_states"] == run.client_states

@@ -15,7 +15,7 @@ import torch
 
 import fedlt
 from fedlt.errors import NonFiniteLossError
-from fedlt.runner import Run, select_clients
+from fedlt.runner import select_clients
 
 
 def _final(summary):
@@ -67,23 +67,11 @@ def test_eval_every_and_selection(tiny, tmp_path):
     assert len(rounds_differ) > 5
 
 
-class _Stop(Exception):
-    pass
-
-
-def test_resume_after_interruption_matches_uninterrupted(tiny, tmp_path):
+def test_resume_after_interruption_matches_uninterrupted(tiny, tmp_path, interrupted_run):
     tiny["federation"].update(rounds=5, eval_every=1)
     full = fedlt.run(tiny, out=tmp_path / "full")
 
-    run = Run.create(fedlt.load_scenario(tiny), tmp_path / "cut")
-
-    def stop_after_3(r, record):
-        if r == 3:
-            raise _Stop
-
-    run.on_round = stop_after_3
-    with pytest.raises(_Stop):
-        run.execute()
+    interrupted_run(tiny, tmp_path / "cut", after=3)
     resumed = fedlt.resume(tmp_path / "cut")
     assert _final(resumed) == _final(full)
     cut_lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
