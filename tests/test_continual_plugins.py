@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from fedlt_plugins import continual
 from fedlt_plugins.continual import head_row_gradients, multilabel_bce
+from support.contexts import client_ctx
 from torch import nn
 
 import fedlt
@@ -23,28 +24,7 @@ LN3 = math.log(3.0)
 
 def _ctx(counts, labels=(), online_iter: int | None = None, step: int = 0) -> ClientContext:
     """A hand-built client context: `counts` seen so far, `labels` this round's (slice) labels."""
-    z = torch.zeros(1)
-    lab = torch.tensor(list(labels), dtype=torch.long)
-    return ClientContext(
-        client_id=0,
-        round=1,
-        seed=0,
-        num_classes=len(counts),
-        config={},
-        local_class_counts=np.array(counts),
-        global_class_counts=np.array(counts),
-        indices=torch.arange(len(lab)),
-        labels=lab,
-        x_train=z,
-        y_train=lab,
-        batch_size=4,
-        local_epochs=1,
-        local_steps=None,
-        device=torch.device("cpu"),
-        generator=torch.Generator(),
-        online_iter=online_iter,
-        step=step,
-    )
+    return client_ctx(labels, local_counts=counts, online_iter=online_iter, step=step)
 
 
 def _plugin(name, **params):

@@ -17,6 +17,7 @@ from fedlt_plugins.creff import (
     match_objective,
     retrain_classifier,
 )
+from support.contexts import client_ctx
 from torch import nn
 
 import fedlt
@@ -56,25 +57,7 @@ class Identity(nn.Module):
 
 
 def _client_ctx(x, y, config=None) -> ClientContext:
-    y = torch.as_tensor(y)
-    return ClientContext(
-        client_id=0,
-        round=1,
-        seed=0,
-        num_classes=2,
-        config=config or {},
-        local_class_counts=np.bincount(y.numpy(), minlength=2),
-        global_class_counts=np.bincount(y.numpy(), minlength=2),
-        indices=torch.arange(len(y)),
-        labels=y,
-        x_train=x,
-        y_train=y,
-        batch_size=2,
-        local_epochs=1,
-        local_steps=None,
-        device=torch.device("cpu"),
-        generator=torch.Generator(),
-    )
+    return client_ctx(y, x=x, config=config or {}, num_classes=2, batch_size=2)
 
 
 def _setup(plugin, d: int, c: int) -> None:

@@ -191,19 +191,9 @@ def test_logit_adjust_uses_named_prior_and_nonzero_logits():
     torch.testing.assert_close(out, expected)
 
 
-def test_logit_adjust_raises_tail_accuracy(tmp_path):
+def test_logit_adjust_raises_tail_accuracy(tmp_path, lt_digits):
     """Seeded long-tailed digits: logit adjustment (global prior) lifts tail accuracy over CE."""
-    base = {
-        "name": "lt",
-        "seed": 1,
-        "data": {"dataset": "digits"},
-        "long_tail": {"profile": "exponential", "imbalance_factor": 50},
-        "partition": {"kind": "iid", "n_clients": 2},
-        "model": {"name": "mlp", "hidden": [64]},
-        "train": {"local_epochs": 2, "batch_size": 32, "lr": 0.1},
-        "federation": {"rounds": 4, "eval_every": 0},
-        "eval": {"shot_rule": "cumulative", "personalized": False},
-    }
+    base = lt_digits(n_clients=2, rounds=4)
     ce = fedlt.run(base, out=tmp_path / "ce")["final"]
     la = fedlt.run({**base, "plugins": [{"name": "logit-adjust", "prior": "global"}]}, out=tmp_path / "la")[
         "final"

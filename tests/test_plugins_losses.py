@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from support.contexts import client_ctx
 
 import fedlt
 from fedlt.context import ClientContext
@@ -14,25 +15,7 @@ from fedlt.pluginmanager import build_hooks
 
 
 def _ctx(local, global_) -> ClientContext:
-    z = torch.zeros(1)
-    return ClientContext(
-        client_id=0,
-        round=1,
-        seed=0,
-        num_classes=len(local),
-        config={},
-        local_class_counts=np.array(local),
-        global_class_counts=np.array(global_),
-        indices=z.long(),
-        labels=z.long(),
-        x_train=z,
-        y_train=z.long(),
-        batch_size=1,
-        local_epochs=1,
-        local_steps=None,
-        device=torch.device("cpu"),
-        generator=torch.Generator(),
-    )
+    return client_ctx(local_counts=local, global_counts=global_, batch_size=1)
 
 
 def _plugin(name, **params):
@@ -83,19 +66,9 @@ def test_balanced_softmax_zero_counts_stay_finite():
     torch.testing.assert_close(out, torch.tensor([-math.log(1 / 8)]))
 
 
-def test_balanced_softmax_raises_tail_accuracy(tmp_path):
+def test_balanced_softmax_raises_tail_accuracy(tmp_path, lt_digits):
     """Seeded long-tailed digits: balanced softmax (global prior) lifts tail accuracy over CE."""
-    base = {
-        "name": "lt",
-        "seed": 1,
-        "data": {"dataset": "digits"},
-        "long_tail": {"profile": "exponential", "imbalance_factor": 50},
-        "partition": {"kind": "iid", "n_clients": 4},
-        "model": {"name": "mlp", "hidden": [64]},
-        "train": {"local_epochs": 2, "batch_size": 32, "lr": 0.1},
-        "federation": {"rounds": 10, "eval_every": 0},
-        "eval": {"shot_rule": "cumulative", "personalized": False},
-    }
+    base = lt_digits(n_clients=4, rounds=10)
     ce = fedlt.run(base, out=tmp_path / "ce")["final"]
     bs = fedlt.run(
         {**base, "plugins": [{"name": "balanced-softmax", "prior": "global"}]}, out=tmp_path / "bs"
