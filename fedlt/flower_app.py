@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import (
     ArrayRecord,
@@ -54,13 +53,13 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedlt.aggregation import FedAvg
 from fedlt.client import ClientResult, ClientTask
 from fedlt.config import Scenario, load_scenario, scenario_to_toml
-from fedlt.context import RoundContext, frozen_config
+from fedlt.context import frozen_config
 from fedlt.data.federated import FederatedData
 from fedlt.errors import FedltError, PluginError, ScenarioError
 from fedlt.pluginmanager import HookSet
+from fedlt.rounds import aggregate_round, configure_round, round_context
 
 __all__ = [
     "FedltStrategy",
@@ -452,18 +451,6 @@ class FedltStrategy(Strategy):
         if tasks:
             self._planned[tasks[0].round] = list(tasks)
 
-    def _round_context(self, rnd: int, selected: Sequence[int], config: Mapping[str, Any]) -> RoundContext:
-        d = self.data
-        return RoundContext(
-            rnd,
-            self.scenario.seed,
-            d.num_classes,
-            tuple(selected),
-            frozen_config(config),
-            d.train_class_counts,
-            d.client_counts,
-        )
-
     def _own_tasks(self, rnd: int, selected: list[int], extra: Mapping[str, Any]) -> list[ClientTask]:
         """Tasks when used alone (``start``): the runner's round config, built here."""
         if self.data.streams is not None:
@@ -479,14 +466,8 @@ class FedltStrategy(Strategy):
             ctx0 = setup_context(self.scenario, self.data, self.device)
             self.hooks.server_setup.all(model=self._server_model(), ctx=ctx0, states=None)
             self._setup_done = True
-        config: dict[str, Any] = {**extra, "round": rnd}
-        if self.hooks.server_configure_round:
-            ctx = self._round_context(rnd, selected, config)
-            for _, more in self.hooks.server_configure_round.all(ctx=ctx, states=None):
-                config.update(more or {})
-        return [
-            ClientTask(c, rnd, frozen_config(config), self.client_states.setdefault(c, {})) for c in selected
-        ]
+        ctx = configure_round(self.hooks, self.scenario.seed, self.data, rnd, selected, extra)
+        return [ClientTask(c, rnd, ctx.config, self.client_states.setdefault(c, {})) for c in selected]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -560,39 +541,13 @@ class FedltStrategy(Strategy):
                 if k in state:
                     state[k].copy_(v)
         selected = [t.client_id for t in self._tasks]
-        ctx = self._round_context(server_round, selected, self._tasks[0].config if self._tasks else {})
-        aggregator = (
-            self.hooks.server_make_aggregator.first(ctx=ctx, states=None)
-            if self.hooks.server_make_aggregator
-            else None
-        )
-        if aggregator is None:
-            aggregator = FedAvg({k: state[k] for k in self.keys})
-        payloads: dict[str, dict[int, Any]] = {name: {} for name in self.hooks.names}
-        losses, total = [], 0
-        for i, client in enumerate(selected):
-            result = self.result(i, by_task[i])
-            aggregator.add(result.weights, result.n_samples, client)
-            self.client_states[client] = result.states
-            for name, payload in result.payloads.items():
-                payloads[name][client] = payload
-            if result.n_steps:
-                losses.append(result.loss)
-            total += result.n_samples
-        new = aggregator.result()
-        if new is not None:
-            with torch.no_grad():
-                for k, v in new.items():
-                    state[k].copy_(v)
-        if self.hooks.server_after_aggregate:
-            self.hooks.server_after_aggregate.all(
-                per_plugin={name: {"payloads": p} for name, p in payloads.items()},
-                model=model,
-                ctx=ctx,
-                states=None,
-            )
+        config = self._tasks[0].config if self._tasks else {}
+        # The tasks' config already holds what server_configure_round added: no second call.
+        ctx = round_context(self.scenario.seed, self.data, server_round, selected, config)
+        results = (self.result(i, by_task[i]) for i in range(len(selected)))
+        loss, total = aggregate_round(self.hooks, model, self.keys, ctx, results, self.client_states)
         self.rounds_done += 1
-        metrics = {"num-examples": total, "train-loss": float(np.mean(losses)) if losses else float("nan")}
+        metrics = {"num-examples": total, "train-loss": loss}
         return self.global_arrays(model.state_dict()), MetricRecord(metrics)
 
     # ------------------------------------------------------------------ evaluate

@@ -7,7 +7,6 @@ Rounds are numbered from 1. After round ``r`` the run directory holds a checkpoi
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -17,17 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedlt.aggregation import FedAvg
 from fedlt.checkpoint import load_checkpoint, save_checkpoint, truncate_metrics
 from fedlt.client import ClientTask
 from fedlt.config import Scenario, load_scenario, scenario_to_toml
-from fedlt.context import RoundContext, frozen_config
 from fedlt.continual_metrics import a_auc, a_avg, a_last, f_last, task_end_rounds
 from fedlt.data.federated import FederatedData, build_federated_data
 from fedlt.engines import check_engine_available, make_engine
-from fedlt.errors import NonFiniteLossError, PluginError, ScenarioError
+from fedlt.errors import PluginError, ScenarioError
 from fedlt.evaluation import Evaluator
 from fedlt.pluginmanager import HookSet, build_hooks
+from fedlt.rounds import aggregate_round, configure_round
 from fedlt.seeding import numpy_rng
 from fedlt.worker import aggregated_keys, build_run_model, setup_context
 
@@ -102,6 +100,7 @@ class Run:
         self.hooks: HookSet = build_hooks(scenario.plugins)
         self.data: FederatedData = build_federated_data(scenario, self.device)
         self.model = build_run_model(scenario, self.data, self.hooks, self.device)
+        self.keys = aggregated_keys(self.model)  # what clients train and the server averages
         check_requirements(scenario, self.hooks, self.model)
         self.evaluator = Evaluator(scenario, self.data, self.hooks)
         self.client_states: dict[int, dict[str, dict[str, Any]]] = {}
@@ -198,59 +197,13 @@ class Run:
     def _round(self, engine: Any, r: int) -> float:
         s, d = self.scenario, self.data
         selected = select_clients(s.seed, r, d.n_clients, s.federation.fraction_clients)
-        config: dict[str, Any] = {"round": r}
-
-        def round_context() -> RoundContext:
-            return RoundContext(
-                r,
-                s.seed,
-                d.num_classes,
-                tuple(selected),
-                frozen_config(config),
-                d.train_class_counts,
-                d.client_counts,
-            )
-
-        ctx = round_context()
-        if self.hooks.server_configure_round:
-            for _, extra in self.hooks.server_configure_round.all(ctx=ctx, states=None):
-                config.update(extra or {})
-            ctx = round_context()
-        global_state = self.model.state_dict()
-        aggregator = (
-            self.hooks.server_make_aggregator.first(ctx=ctx, states=None)
-            if self.hooks.server_make_aggregator
-            else None
-        )
-        if aggregator is None:
-            aggregator = FedAvg({k: global_state[k] for k in aggregated_keys(self.model)})
+        ctx = configure_round(self.hooks, s.seed, d, r, selected)
         tasks = [ClientTask(c, r, ctx.config, self.client_states.setdefault(c, {})) for c in selected]
         new_pos = self._attach_stream(tasks)
-        payloads: dict[str, dict[int, Any]] = {name: {} for name in self.hooks.names}
-        losses = []
-        for result in engine.train_round(tasks, global_state):
-            if not math.isfinite(result.loss):
-                raise NonFiniteLossError(r, result.client_id, self.hooks.names, result.loss)
-            aggregator.add(result.weights, result.n_samples, result.client_id)
-            self.client_states[result.client_id] = result.states
-            for name, payload in result.payloads.items():
-                payloads[name][result.client_id] = payload
-            if result.n_steps:
-                losses.append(result.loss)
+        results = engine.train_round(tasks, self.model.state_dict())
+        loss, _ = aggregate_round(self.hooks, self.model, self.keys, ctx, results, self.client_states)
         self.stream_pos.update(new_pos)
-        new = aggregator.result()
-        if new is not None:
-            with torch.no_grad():
-                for k, v in new.items():
-                    global_state[k].copy_(v)
-        if self.hooks.server_after_aggregate:
-            self.hooks.server_after_aggregate.all(
-                per_plugin={name: {"payloads": p} for name, p in payloads.items()},
-                model=self.model,
-                ctx=ctx,
-                states=None,
-            )
-        return float(np.mean(losses)) if losses else float("nan")
+        return loss
 
     # ------------------------------------------------------------------ streams
 
