@@ -367,11 +367,16 @@ def _our_superlinks(flwr_home: Path) -> list[int]:
 @pytest.mark.slow
 def test_flwr_run_runs_the_exported_app(serial_plain, tmp_path):
     """`flwr run` on the exported project: the same model as the serial engine (about a minute)."""
+    # Both are environment faults, not reasons to pass silently: the dev extra installs flwr's
+    # commands beside this Python, and the test needs the SuperLink ports to start its own.
     flwr_cli = Path(sys.executable).with_name("flwr")
-    if not flwr_cli.exists() or not shutil.which("flower-superlink", path=str(flwr_cli.parent)):
-        pytest.skip("the flwr command is not installed beside this Python")
-    if not (_port_free(39091) and _port_free(39093)):
-        pytest.skip("a local SuperLink is already running (ports 39091/39093)")
+    assert flwr_cli.exists() and shutil.which("flower-superlink", path=str(flwr_cli.parent)), (
+        f"flwr and flower-superlink must be installed beside {sys.executable} (pip install -e '.[flower]')"
+    )
+    assert _port_free(39091) and _port_free(39093), (
+        "ports 39091/39093 are taken, most likely by a SuperLink an earlier `flwr run` left running;"
+        " stop it (pkill -f flower-superlink) and rerun"
+    )
     app = export_flower(_flower(TINY), tmp_path / "tiny-app")
     home = tmp_path / "flwr-home"
     env = {
