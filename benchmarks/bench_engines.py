@@ -162,15 +162,10 @@ def measure(kind: str, env: dict[str, str], args: argparse.Namespace) -> dict[st
 def machine() -> str:
     import torch
 
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, torch {torch.__version__}"
+    from fedlt.machine import cpu_model
+
+    cores = f"{os.cpu_count()} cores ({cpu_model()})"
+    return f"{cores}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def main() -> None:

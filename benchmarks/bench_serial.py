@@ -287,17 +287,11 @@ def machine() -> dict[str, Any]:
     """Cores, CPU model, torch version and thread count, for the record."""
     import torch
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from fedlt.machine import cpu_model
+
     return {
         "cores": os.cpu_count(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

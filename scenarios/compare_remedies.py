@@ -238,23 +238,18 @@ def machine_info() -> dict[str, str]:
     import torch
 
     import fedlt
+    from fedlt.machine import cpu_model, gpu_model
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     info = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": str(os.cpu_count()),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "torch": f"{torch.__version__} ({torch.get_num_threads()} threads)",
         "fedlt": getattr(fedlt, "__version__", "?"),
         "python": platform.python_version(),
     }
+    if gpu_model() is not None:
+        info["gpu"] = gpu_model()
     with contextlib.suppress(OSError):
         info["load average (1/5/15 min) at start"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     try:
