@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +76,22 @@ def lt_digits() -> Callable[..., dict[str, Any]]:
         }
 
     return make
+
+
+@pytest.fixture
+def restore_threads() -> Iterator[None]:
+    """Put torch's intra-op thread count back after a test that runs an engine with ``threads``."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread(restore_threads: None) -> None:
+    """One intra-op thread for tests of tiny tensors: faster, and immune to a loaded machine's
+    thread oversubscription (results do not depend on it)."""
+    import torch
+
+    torch.set_num_threads(1)

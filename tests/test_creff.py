@@ -30,14 +30,7 @@ from fedlt.seeding import torch_generator
 SMALL = {"n_features": 8, "n_match_steps": 10, "n_retrain_epochs": 20, "n_grad_batches": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tensors are tiny, and a loaded machine's thread
-    oversubscription would otherwise slow each small op down by orders of magnitude."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _plugin(**params):

@@ -108,11 +108,7 @@ def simulation(support_plugins):
         yield sim
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 def _serial_reference(s: dict[str, Any], out: Path) -> tuple[dict[str, Any], dict[str, Any]]:

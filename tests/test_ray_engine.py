@@ -53,13 +53,7 @@ def _one_thread(s):
     return s
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    import torch
-
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 def test_identical_metrics_to_serial_with_stateful_plugins(tiny, tmp_path):

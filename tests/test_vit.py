@@ -14,14 +14,7 @@ from fedlt.models import MODEL_NAMES, FedModel, ViT, build_model, model_params
 TINY = {"dim": 16, "depth": 2, "heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: faster on these tiny tensors, and immune to a loaded machine's
-    thread oversubscription (results do not depend on it)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(
