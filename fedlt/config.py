@@ -33,6 +33,7 @@ __all__ = [
     "apply_overrides",
     "builtin_scenario_path",
     "load_scenario",
+    "parse_value",
     "scenario_from_dict",
     "scenario_to_toml",
 ]
@@ -379,8 +380,9 @@ def _deep_copy(value: Any) -> Any:
     return value
 
 
-def _parse_value(text: str) -> Any:
-    # Values are TOML literals (3, 0.5, true, [1, 2], "x"); anything else is taken as a string.
+def parse_value(text: str) -> Any:
+    """A ``--set`` value as a TOML literal (``3``, ``0.5``, ``true``, ``[32, 64]``, ``"x"``), else
+    the plain string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -402,7 +404,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str] | Mapping[str,
             key, sep, value = text.partition("=")
             if not sep or not key.strip():
                 raise ScenarioError("--set", text, "of the form key.sub=value, e.g. federation.rounds=5")
-            items.append((key.strip(), _parse_value(value.strip())))
+            items.append((key.strip(), parse_value(value.strip())))
     for key, value in items:
         parts = key.split(".")
         node: Any = raw

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,16 +120,10 @@ class MethodResult:
         return out
 
 
-def parse_value(text: str) -> Any:
-    """A ``--set`` value as a TOML literal (``3``, ``0.5``, ``[32, 64]``), else the plain string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
-    """``["a.b=1", ...]`` into ``{"a.b": 1, ...}``, in order."""
+    """``["a.b=1", ...]`` into ``{"a.b": 1, ...}``, in order (values parsed as ``fedlt --set`` does)."""
+    from fedlt.config import parse_value
+
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
