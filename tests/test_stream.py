@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 
-from fedlt.data.stream import STREAM_KINDS, ClientStream, Task, build_stream
-from fedlt.errors import ScenarioError
+from fedlt.data.stream import (
+    STREAM_KINDS,
+    ClientStream,
+    Task,
+    TaskSchedule,
+    build_stream,
+    check_task_count,
+    shared_schedule,
+)
 from fedlt.seeding import numpy_rng
 
 NUM_CLASSES = 10
@@ -29,8 +37,17 @@ def client_indices(
     return np.sort(pool[keep]).astype(np.int64)
 
 
-def build(idx, labels, kind="si-blurry", t=5, n=50.0, m=10.0, seed=0) -> ClientStream:
-    return build_stream(idx, labels, kind, t, n, m, np.random.default_rng(seed))
+def build(
+    idx: np.ndarray,
+    labels: np.ndarray,
+    kind: str = "si-blurry",
+    t: int = 5,
+    n: float = 50.0,
+    m: float = 10.0,
+    seed: int = 0,
+    schedule: TaskSchedule | None = None,
+) -> ClientStream:
+    return build_stream(idx, labels, kind, t, n, m, np.random.default_rng(seed), schedule=schedule)
 
 
 def assert_exact_cover(stream: ClientStream, idx: np.ndarray) -> None:
@@ -45,6 +62,13 @@ def assert_exact_cover(stream: ClientStream, idx: np.ndarray) -> None:
 def blurry_sample_count(stream: ClientStream, labels: np.ndarray) -> int:
     blurry = [c for t in stream.tasks for c in t.blurry_classes]
     return int(np.isin(labels[stream.indices], blurry).sum())
+
+
+def leavers(stream: ClientStream, labels: np.ndarray, j: int) -> np.ndarray:
+    """Samples of task j's own blurry classes that ended up in another task."""
+    own = stream.tasks[j].blurry_classes
+    elsewhere = np.concatenate([t.indices for i, t in enumerate(stream.tasks) if i != j])
+    return elsewhere[np.isin(labels[elsewhere], own)]
 
 
 @pytest.mark.parametrize("kind", STREAM_KINDS)
@@ -75,7 +99,11 @@ def test_disjoint_and_blurry_fractions_follow_the_formulas(kind: str, seed: int,
     assert n_disjoint == math.floor(len(classes) * n / 100)
     assert all(set(t.blurry_classes) <= set(t.classes) for t in stream.tasks)
 
-    num_blurred = math.floor(blurry_sample_count(stream, labels) * m / 100)
+    if kind == "si-blurry":  # M % of all blurry-class samples, cut into random shares
+        num_blurred = math.floor(blurry_sample_count(stream, labels) * m / 100)
+    else:  # M % of each task's own blurry-class samples, pooled
+        owned = [int(np.isin(labels[idx], t.blurry_classes).sum()) for t in stream.tasks]
+        num_blurred = sum(math.floor(o * m / 100) for o in owned)
     assert sum(t.n_blurry for t in stream.tasks) == num_blurred
 
     for task in stream.tasks:
@@ -88,21 +116,6 @@ def test_disjoint_and_blurry_fractions_follow_the_formulas(kind: str, seed: int,
         foreign = ~np.isin(task_labels, task.classes)
         assert foreign.sum() <= task.n_blurry
         assert np.isin(task_labels[foreign], blurry_classes).all()
-
-
-def test_leaked_samples_are_the_first_in_dataset_order() -> None:
-    # 10 balanced classes x 50; N=50 -> 5 blurry classes, one per i-blurry task (50 samples each);
-    # M=10 -> num_blurred = 25, dealt 5 per task, and no task runs short, so task j gives up exactly
-    # its 5 lowest-index blurry samples; those that left it are among them.
-    labels = np.random.default_rng(1).permutation(np.repeat(np.arange(10), 50))
-    idx = np.arange(len(labels), dtype=np.int64)
-    stream = build(idx, labels, "i-blurry", 5, 50, 10, seed=3)
-    assert [t.n_blurry for t in stream.tasks] == [5] * 5
-    for task in stream.tasks:
-        (bc,) = task.blurry_classes
-        own = np.flatnonzero(labels == bc)
-        left = np.setdiff1d(own, task.indices)
-        assert set(left) <= set(own[:5])
 
 
 def test_short_tasks_are_made_up_by_others_so_totals_hold() -> None:
@@ -237,7 +250,15 @@ def test_empty_client(kind: str) -> None:
     assert stream.indices.dtype == np.int64
     assert len(stream.indices) == 0
     assert stream.boundaries == [0, 0, 0]
-    assert stream.describe() == [{"classes": [], "size": 0, "blurry": 0}] * 3
+    empty = {
+        "size": 0,
+        "classes": [],
+        "disjoint_classes": [],
+        "blurry_classes": [],
+        "n_blurry": 0,
+        "blurry": 0,
+    }
+    assert stream.describe() == [empty] * 3
 
 
 def test_describe_reports_each_task() -> None:
@@ -253,25 +274,25 @@ def test_describe_reports_each_task() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "key"),
+    ("kwargs", "name"),
     [
-        ({"kind": "blurry"}, "stream.kind"),
-        ({"kind": "none"}, "stream.kind"),
-        ({"n_tasks": 0}, "stream.n_tasks"),
-        ({"n_tasks": 2.0}, "stream.n_tasks"),
-        ({"disjoint_percent": -1}, "stream.disjoint_percent"),
-        ({"disjoint_percent": 100.5}, "stream.disjoint_percent"),
-        ({"disjoint_percent": float("nan")}, "stream.disjoint_percent"),
-        ({"blurry_percent": 101}, "stream.blurry_percent"),
-        ({"blurry_percent": -0.1}, "stream.blurry_percent"),
+        ({"kind": "blurry"}, "kind"),
+        ({"kind": "none"}, "kind"),
+        ({"n_tasks": 0}, "n_tasks"),
+        ({"n_tasks": 2.0}, "n_tasks"),
+        ({"n_tasks": True}, "n_tasks"),
+        ({"disjoint_percent": -1}, "disjoint_percent"),
+        ({"disjoint_percent": 100.5}, "disjoint_percent"),
+        ({"disjoint_percent": float("nan")}, "disjoint_percent"),
+        ({"blurry_percent": 101}, "blurry_percent"),
+        ({"blurry_percent": -0.1}, "blurry_percent"),
     ],
 )
-def test_bad_arguments_name_their_key(kwargs: dict, key: str) -> None:
+def test_bad_arguments_raise_value_error_naming_them(kwargs: dict, name: str) -> None:
     labels = dataset_labels(0)
     args = {"kind": "si-blurry", "n_tasks": 5, "disjoint_percent": 50, "blurry_percent": 10} | kwargs
-    with pytest.raises(ScenarioError) as info:
+    with pytest.raises(ValueError, match=f"^{name} must be"):
         build_stream(np.arange(10), labels, rng=np.random.default_rng(0), **args)
-    assert info.value.key == key
 
 
 def test_percent_floor_uses_the_written_decimal() -> None:
@@ -280,3 +301,245 @@ def test_percent_floor_uses_the_written_decimal() -> None:
     labels = np.repeat(np.arange(3), 500)
     stream = build_stream(np.arange(1500), labels, "i-blurry", 1, 0, 8.2, np.random.default_rng(0))
     assert stream.tasks[0].n_blurry == 123
+
+
+# --------------------------------------------------------------------------- i-blurry: M % per task
+
+
+def grouped_labels(sizes: list[int]) -> np.ndarray:
+    """Labels sorted by class, as an image folder lists them: class 0's samples first, and so on."""
+    return np.repeat(np.arange(len(sizes)), sizes)
+
+
+def test_i_blurry_takes_m_percent_of_each_tasks_blurry_samples() -> None:
+    # Blurry samples per task, by hand: 10 (class 0), 200 + 150 (classes 1, 2), 500 (class 3).
+    # M = 30 -> each task gives floor(0.3 * own): 3, 105, 150 -> pool 258, dealt 86 to each task.
+    # The old rule (258 dealt evenly, taken 86 per task) emptied task 0 of all 10 of its samples.
+    labels = grouped_labels([10, 200, 150, 500])
+    idx = np.arange(len(labels), dtype=np.int64)
+    schedule = TaskSchedule("i-blurry", disjoint=((), (), ()), blurry=((0,), (1, 2), (3,)))
+    takes = [3, 105, 150]
+    for seed in range(20):
+        stream = build(idx, labels, "i-blurry", 3, 0, 30, seed, schedule=schedule)
+        assert_exact_cover(stream, idx)
+        assert [t.n_blurry for t in stream.tasks] == [86, 86, 86]
+        for j, take in enumerate(takes):
+            # What left task j was taken from it; at most what it received came back home.
+            gone = len(leavers(stream, labels, j))
+            assert take - 86 <= gone <= take
+        kept_small = int((labels[stream.tasks[0].indices] == 0).sum())
+        assert kept_small >= 10 - 3
+
+
+def test_i_blurry_pool_remainder_is_dealt_not_dropped() -> None:
+    # Per-task takes floor(0.5 * 7) = 3 and floor(0.5 * 9) = 4: a pool of 7 over 2 tasks. The reference
+    # deals floor(7 / 2) = 3 to each and drops one sample; here the first task receives the extra one.
+    labels = grouped_labels([7, 9])
+    idx = np.arange(16, dtype=np.int64)
+    schedule = TaskSchedule("i-blurry", disjoint=((), ()), blurry=((0,), (1,)))
+    stream = build(idx, labels, "i-blurry", 2, 0, 50, seed=0, schedule=schedule)
+    assert_exact_cover(stream, idx)
+    assert [t.n_blurry for t in stream.tasks] == [4, 3]
+
+
+# --------------------------------------------------------------------------- which samples leak
+
+
+@pytest.mark.parametrize("kind", STREAM_KINDS)
+def test_leaked_samples_come_from_every_blurry_class_in_proportion(kind: str) -> None:
+    # Class-grouped indices (an image folder): taking the lowest indices would draw every leaked
+    # sample from the one or two first classes of each task. A uniform draw within the task makes
+    # class c's share of the leavers size_c / (task's blurry samples), up to binomial noise.
+    sizes = [60, 70, 80, 90, 100, 110, 120, 130, 140, 150]
+    labels = grouped_labels(sizes)
+    idx = np.arange(len(labels), dtype=np.int64)
+    observed = np.zeros(len(sizes))
+    expected = np.zeros(len(sizes))
+    variance = np.zeros(len(sizes))
+    for seed in range(20):
+        stream = build(idx, labels, kind, 2, 0, 40, seed)  # N = 0: all ten classes blurry
+        for j, task in enumerate(stream.tasks):
+            gone = labels[leavers(stream, labels, j)]
+            own = np.array(task.blurry_classes, dtype=np.int64)
+            if not len(own):  # si-blurry may give a task no class
+                continue
+            share = np.array([sizes[c] for c in own], dtype=float)
+            share /= share.sum()
+            observed[own] += [(gone == c).sum() for c in own]
+            expected[own] += len(gone) * share
+            variance[own] += len(gone) * share * (1 - share)
+    assert (observed > 0).all(), "every blurry class contributes leaked samples"
+    assert (np.abs(observed - expected) <= 5 * np.sqrt(variance)).all(), (observed, expected)
+
+
+def test_si_blurry_shortfall_is_not_taken_from_the_first_tasks() -> None:
+    # Task 1 owns class 1, which this client lacks, so its share b_1 is always a shortfall. Tasks 0
+    # and 2 hold 200 blurry samples each and their shares b_0, b_2 are exchangeable, so when the
+    # shortfall is spread at random both lose the same on average; taken "in task order" it came
+    # from task 0 alone (about 40 samples more of it picked, ~27 more leaving, per stream).
+    labels = grouped_labels([200, 50, 200])
+    idx = np.concatenate([np.arange(0, 200), np.arange(250, 450)]).astype(np.int64)
+    schedule = TaskSchedule("si-blurry", disjoint=((), (), ()), blurry=((0,), (1,), (2,)))
+    lost = []
+    for seed in range(300):
+        stream = build(idx, labels, "si-blurry", 3, 0, 30, seed, schedule=schedule)
+        assert sum(t.n_blurry for t in stream.tasks) == 120  # floor(0.3 * 400)
+        assert stream.tasks[1].classes == ()
+        lost.append((len(leavers(stream, labels, 0)), len(leavers(stream, labels, 2))))
+    diff = np.array([a - b for a, b in lost], dtype=float)
+    assert abs(diff.mean()) < 4 * diff.std() / math.sqrt(len(diff)) + 0.5
+
+
+# --------------------------------------------------------------------------- shared schedule
+
+
+@pytest.mark.parametrize("kind", STREAM_KINDS)
+@pytest.mark.parametrize(("n", "t"), [(50, 5), (30, 3), (100, 4), (0, 2)])
+def test_shared_schedule_splits_all_classes_by_the_formulas(kind: str, n: float, t: int) -> None:
+    schedule = shared_schedule(NUM_CLASSES, kind, t, n, np.random.default_rng(4))
+    assert schedule.n_tasks == t
+    owned = [c for j in range(t) for c in schedule.classes(j)]
+    assert sorted(owned) == list(range(NUM_CLASSES))
+    assert sum(len(d) for d in schedule.disjoint) == math.floor(NUM_CLASSES * n / 100)
+    if kind == "i-blurry":
+        assert max(map(len, schedule.disjoint)) - min(map(len, schedule.disjoint)) <= 1
+        assert max(map(len, schedule.blurry)) - min(map(len, schedule.blurry)) <= 1
+    json.dumps(schedule.describe())
+
+
+@pytest.mark.parametrize("kind", STREAM_KINDS)
+def test_shared_schedule_gives_every_client_the_same_class_order(kind: str) -> None:
+    labels = dataset_labels(0)
+    schedule = shared_schedule(NUM_CLASSES, kind, 5, 50, numpy_rng(7, "schedule"))
+    subsets = [list(range(NUM_CLASSES))] * 3 + [[0, 3, 5, 8], [1, 2], [9]]
+    clients = [client_indices(labels, cls, fraction=0.3, seed=k) for k, cls in enumerate(subsets)]
+    streams = [
+        build_stream(idx, labels, kind, 5, 50, 20, numpy_rng(7, "stream", k), schedule=schedule)
+        for k, idx in enumerate(clients)
+    ]
+    for idx, cls, stream in zip(clients, subsets, streams, strict=True):
+        assert_exact_cover(stream, idx)
+        for j, task in enumerate(stream.tasks):
+            # Task j holds exactly the client's classes among the schedule's task-j classes.
+            assert set(task.classes) == set(schedule.classes(j)) & set(cls)
+            assert set(task.blurry_classes) == set(schedule.blurry[j]) & set(cls)
+            task_labels = labels[task.indices]
+            for c in task.disjoint_classes:  # all of the client's samples of a disjoint class
+                assert (task_labels == c).sum() == (labels[idx] == c).sum()
+            foreign = ~np.isin(task_labels, schedule.classes(j))
+            assert foreign.sum() <= task.n_blurry
+            assert np.isin(task_labels[foreign], [c for b in schedule.blurry for c in b]).all()
+    # Clients holding every class: the classes their tasks 0..j own are exactly the schedule's.
+    for j in range(5):
+        union = {c for s in streams[:3] for t in s.tasks[: j + 1] for c in t.classes}
+        assert union == {c for i in range(j + 1) for c in schedule.classes(i)}
+    # ... yet each client's samples, leakage and shuffles are its own.
+    assert len({tuple(s.indices[:20]) for s in streams[:3]}) == 3
+
+
+def test_per_client_streams_expose_classes_out_of_the_shared_order() -> None:
+    # The reason for the option: without it, task 0 of six clients already covers most classes.
+    labels = dataset_labels(0)
+    idx = client_indices(labels, list(range(NUM_CLASSES)), seed=0)
+    own = [build_stream(idx, labels, "i-blurry", 5, 50, 10, numpy_rng(7, "stream", k)) for k in range(6)]
+    assert len({c for s in own for c in s.tasks[0].classes}) > 2
+    schedule = shared_schedule(NUM_CLASSES, "i-blurry", 5, 50, numpy_rng(7, "schedule"))
+    shared = [
+        build_stream(idx, labels, "i-blurry", 5, 50, 10, numpy_rng(7, "stream", k), schedule=schedule)
+        for k in range(6)
+    ]
+    assert {c for s in shared for c in s.tasks[0].classes} == set(schedule.classes(0))
+    assert len(schedule.classes(0)) == 2
+
+
+def test_schedule_mismatches_are_rejected() -> None:
+    labels = dataset_labels(0)
+    idx = client_indices(labels, list(range(NUM_CLASSES)), seed=0)
+    schedule = shared_schedule(NUM_CLASSES, "si-blurry", 5, 50, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="schedule is 'si-blurry' with 5 tasks"):
+        build(idx, labels, "i-blurry", 5, schedule=schedule)
+    with pytest.raises(ValueError, match="with 5 tasks"):
+        build(idx, labels, "si-blurry", 4, schedule=schedule)
+    partial = TaskSchedule("si-blurry", disjoint=((0,), (1,)), blurry=((2,), ()))
+    with pytest.raises(ValueError, match=r"classes \[3, 4"):
+        build(idx, labels, "si-blurry", 2, schedule=partial)
+    with pytest.raises(ValueError, match="only one task"):
+        TaskSchedule("i-blurry", disjoint=((0,), (1,)), blurry=((1,), ()))
+    with pytest.raises(ValueError, match="same number"):
+        TaskSchedule("i-blurry", disjoint=((0,),), blurry=((1,), ()))
+    with pytest.raises(ValueError, match="ints >= 0"):
+        TaskSchedule("i-blurry", disjoint=((-1,),), blurry=((1,),))
+    with pytest.raises(ValueError, match="kind must be"):
+        TaskSchedule("blurry", disjoint=((0,),), blurry=((1,),))
+    with pytest.raises(ValueError, match="num_classes must be"):
+        shared_schedule(0, "si-blurry", 5, 50, np.random.default_rng(0))
+
+
+# --------------------------------------------------------------------------- describe
+
+
+def test_describe_with_labels_counts_each_tasks_classes() -> None:
+    labels = dataset_labels(0)
+    idx = client_indices(labels, list(range(NUM_CLASSES)), seed=0)
+    stream = build(idx, labels, "si-blurry", 4, 40, 30, seed=2)
+    rows = stream.describe(labels, NUM_CLASSES)
+    for row, task in zip(rows, stream.tasks, strict=True):
+        by_hand = [int((labels[task.indices] == c).sum()) for c in range(NUM_CLASSES)]
+        assert row["class_counts"] == by_hand
+        assert sum(row["class_counts"]) == row["size"] == len(task.indices)
+        assert row["n_blurry"] == row["blurry"] == task.n_blurry
+        assert sorted(row["disjoint_classes"] + row["blurry_classes"]) == row["classes"]
+        assert row["blurry_classes"] == list(task.blurry_classes)
+        assert "indices" not in row
+    assert sum(len(r["disjoint_classes"]) for r in rows) == math.floor(NUM_CLASSES * 40 / 100)
+    json.dumps(rows)
+    with_idx = stream.describe(labels, NUM_CLASSES, with_indices=True)
+    assert np.concatenate([r["indices"] for r in with_idx]).tolist() == stream.indices.tolist()
+    assert stream.boundaries == list(np.cumsum([r["size"] for r in rows]))
+    with pytest.raises(ValueError, match="both labels and num_classes"):
+        stream.describe(labels)
+
+
+def test_stream_indices_are_a_fresh_copy() -> None:
+    labels = dataset_labels(0)
+    idx = client_indices(labels, list(range(NUM_CLASSES)), seed=0)
+    stream = build(idx, labels)
+    first = stream.indices
+    first[:] = -1
+    assert (stream.indices >= 0).all()
+
+
+# --------------------------------------------------------------------------- n_tasks guard
+
+
+def test_more_tasks_than_samples_is_rejected() -> None:
+    labels = dataset_labels(0)
+    idx = np.flatnonzero(labels == 0)[:37]
+    with pytest.raises(ValueError, match="a client with 37 samples cannot be split into 100000 tasks"):
+        build(idx, labels, "si-blurry", 100_000)
+    # T = n is allowed: with M = 100 the one (blurry) class's 37 samples are pooled, one per task.
+    stream = build(idx, labels, "i-blurry", 37, 0, 100)
+    assert [len(t.indices) for t in stream.tasks] == [1] * 37
+
+
+def test_check_task_count_names_the_smallest_client_and_skips_empty_ones() -> None:
+    check_task_count(5, [0, 5, 100])  # an empty client has an empty stream whatever T is
+    check_task_count(1, [])
+    with pytest.raises(
+        ValueError, match=r"a client with 3 samples cannot be split into 5 tasks \(client 2\)"
+    ):
+        check_task_count(5, [40, 4, 3, 0, 9])
+
+
+@pytest.mark.parametrize("kind", STREAM_KINDS)
+def test_as_many_tasks_as_samples_builds_every_task(kind: str) -> None:
+    # T = n = 20,000: a loop over tasks that scanned every sample would be 4e8 steps; this builds
+    # in well under a second. Each of the 20 classes is one task's (N = 100); with 20,000 tasks and
+    # 1,000 samples per class only 20 tasks are non-empty, each holding one whole class.
+    labels = grouped_labels([1000] * 20)
+    idx = np.arange(len(labels), dtype=np.int64)
+    stream = build(idx, labels, kind, len(idx), 100, 10, seed=1)
+    assert len(stream.tasks) == len(idx)
+    assert_exact_cover(stream, idx)
+    sizes = np.array([len(t.indices) for t in stream.tasks])
+    assert sorted(sizes[sizes > 0].tolist()) == [1000] * 20
