@@ -2,7 +2,16 @@
 
 A scenario is validated once, at the boundary (load time), and every later step trusts it. Bad
 input becomes a :class:`~fedlt.errors.ScenarioError` naming the dotted key, the value given and
-what is allowed; the CLI prints it and exits 2 before any work starts.
+what is allowed; the CLI prints it and exits 2 before any work starts. Every rule that the
+scenario alone decides is checked here; what only the data can tell (a missing folder, a broken
+archive, too many clients for the samples) is checked by
+:func:`fedlt.data.federated.build_federated_data`, the one other boundary.
+
+The ``[data]``, ``[long_tail]``, ``[partition]`` and ``[model]`` sections are derived from the
+registries (:data:`fedlt.data.datasets.DATASETS`, :data:`fedlt.data.longtail.PROFILES`,
+:data:`fedlt.data.partition.PARTITIONS`, :data:`fedlt.models.MODELS`) by one factory,
+:func:`registry_section`: the selector's allowed values are the registry's names, the other keys
+are the union of the entries' parameters, and only the chosen entry's parameters may be set.
 """
 
 from __future__ import annotations
@@ -11,11 +20,28 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
-from fedlt.errors import ScenarioError
+from fedlt.data.datasets import DATASETS
+from fedlt.data.longtail import PROFILES
+from fedlt.data.partition import PARTITIONS
+from fedlt.data.stream import SCHEDULES, STREAM_KINDS
+from fedlt.errors import ScenarioError, readable_constraint
+from fedlt.metrics import SHOT_RULES, shot_thresholds
+from fedlt.models import MODELS
+from fedlt.registry import Entry, ParameterError, Registry
 
 __all__ = [
     "CheckpointConfig",
@@ -23,10 +49,12 @@ __all__ = [
     "EngineConfig",
     "EvalConfig",
     "FederationConfig",
+    "LogConfig",
     "LongTailConfig",
     "ModelConfig",
     "PartitionConfig",
     "PluginSpec",
+    "RegistrySection",
     "Scenario",
     "StreamConfig",
     "TrainConfig",
@@ -34,95 +62,234 @@ __all__ = [
     "builtin_scenario_path",
     "load_scenario",
     "parse_value",
+    "registry_section",
     "scenario_from_dict",
     "scenario_to_toml",
 ]
 
+#: Keys holding paths, resolved against the scenario file's folder when relative.
+PATH_KEYS: tuple[tuple[str, str], ...] = (("data", "root"), ("data", "cache_dir"), ("model", "pretrained"))
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No scenario key means infinity or NaN; refusing them here keeps them out of every float.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-class DataConfig(_Section):
-    """Which dataset, from where, and how samples are prepared."""
+def _combine(errors: list[ScenarioError]) -> ScenarioError:
+    """One error whose message holds every message, so a user fixes them all in one go."""
+    first = errors[0]
+    if len(errors) > 1:
+        first.args = (" ".join(str(e) for e in errors),)
+    return first
 
-    dataset: Literal[
-        "digits", "synthetic", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder"
-    ] = Field("digits", description="Dataset from the registry.")
-    root: str | None = Field(
-        None,
-        description="Local folder (torchvision datasets) or folder/.tar/.tar.gz (imagefolder). "
-        "Relative paths are relative to the scenario file.",
-    )
-    download: bool = Field(False, description="Let torchvision download into `root` when files are missing.")
-    test_fraction: float = Field(
-        0.3,
-        gt=0,
-        lt=1,
-        description="Held-out test share for datasets without a test split (digits, imagefolder).",
-    )
-    cache_dir: str | None = Field(
-        None,
-        description="Where decoded imagefolder arrays are cached (default $FEDLT_CACHE or ~/.cache/fedlt).",
-    )
-    image_size: int | None = Field(None, gt=0, description="Resize imagefolder images to this square size.")
-    n_train: int = Field(5000, gt=0, description="synthetic: training samples.")
-    n_test: int = Field(1000, gt=0, description="synthetic: test samples.")
-    num_classes: int = Field(10, ge=2, description="synthetic: number of classes.")
-    shape: list[int] = Field([20], min_length=1, description="synthetic: per-sample shape, e.g. [3, 32, 32].")
-    separation: float = Field(
-        1.0, ge=0, description="synthetic: how far apart class means are (larger = easier)."
-    )
-    augment: Literal["none", "crop-flip"] = Field(
-        "none", description="Training-time augmentation of image batches (random 4-pixel-padded crop + flip)."
-    )
 
-    @field_validator("shape")
+def _dotted(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+class RegistrySection(_Section):
+    """Base of the sections :func:`registry_section` derives from a registry."""
+
+    __registry__: ClassVar[Registry]
+    __selector__: ClassVar[str]
+    __section__: ClassVar[str]
+
+    @model_validator(mode="before")
     @classmethod
-    def _positive_shape(cls, v: list[int]) -> list[int]:
-        if any(s <= 0 for s in v):
-            raise ValueError("a list of positive ints")
-        return v
+    def _chosen_entry(cls, data: Any) -> Any:
+        """Only the chosen entry's parameters may be set; check them and fill in its defaults."""
+        if not isinstance(data, Mapping):
+            return data  # field validation says "a table"
+        name = data.get(cls.__selector__, cls.model_fields[cls.__selector__].default)
+        if name not in cls.__registry__:
+            return data  # field validation says which names are allowed
+        entry = cls.__registry__[name]
+        union = cls.__registry__.parameters()
+        given = {k: v for k, v in data.items() if k in union and v is not None}
+        section, kind = cls.__section__, cls.__registry__.kind
+        stray = [
+            ScenarioError(
+                f"{section}.{k}",
+                v,
+                f"unset for {kind} {name!r}",
+                hint=f"{name!r} takes: {', '.join(entry.takes) or 'no parameters'}.",
+            )
+            for k, v in given.items()
+            if k not in entry.takes
+        ]
+        if stray:
+            raise _combine(stray)
+        try:
+            checked = entry.params.model_validate(given)
+        except ValidationError as exc:
+            raise _params_error(section, kind, entry, exc) from None
+        return {**{k: v for k, v in data.items() if k not in union}, **dict(checked)}
+
+    def entry(self) -> Entry:
+        """The registry entry the selector names."""
+        return self.__registry__[getattr(self, self.__selector__)]
+
+    def params(self) -> dict[str, Any]:
+        """The chosen entry's parameters, validated and with its defaults filled in."""
+        return {k: getattr(self, k) for k in self.entry().takes}
 
 
-class LongTailConfig(_Section):
-    """The long-tailed profile applied to the training set before it is split across clients."""
+def _params_error(section: str, kind: str, entry: Entry, exc: ValidationError) -> ScenarioError:
+    """An entry's parameter errors as scenario errors keyed ``section.field``."""
+    errors = []
+    for err in exc.errors():
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, ParameterError):
+            errors.append(ScenarioError(f"{section}.{cause.param}", cause.value, cause.allowed, cause.hint))
+        elif err["type"] == "missing":
+            field = entry.params.model_fields.get(str(err["loc"][0]))
+            hint = field.description if field is not None else None
+            errors.append(
+                ScenarioError(_dotted((section, *err["loc"])), None, f"set for {kind} {entry.name!r}", hint)
+            )
+        else:
+            errors.append(
+                ScenarioError(_dotted((section, *err["loc"])), err.get("input"), readable_constraint(err))
+            )
+    return _combine(errors)
 
-    profile: Literal["none", "exponential", "step"] = Field(
-        "none", description="exponential: n_i = floor(n_max * IF^(-i/(C-1))); step: two levels."
-    )
-    imbalance_factor: float = Field(1.0, ge=1, description="IF = n_max / n_min (100 means a 100:1 tail).")
-    n_max: int | None = Field(
-        None, gt=0, description="Samples kept for the head class (default: all it has)."
-    )
-    fraction_minority: float = Field(0.5, gt=0, lt=1, description="step: share of classes that are minority.")
+
+def _describe(key: str, entries: list[Entry]) -> str:
+    """A union key's description: each distinct entry description, prefixed by who takes it."""
+    by_text: dict[str, list[str]] = {}
+    for entry in entries:
+        text = entry.params.model_fields[key].description or ""
+        by_text.setdefault(text, []).append(entry.name)
+    return " ".join(f"{', '.join(names)}: {text}" for text, names in by_text.items())
 
 
-class PartitionConfig(_Section):
-    """How the (long-tailed) training set is split across clients."""
+def registry_section(
+    name: str,
+    doc: str,
+    registry: Registry,
+    selector: str,
+    default: str,
+    selector_doc: str,
+    shared: Mapping[str, tuple[Any, FieldInfo]] | None = None,
+) -> type[RegistrySection]:
+    """A scenario section derived from ``registry``: written once, used for every such section.
 
-    kind: Literal["dirichlet", "dirichlet-equal", "shards", "iid"] = Field(
-        "dirichlet",
-        description="dirichlet: per-class Dir(alpha) (FedLoGe); dirichlet-equal: equal-size clients (CReFF); "
-        "shards: k label-sorted shards per client; iid.",
-    )
-    n_clients: int = Field(10, ge=1, description="Number of clients.")
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed clients).")
-    min_client_size: int = Field(
-        0, ge=0, description="dirichlet: redraw until every client has this many samples."
-    )
-    shards_per_client: int = Field(2, ge=1, description="shards: shards (about classes) per client.")
+    Parameters
+    ----------
+    name : str
+        The section's key in the scenario (``"model"``); errors are keyed ``name.field``.
+    doc : str
+        The section's docstring (the scenario reference's summary).
+    registry : Registry
+        Where the selector's values and every parameter come from.
+    selector : str
+        The key choosing the entry (``"name"``, ``"dataset"``, ``"kind"``, ``"profile"``).
+    default : str
+        The entry chosen when the selector is unset.
+    selector_doc : str
+        The selector's description.
+    shared : mapping, optional
+        Keys every entry has, as ``{key: (annotation, Field(...))}`` (``partition.n_clients``).
+
+    Returns
+    -------
+    type[RegistrySection]
+        Its fields: the selector (``Literal`` of the registry's names), the shared keys, then every
+        parameter any entry takes, each optional (default None, description from the entries).
+        Validation rejects parameters the chosen entry does not take, checks the rest with the
+        entry's parameter model and fills in the entry's defaults, so ``params()`` and the resolved
+        ``scenario.toml`` spell out every parameter of the chosen entry.
+    """
+    fields: dict[str, Any] = {
+        selector: (Literal[registry.names], Field(default, description=selector_doc)),  # type: ignore[valid-type]
+        **dict(shared or {}),
+    }
+    for key, entries in registry.parameters().items():
+        annotation = entries[0].params.model_fields[key].annotation
+        fields[key] = (annotation | None, Field(None, description=_describe(key, entries)))
+    model_name = "".join(part.title() for part in name.split("_")) + "Config"
+    cls = create_model(model_name, __base__=RegistrySection, __doc__=doc, __module__=__name__, **fields)
+    cls.__registry__ = registry
+    cls.__selector__ = selector
+    cls.__section__ = name
+    return cls
+
+
+DataConfig = registry_section(
+    "data",
+    "Which dataset, from where, and how samples are prepared.",
+    DATASETS,
+    "dataset",
+    "digits",
+    "Dataset from the registry (each one's keys below).",
+    shared={
+        "augment": (
+            Literal["none", "crop-flip"],
+            Field(
+                "none",
+                description="Training-time augmentation of image batches (random 4-pixel-padded crop and "
+                "flip).",
+            ),
+        )
+    },
+)
+
+LongTailConfig = registry_section(
+    "long_tail",
+    "The long-tailed profile applied to the training set before it is split across clients.",
+    PROFILES,
+    "profile",
+    "none",
+    "The profile from the registry (each one's keys below); none keeps every sample.",
+)
+
+PartitionConfig = registry_section(
+    "partition",
+    "How the (long-tailed) training set is split across clients.",
+    PARTITIONS,
+    "kind",
+    "dirichlet",
+    "The partitioner from the registry (each one's keys below).",
+    shared={"n_clients": (int, Field(10, ge=1, description="Number of clients."))},
+)
+
+ModelConfig = registry_section(
+    "model",
+    "The network; every model has a `features(x)` / `head` split.",
+    MODELS,
+    "name",
+    "mlp",
+    "Model from the registry (each one's keys below).",
+)
+
+_STREAM_KINDS = ("none", *STREAM_KINDS)
 
 
 class StreamConfig(_Section):
     """Continual learning: each client's data arrives as a stream of tasks (Si-Blurry)."""
 
-    kind: Literal["none", "si-blurry", "i-blurry"] = Field(
+    kind: Literal[_STREAM_KINDS] = Field(  # type: ignore[valid-type]
         "none",
         description="none: offline federated learning; si-blurry: stochastic blurry task boundaries per "
         "client (Moon et al. 2023); i-blurry: the non-stochastic variant (equal splits).",
     )
-    n_tasks: int = Field(5, ge=1, description="Tasks T per client stream.")
+    schedule: Literal[SCHEDULES] = Field(  # type: ignore[valid-type]
+        "per-client",
+        description="per-client: each client draws its own class-to-task assignment from its classes; "
+        "shared: one assignment for the whole federation (federated class-incremental learning).",
+    )
+    n_tasks: int = Field(
+        5,
+        ge=1,
+        description="Tasks T per client stream (at most the smallest non-empty client's sample count).",
+    )
     disjoint_percent: float = Field(
         50.0,
         ge=0,
@@ -136,52 +303,13 @@ class StreamConfig(_Section):
         64, ge=1, description="Stream samples a selected client consumes per round."
     )
     online_iter: int = Field(1, ge=1, description="Gradient steps on each incoming batch.")
-    eval_period: int = Field(1, ge=1, description="Anytime evaluation every this many rounds.")
-
-
-MODEL_KEYS: dict[str, tuple[str, ...]] = {
-    "mlp": ("hidden",),
-    "cnn": ("widths",),
-    "resnet8": ("width",),
-    "resnet20": ("width",),
-    "resnet32": ("width",),
-    "vit": ("patch_size", "dim", "depth", "heads", "pretrained"),
-}
-
-
-class ModelConfig(_Section):
-    """The network; every model has a `features(x)` / `head` split."""
-
-    name: Literal["mlp", "cnn", "resnet8", "resnet20", "resnet32", "vit"] = Field(
-        "mlp", description="Model registry name."
+    eval_period: int | None = Field(
+        None,
+        ge=1,
+        description="Anytime evaluation each time the federation has read this many more stream samples "
+        "(CLIB/MVP's eval period, counted over all clients); unset: after every round that read samples. "
+        "Rounds that read nothing are never evaluated, so they cannot change A_auc.",
     )
-    hidden: list[int] | None = Field(None, description="mlp: hidden layer widths (default [128, 64]).")
-    widths: list[int] | None = Field(None, description="cnn: channels per conv block (default [16, 32]).")
-    width: int | None = Field(None, gt=0, description="resnet*: first-stage width (default 16).")
-    patch_size: int | None = Field(None, gt=0, description="vit: patch size in pixels (default 4).")
-    dim: int | None = Field(None, gt=0, description="vit: token width (default 64).")
-    depth: int | None = Field(None, gt=0, description="vit: transformer blocks (default 4).")
-    heads: int | None = Field(None, gt=0, description="vit: attention heads (default 4).")
-    pretrained: str | None = Field(
-        None, description="vit: a local file with pretrained weights (a state dict) to start from."
-    )
-
-    @model_validator(mode="after")
-    def _params_fit_model(self) -> ModelConfig:
-        takes = MODEL_KEYS[self.name]
-        for key in sorted({k for keys in MODEL_KEYS.values() for k in keys}):
-            if getattr(self, key) is not None and key not in takes:
-                raise ScenarioError(
-                    f"model.{key}",
-                    getattr(self, key),
-                    f"unset for model {self.name!r}",
-                    hint=f"Model {self.name!r} takes: {', '.join(takes)}.",
-                )
-        return self
-
-    def params(self) -> dict[str, Any]:
-        """The model-specific parameters that were set, for ``build_model``."""
-        return {k: v for k in MODEL_KEYS[self.name] if (v := getattr(self, k)) is not None}
 
 
 class TrainConfig(_Section):
@@ -210,11 +338,11 @@ class FederationConfig(_Section):
 class EvalConfig(_Section):
     """What evaluation measures."""
 
-    shot_rule: Literal["count", "cumulative"] = Field(
+    shot_rule: Literal[SHOT_RULES] = Field(  # type: ignore[valid-type]
         "count",
         description="count: head > 100 >= medium >= 20 > tail (samples); cumulative: FedLoGe 75%/95%.",
     )
-    shot_thresholds: list[float] | None = Field(
+    shot_thresholds: list[StrictFloat] | None = Field(
         None,
         min_length=2,
         max_length=2,
@@ -222,6 +350,18 @@ class EvalConfig(_Section):
     )
     personalized: bool = Field(True, description="Also measure accuracy on each client's local test view.")
     batch_size: int = Field(1024, ge=1, description="Evaluation batch size.")
+
+    @model_validator(mode="after")
+    def _thresholds_fit_rule(self) -> EvalConfig:
+        try:
+            shot_thresholds(self.shot_rule, self.shot_thresholds)
+        except ParameterError as exc:
+            raise ScenarioError(
+                "eval.shot_thresholds",
+                self.shot_thresholds,
+                f"{exc.allowed} for shot_rule {self.shot_rule!r}",
+            ) from None
+        return self
 
 
 class EngineConfig(_Section):
@@ -234,12 +374,25 @@ class EngineConfig(_Section):
         "Flower's Simulation Runtime (one SuperNode per client), or on the Grid of `flwr run`.",
     )
     device: str = Field("cpu", description="cpu, cuda or cuda:N; data and model live there.")
-    threads: int | None = Field(
-        None,
-        ge=1,
-        description="torch intra-op threads for client training (serial: this process; ray/flower: each "
-        "worker, default int(num_cpus)). BLAS sums in a thread-count-dependent order, so engines agree bit "
-        "for bit when this matches.",
+    threads: int | Literal["auto"] | None = Field(
+        "auto",
+        description="torch intra-op threads for client training. serial: 'auto' takes the cores other "
+        "processes leave idle when the run starts (at least 1; never oversubscribes a busy machine), "
+        "fixed for the run and written to its scenario.toml; ray/flower: per worker, 'auto' = "
+        "int(num_cpus). BLAS sums in a thread-count-dependent order, so runs agree bit for bit when this "
+        "matches; set a number to pin it.",
+    )
+    vectorize: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="serial: train a round's clients in groups at once (torch.func vmap over stacked "
+        "client parameters) instead of one by one; auto = on with CUDA, off on a CPU (where vmap is slower). "
+        "See docs/vectorized.md.",
+    )
+    group_size: int | None = Field(
+        None, ge=1, description="vectorize: clients trained together per group (unset: all of a round's)."
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Autocast dtype of local training's forward pass and loss (bfloat16 on CUDA)."
     )
     num_workers: int = Field(2, ge=1, description="ray/flower: actors in the pool (clients trained at once).")
     num_cpus: float = Field(
@@ -262,6 +415,17 @@ class EngineConfig(_Section):
         if not re.fullmatch(r"cpu|cuda(:\d+)?", v):
             raise ValueError("'cpu', 'cuda' or 'cuda:N'")
         return v
+
+
+class LogConfig(_Section):
+    """Where each evaluation's metrics go besides metrics.jsonl and metrics.csv (always written)."""
+
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files to <run>/tensorboard.")
+    wandb: bool = Field(False, description="Also log to Weights & Biases (pip install wandb).")
+    wandb_project: str = Field("fedlt", min_length=1, description="wandb: the project name.")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="wandb: 'offline' writes <run>/wandb for `wandb sync` (no network needed)."
+    )
 
 
 class CheckpointConfig(_Section):
@@ -293,7 +457,13 @@ class PluginSpec(BaseModel):
 class Scenario(_Section):
     """A whole experiment: data, split, model, training, federation, evaluation, engine, plugins."""
 
-    name: str = Field("scenario", min_length=1, description="Run name (used in output folder names).")
+    name: str = Field(
+        "scenario",
+        min_length=1,
+        max_length=80,
+        description="Run name (used in output folder names): letters, digits, spaces and . _ + = -, "
+        "starting with a letter or digit (no / or ..).",
+    )
     seed: int = Field(0, ge=0, description="Every random draw derives from (seed, round, client).")
     data: DataConfig = Field(default_factory=DataConfig)
     long_tail: LongTailConfig = Field(default_factory=LongTailConfig)
@@ -305,7 +475,19 @@ class Scenario(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
     plugins: list[PluginSpec] = Field(default_factory=list, description="Remedies, applied in this order.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        # The name becomes a folder under runs/: nothing that could climb out of it.
+        if ".." in value or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9 ._+=-]*", value):
+            raise ValueError(
+                "a name of letters, digits, spaces and . _ + = - that starts with a letter or digit and "
+                "holds no '..' (it names the run folder under runs/)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _unique_plugins(self) -> Scenario:
@@ -330,13 +512,54 @@ def builtin_scenario_path(name: str) -> Path:
     return path
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The file's TOML; unreadable, non-UTF-8 or malformed files are scenario errors."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ScenarioError(
+            "scenario", str(path), "a readable file", hint=f"Reading it failed: {exc}."
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ScenarioError(
+            "scenario",
+            str(path),
+            "a UTF-8 encoded TOML file",
+            hint=f"Byte {exc.start} (line {line}) is {data[exc.start : exc.start + 1]!r}, not UTF-8; "
+            "save the file as UTF-8.",
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError("scenario", str(path), "valid TOML", hint=f"Parser says: {exc}.") from None
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make relative :data:`PATH_KEYS` absolute against ``base`` (the scenario file's folder)."""
+    for section, key in PATH_KEYS:
+        table = raw.get(section)
+        value = table.get(key) if isinstance(table, dict) else None
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            table[key] = str((base / value).resolve())
+
+
 def load_scenario(
     source: str | Path | Mapping[str, Any], overrides: Iterable[str] | Mapping[str, Any] = ()
 ) -> Scenario:
     """Read a scenario (path, built-in name or dict), apply ``key.sub=value`` overrides, validate.
 
-    Relative ``data.root``, ``data.cache_dir`` and ``model.pretrained`` are resolved against the
-    scenario file's folder so a scenario works from any working directory.
+    Relative ``data.root``, ``data.cache_dir`` and ``model.pretrained`` (in the file or set by an
+    override) are resolved against the scenario file's folder so a scenario works from any working
+    directory.
+
+    Raises
+    ------
+    ScenarioError
+        A missing, unreadable, non-UTF-8 or malformed file, a malformed override, or any value the
+        scenario's rules do not allow.
     """
     base: Path | None = None
     if isinstance(source, Mapping):
@@ -349,19 +572,12 @@ def load_scenario(
             raise ScenarioError(
                 "scenario", str(source), "an existing .toml file or a built-in name: quickstart"
             )
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ScenarioError("scenario", str(path), "valid TOML", hint=f"Parser says: {exc}.") from None
+        raw = _read_toml(path)
         base = path.resolve().parent
     raw = apply_overrides(raw, overrides)
-    scenario = scenario_from_dict(raw)
     if base is not None:
-        for section, key in (("data", "root"), ("data", "cache_dir"), ("model", "pretrained")):
-            value = getattr(getattr(scenario, section), key)
-            if value and not Path(value).expanduser().is_absolute():
-                setattr(getattr(scenario, section), key, str((base / value).resolve()))
-    return scenario
+        _resolve_paths(raw, base)
+    return scenario_from_dict(raw)
 
 
 def scenario_from_dict(raw: Mapping[str, Any]) -> Scenario:
@@ -389,11 +605,25 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def _registry_sections() -> dict[str, type[RegistrySection]]:
+    """Scenario key -> section class, for every section derived from a registry."""
+    out = {}
+    for key, field in Scenario.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, RegistrySection):
+            out[key] = ann
+    return out
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:
     """Apply ``a.b=c`` overrides (strings as on the command line, or a mapping of dotted keys).
 
     ``plugins.0.gamma=1`` addresses the first plugin table. Keys may use ``__`` for ``.`` so that
-    Python keyword arguments work: ``fedlt.run(path, federation__rounds=3)``.
+    Python keyword arguments work: ``fedlt.run(path, federation__rounds=3)``. An override that
+    switches a registry choice (``model.name``, ``data.dataset``, ``partition.kind``,
+    ``long_tail.profile``) drops that section's parameters the new choice does not take, unless an
+    override sets them too: ``--set model.name=cnn`` on a file written for ``mlp`` leaves its
+    ``hidden`` behind rather than failing on it.
     """
     raw = _deep_copy(raw)
     if isinstance(overrides, Mapping):
@@ -405,11 +635,14 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str] | Mapping[str,
             if not sep or not key.strip():
                 raise ScenarioError("--set", text, "of the form key.sub=value, e.g. federation.rounds=5")
             items.append((key.strip(), parse_value(value.strip())))
+    _drop_stale_parameters(raw, items)
     for key, value in items:
         parts = key.split(".")
+        if not all(parts):
+            raise ScenarioError("--set", key, "a dotted key without empty parts, e.g. federation.rounds")
         node: Any = raw
         for i, part in enumerate(parts[:-1]):
-            node = _descend(node, part, ".".join(parts[: i + 1]))
+            node = _descend(node, part, parts[: i + 1], key)
         last = parts[-1]
         if isinstance(node, list):
             idx = _list_index(node, last, key)
@@ -419,11 +652,61 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str] | Mapping[str,
     return raw
 
 
-def _descend(node: Any, part: str, key: str) -> Any:
+def _drop_stale_parameters(raw: dict[str, Any], items: list[tuple[str, Any]]) -> None:
+    """Remove parameters a switched registry choice does not take (see :func:`apply_overrides`)."""
+    set_keys = {key for key, _ in items}
+    for section, cls in _registry_sections().items():
+        chosen = [v for k, v in items if k == f"{section}.{cls.__selector__}"]
+        table = raw.get(section)
+        if not chosen or not isinstance(table, dict) or chosen[-1] not in cls.__registry__:
+            continue
+        takes = cls.__registry__[chosen[-1]].takes
+        for key in list(table):
+            if (
+                key in cls.__registry__.parameters()
+                and key not in takes
+                and f"{section}.{key}" not in set_keys
+            ):
+                del table[key]
+
+
+def _field_of(path: list[str]) -> FieldInfo | None:
+    """The schema field a dotted path (no list indices) names, or None past a free-form table."""
+    model: type[BaseModel] = Scenario
+    field: FieldInfo | None = None
+    for part in path:
+        if model is None or part not in model.model_fields:
+            return None
+        field = model.model_fields[part]
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, _Section) else None  # type: ignore[assignment]
+    return field
+
+
+def _descend(node: Any, part: str, path: list[str], key: str) -> Any:
+    """The table (or plugin list) at ``part`` under ``node``, created if absent.
+
+    A part that holds, or by the schema must hold, a single value cannot be descended into:
+    ``--set seed.x=1`` is an error naming ``seed``, not a crash or a silently built table.
+    """
     if isinstance(node, list):
         return node[_list_index(node, part, key)]
-    if not isinstance(node, dict):
-        raise ScenarioError(key, node, "a table to set keys in")
+    at = ".".join(path)
+    field = _field_of(path)
+    table_field = (
+        field is None
+        or part == "plugins"
+        or (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))
+    )
+    current = node.get(part)
+    if not table_field or (current is not None and not isinstance(current, dict | list)):
+        error = ScenarioError(key, None, f"a key inside a table, but {at!r} is a single value")
+        shown = f" ({current!r})" if current is not None else ""
+        error.args = (
+            f"Cannot set {key!r}: {at!r} holds a single value{shown}, not a table of keys. "
+            f"Set it with --set {at}=VALUE.",
+        )
+        raise error
     child = node.setdefault(part, [] if part == "plugins" else {})
     if part == "plugins" and not isinstance(child, list):
         raise ScenarioError(key, child, "a list of [[plugins]] tables")
@@ -437,16 +720,6 @@ def _list_index(node: list[Any], part: str, key: str) -> int:
     if int(part) == len(node):
         node.append({})
     return int(part)
-
-
-def _dotted(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
 
 
 def _lookup(raw: Any, loc: tuple[Any, ...]) -> Any:
@@ -475,37 +748,29 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
 
 
 def _scenario_error(exc: ValidationError, raw: Mapping[str, Any]) -> ScenarioError:
-    messages: list[str] = []
-    first: ScenarioError | None = None
+    errors: list[ScenarioError] = []
     for err in exc.errors():
+        loc = tuple(err["loc"])
         ctx_error = (err.get("ctx") or {}).get("error")
         if isinstance(ctx_error, ScenarioError):
             one = ctx_error
-        else:
-            loc = tuple(err["loc"])
+            index = next((p for p in loc if isinstance(p, int)), None)
+            if "[]" in one.key and index is not None:  # a [[plugins]] table's validator cannot know its index
+                one = ScenarioError(one.key.replace("[]", f"[{index}]"), one.value, one.allowed, one.hint)
+        elif err["type"] == "extra_forbidden":
             key = _dotted(loc)
-            if err["type"] == "extra_forbidden":
-                section = _dotted(loc[:-1]) or "the top level"
-                one = ScenarioError(
-                    key, err.get("input"), f"a known key; [{section}] takes: {', '.join(_allowed_keys(loc))}"
-                )
-                one.args = (
-                    f"Unknown key {key!r} (value {err.get('input')!r}). Keys allowed in {section}: "
-                    f"{', '.join(_allowed_keys(loc))}.",
-                )
-            elif err["type"] == "missing":
-                one = ScenarioError(key, None, "set", hint="This key is required.")
-            else:
-                allowed = err["msg"]
-                allowed = re.sub(r"^(Input should be|Value error, )\s*", "", allowed)
-                value = err.get("input", _lookup(raw, loc))
-                one = ScenarioError(key, value, allowed)
-        first = first or one
-        messages.append(str(one))
-    assert first is not None  # a ValidationError always has at least one error
-    if len(messages) > 1:
-        first.args = (" ".join(messages),)
-    return first
+            section = _dotted(loc[:-1]) or "the top level"
+            allowed = ", ".join(_allowed_keys(loc))
+            one = ScenarioError(key, err.get("input"), f"a known key; [{section}] takes: {allowed}")
+            one.args = (
+                f"Unknown key {key!r} (value {err.get('input')!r}). Keys allowed in {section}: {allowed}.",
+            )
+        elif err["type"] == "missing":
+            one = ScenarioError(_dotted(loc), None, "set", hint="This key is required.")
+        else:
+            one = ScenarioError(_dotted(loc), err.get("input", _lookup(raw, loc)), readable_constraint(err))
+        errors.append(one)
+    return _combine(errors)
 
 
 # --------------------------------------------------------------------------- writing
@@ -520,7 +785,11 @@ def _strip_none(value: Any) -> Any:
 
 
 def scenario_to_toml(scenario: Scenario) -> str:
-    """The fully resolved scenario as TOML (every default spelled out; unset optional keys omitted)."""
+    """The fully resolved scenario as TOML.
+
+    Every default is spelled out, the chosen dataset's, profile's, partitioner's and model's
+    parameters included; keys that are unset (None) are omitted.
+    """
     import tomli_w
 
     data = _strip_none(scenario.model_dump(mode="json"))

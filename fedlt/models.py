@@ -4,37 +4,64 @@ Every model exposes ``features(x) -> (B, feature_dim)`` and ``head = nn.Linear(f
 num_classes)``, and ``forward(x) == head(features(x))``. Head-level remedies (frozen ETF heads,
 auxiliary heads trained on detached features, norm realignment) work on any model only because
 this split and the ``head.weight`` / ``head.bias`` state-dict keys are the same everywhere.
+:func:`use_cosine_head` swaps the head for a :class:`CosineLinear` (still an ``nn.Linear`` with
+``weight`` of shape ``(num_classes, feature_dim)``, but without a bias), as LDAM-DRW does.
 
 Models draw their initial weights from torch's global RNG only, in a fixed order, so seeding it
 (``fedlt.seeding.seed_torch``) fixes the initial model.
+
+The registry :data:`MODELS` (declared once, at the bottom of this module, with each model's typed
+parameters; the scenario's ``[model]`` section is derived from it):
+
+- ``mlp`` (``hidden``), ``cnn`` (``widths``): small baselines; ``cnn`` is the Flower benchmark net.
+- ``resnet8``, ``resnet20``, ``resnet32`` (``width``, default 16): the *CIFAR* ResNets of He et al.
+  (2016, Sec. 4.2), three stages of 16/32/64 channels, 0.27M parameters for ResNet-20 and
+  ``feature_dim = 4 * width = 64``. They are much smaller than ResNet-18 and not a stand-in for it.
+- ``resnet18``, ``resnet34`` (``width``, default 64): the ImageNet ResNet-18/34 basic-block
+  networks of He et al. with the CIFAR stem (3x3 conv, stride 1, no max-pool), four stages of
+  64/128/256/512 channels, about 11.17M and 21.28M parameters for 10 classes and
+  ``feature_dim = 8 * width = 512``. These are the networks FedLoGe's authors train on
+  CIFAR-10-LT (ResNet-18) and CIFAR-100-LT (ResNet-34).
+- ``vit`` (``patch_size``, ``dim``, ``depth``, ``heads``, ``pretrained``): a small ViT with a
+  prompt slot.
+
+Errors are plain: a bad argument is a ``ValueError``; a parameter that does not fit the data (an image
+model on flat samples, more conv blocks than the image has pixels, a patch size that does not divide
+it, a pretrained file that does not match) is a :class:`~fedlt.registry.ParameterError` naming the
+parameter. :func:`check_model` finds the latter without allocating a weight, so the scenario boundary
+reports them before any work.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
-from fedlt.errors import ScenarioError
+from fedlt.registry import Entry, ParameterError, Params, Registry
 
 __all__ = [
     "CNN",
     "MLP",
+    "MODELS",
     "MODEL_NAMES",
     "BasicBlock",
+    "CosineLinear",
     "FedModel",
+    "FourStageResNet",
     "ResNet",
     "ViT",
     "build_model",
+    "check_model",
     "model_params",
+    "use_cosine_head",
 ]
-
-MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "resnet8", "resnet20", "resnet32", "vit")
 
 
 class FedModel(nn.Module):
@@ -61,14 +88,14 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _int_tuple(key: str, value: Any, allow_empty: bool) -> tuple[int, ...]:
-    """Validate a list of layer sizes given in a scenario (TOML gives lists, code tuples)."""
+def _int_tuple(param: str, value: Any, allow_empty: bool) -> tuple[int, ...]:
+    """Validate a list of layer sizes (TOML gives lists, code tuples)."""
     allowed = "a list of positive integers" + ("" if allow_empty else " with at least one entry")
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ScenarioError(key, value, allowed)
+        raise ParameterError(param, value, allowed)
     items = tuple(value)
     if not all(_positive_int(v) for v in items) or (not items and not allow_empty):
-        raise ScenarioError(key, value, allowed)
+        raise ParameterError(param, value, allowed)
     return items
 
 
@@ -82,8 +109,8 @@ def _check_num_classes(num_classes: Any) -> int:
 def _check_input_shape(input_shape: Any, image: bool) -> tuple[int, ...]:
     """Validate the dataset's per-sample shape; image models need ``(channels, height, width)``.
 
-    ``build_model`` reports an image model on flat data as a ``model.name`` error first; here a
-    bad shape can only come from code, so it is a ``ValueError``.
+    ``build_model`` reports an image model on flat data as a ``name`` :class:`ParameterError`
+    first; here a bad shape can only come from code.
     """
     is_seq = isinstance(input_shape, Sequence) and not isinstance(input_shape, (str, bytes))
     shape = tuple(input_shape) if is_seq else ()
@@ -116,7 +143,7 @@ class MLP(FedModel):
         super().__init__()
         shape = _check_input_shape(input_shape, image=False)
         self.num_classes = _check_num_classes(num_classes)
-        self.hidden = _int_tuple("model.hidden", hidden, allow_empty=True)
+        self.hidden = _int_tuple("hidden", hidden, allow_empty=True)
         in_dim = math.prod(shape)
         layers: list[nn.Module] = []
         for width in self.hidden:
@@ -154,7 +181,7 @@ class CNN(FedModel):
         super().__init__()
         channels, height, width = _check_input_shape(input_shape, image=True)
         self.num_classes = _check_num_classes(num_classes)
-        self.widths = _int_tuple("model.widths", widths, allow_empty=False)
+        self.widths = _int_tuple("widths", widths, allow_empty=False)
         convs = []
         for out_channels in self.widths:
             convs.append(nn.Conv2d(channels, out_channels, 3, padding=1))
@@ -162,8 +189,8 @@ class CNN(FedModel):
             height, width = height // 2, width // 2
         if height == 0 or width == 0:
             max_blocks = int(math.log2(min(input_shape[1], input_shape[2])))
-            raise ScenarioError(
-                "model.widths",
+            raise ParameterError(
+                "widths",
                 widths,
                 f"a list of at most {max_blocks} widths for {input_shape[1]}x{input_shape[2]} inputs",
                 hint="Each conv block halves the height and width.",
@@ -207,8 +234,10 @@ class ResNet(FedModel):
 
     A 3x3 conv stem, then three stages of ``(depth - 2) / 6`` basic blocks with ``width``,
     ``2 * width`` and ``4 * width`` channels (stride 2 at the first block of stages 2 and 3),
-    then global average pooling; ``feature_dim = 4 * width``. Convolutions use He (Kaiming)
-    normal initialisation, as in the paper, drawn from torch's global RNG.
+    then global average pooling; ``feature_dim = 4 * width`` (64 at the paper's width 16).
+    Convolutions use He (Kaiming) normal initialisation, as in the paper, drawn from torch's
+    global RNG. These are the small CIFAR networks (ResNet-20: 0.27M parameters), not ResNet-18:
+    for that, four stages ending at 512 channels, see :class:`FourStageResNet`.
 
     Parameters
     ----------
@@ -229,9 +258,9 @@ class ResNet(FedModel):
         channels = _check_input_shape(input_shape, image=True)[0]
         self.num_classes = _check_num_classes(num_classes)
         if not _positive_int(depth) or depth < 8 or (depth - 2) % 6 != 0:
-            raise ScenarioError("model.depth", depth, "6n + 2 for an integer n >= 1 (8, 20, 32, ...)")
+            raise ParameterError("depth", depth, "6n + 2 for an integer n >= 1 (8, 20, 32, ...)")
         if not _positive_int(width):
-            raise ScenarioError("model.width", width, "a positive integer")
+            raise ParameterError("width", width, "a positive integer")
         self.depth = depth
         self.width = width
         blocks_per_stage = (depth - 2) // 6
@@ -257,6 +286,140 @@ class ResNet(FedModel):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Globally average-pooled output of the last stage."""
         return self.stages(self.stem(x)).mean(dim=(2, 3))
+
+
+class FourStageResNet(FedModel):
+    """ResNet-18/34 (He et al. 2016, Table 1) with the CIFAR stem: what FL papers call "ResNet-18".
+
+    He et al.'s ImageNet networks open with a 7x7 stride-2 conv and a max-pool, which would shrink
+    a 32x32 image to 8x8 before the first block; the CIFAR variant (the one FedLoGe's authors
+    train) replaces them by one 3x3 stride-1 conv + BN + ReLU. Then four stages of
+    ``blocks[i]`` basic blocks with ``width``, ``2 * width``, ``4 * width`` and ``8 * width``
+    channels (stride 2 at the first block of stages 2 to 4, a 1x1 conv + BN projection shortcut
+    wherever the shape changes), then global average pooling: ``feature_dim = 8 * width`` (512 at
+    the default width 64). ``blocks = (2, 2, 2, 2)`` is ResNet-18, ``(3, 4, 6, 3)`` ResNet-34.
+
+    Convolutions use He (Kaiming) normal initialisation (fan-out), as :class:`ResNet` does, drawn
+    from torch's global RNG in module order; BatchNorm starts at weight 1, bias 0.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        ``(channels, height, width)``; any spatial size works (padding keeps every map at least
+        1x1 and the global pool removes the size), though the stride schedule is meant for 32x32.
+    num_classes : int
+        Number of output classes.
+    blocks : sequence of int
+        Basic blocks per stage; four positive entries.
+    width : int
+        Channels of the first stage (64 in the paper); later stages double it.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        blocks: Sequence[int] = (2, 2, 2, 2),
+        width: int = 64,
+    ) -> None:
+        super().__init__()
+        channels = _check_input_shape(input_shape, image=True)[0]
+        self.num_classes = _check_num_classes(num_classes)
+        self.blocks = _int_tuple("blocks", blocks, allow_empty=False)
+        if len(self.blocks) != 4:
+            raise ParameterError("blocks", blocks, "four positive integers, one per stage")
+        if not _positive_int(width):
+            raise ParameterError("width", width, "a positive integer")
+        self.width = width
+        self.stem = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        stages = []
+        in_channels = width
+        for stage, n_blocks in enumerate(self.blocks):
+            out_channels = width * 2**stage
+            layers = []
+            for i in range(n_blocks):
+                layers.append(BasicBlock(in_channels, out_channels, 2 if stage > 0 and i == 0 else 1))
+                in_channels = out_channels
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.feature_dim = in_channels
+        self.head = nn.Linear(self.feature_dim, self.num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Globally average-pooled output of the last stage."""
+        return self.stages(self.stem(x)).mean(dim=(2, 3))
+
+
+class CosineLinear(nn.Linear):
+    """Cosine classifier: logit ``z_c = <h / |h|, w_c / |w_c|>``, in ``[-1, 1]``, no bias.
+
+    The LDAM-DRW reference code (Cao et al., NeurIPS 2019) trains its CIFAR models with such a
+    normed head: LDAM subtracts a margin ``Delta_c`` from the true-class logit and multiplies by a
+    scale ``s = 30``, which only works as intended when logits are bounded cosines, so the loss,
+    not this layer, carries the scale. Normalising the class rows also means no class can win
+    by a larger weight norm, which plain linear heads tend to grow for head classes.
+
+    It subclasses ``nn.Linear`` and keeps ``weight`` as ``(out_features, in_features)`` (one row
+    per class), so code that reads ``model.head.weight``, ``in_features`` or ``out_features``
+    works unchanged; ``bias`` is ``None`` and the state dict has ``head.weight`` only. (The
+    reference code stores the transpose, ``(in, out)``, and normalises its columns: the same map.)
+
+    Initialisation, as in the reference code: entries uniform in ``[-1, 1]``, then each class row
+    scaled to unit norm (the forward ignores row norms, but they set the gradients' size). It is
+    drawn from ``generator`` when one is given, otherwise from torch's global RNG; the parent's
+    default initialisation is skipped, so building the layer draws nothing else.
+
+    Parameters
+    ----------
+    in_features : int
+        Feature dimension ``d``.
+    out_features : int
+        Number of classes ``C``.
+    generator : torch.Generator, optional
+        CPU generator for the initial weight.
+    device, dtype : optional
+        Where the weight lives and its type (it is drawn on the CPU, then moved).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        # Built on the meta device so nn.Linear's own initialisation draws nothing from the global RNG.
+        super().__init__(in_features, out_features, bias=False, device="meta")
+        weight = torch.empty(out_features, in_features).uniform_(-1.0, 1.0, generator=generator)
+        weight = F.normalize(weight, dim=1)
+        self.weight = nn.Parameter(weight.to(device=device, dtype=dtype or torch.get_default_dtype()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Cosine logits ``normalize(x) @ normalize(weight, per row).T``, shape ``(B, out_features)``."""
+        return F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
+
+
+def use_cosine_head(model: FedModel, generator: torch.Generator | None = None) -> CosineLinear:
+    """Replace ``model.head`` by a :class:`CosineLinear` with the same shape; return the new head.
+
+    The new head lives on the old head's device with its dtype, and its weight is drawn from
+    ``generator`` (torch's global RNG when ``None``), so a seeded generator gives the same head on
+    every client and engine. The old head's weights are discarded: a cosine head is a different
+    classifier, not a reparametrisation of the linear one. Call it before training and before
+    anything (an optimizer, a plugin) keeps a reference to the old head.
+    """
+    old = model.head
+    head = CosineLinear(
+        old.in_features, old.out_features, generator, device=old.weight.device, dtype=old.weight.dtype
+    )
+    model.head = head
+    return head
 
 
 def _square_side(input_shape: Any) -> int | None:
@@ -375,7 +538,7 @@ class ViT(FedModel):
         with that state dict under ``"state_dict"`` or ``"model"``). Every backbone entry must be
         present with this model's shape; ``head.*`` entries are loaded when their shapes match
         this model's number of classes and are otherwise left at their fresh initialisation.
-        A missing, unreadable or incompatible file raises ``ScenarioError("model.pretrained")``.
+        A missing, unreadable or incompatible file raises ``ParameterError("pretrained")``.
     """
 
     prompter: nn.Module | None
@@ -402,17 +565,17 @@ class ViT(FedModel):
         self.num_classes = _check_num_classes(num_classes)
         for key, value in (("patch_size", patch_size), ("dim", dim), ("depth", depth), ("heads", heads)):
             if not _positive_int(value):
-                raise ScenarioError(f"model.{key}", value, "a positive integer")
+                raise ParameterError(key, value, "a positive integer")
         channels, height, width = shape
         if height % patch_size or width % patch_size:
-            raise ScenarioError(
-                "model.patch_size",
+            raise ParameterError(
+                "patch_size",
                 patch_size,
                 f"a divisor of the image height {height} and width {width}",
                 hint="The ViT cuts images into non-overlapping patch_size x patch_size patches.",
             )
         if dim % heads:
-            raise ScenarioError("model.heads", heads, f"a divisor of model.dim = {dim}")
+            raise ParameterError("heads", heads, f"a divisor of dim = {dim}")
         self.image_shape = shape
         self.patch_size, self.dim, self.depth, self.heads = patch_size, dim, depth, heads
         self.n_patches = (height // patch_size) * (width // patch_size)
@@ -437,22 +600,22 @@ class ViT(FedModel):
     def load_pretrained(self, path: str) -> None:
         """Load the backbone (and a matching head) from the state-dict file ``path``.
 
+        On the meta device (:func:`check_model`) the file is read and checked but nothing is copied.
+
         Raises
         ------
-        ScenarioError
-            Key ``model.pretrained``: the file is missing, unreadable, not a state dict, or its
+        ParameterError
+            Parameter ``pretrained``: the file is missing, unreadable, not a state dict, or its
             backbone entries do not match this model (missing, unexpected or mis-shaped keys).
         """
         file = Path(path).expanduser()
         if not file.is_file():
-            raise ScenarioError(
-                "model.pretrained", path, "an existing local file", hint="No file at that path."
-            )
+            raise ParameterError("pretrained", path, "an existing local file", hint="No file at that path.")
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ScenarioError(
-                "model.pretrained",
+            raise ParameterError(
+                "pretrained",
                 path,
                 "a file written by torch.save(model.state_dict(), path)",
                 hint=f"Loading it failed: {type(exc).__name__}: {exc}",
@@ -462,7 +625,7 @@ class ViT(FedModel):
                 if set(state) == {wrapper} and isinstance(state[wrapper], Mapping):
                     state = state[wrapper]
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ScenarioError("model.pretrained", path, "a file holding a state dict (names -> tensors)")
+            raise ParameterError("pretrained", path, "a file holding a state dict (names -> tensors)")
         own = self.state_dict()
         problems = []
         backbone = [k for k in own if not k.startswith("head.")]
@@ -478,13 +641,15 @@ class ViT(FedModel):
         if shapes:
             problems.append("shape mismatch " + "; ".join(shapes[:3]))
         if problems:
-            raise ScenarioError(
-                "model.pretrained",
+            raise ParameterError(
+                "pretrained",
                 path,
                 f"weights of a ViT with patch_size={self.patch_size}, dim={self.dim}, depth={self.depth}, "
                 f"heads={self.heads} and {self.n_patches} patches",
                 hint="The file does not fit: " + ", ".join(problems) + ".",
             )
+        if self.cls_token.is_meta:
+            return  # a dry build (check_model): the file fits, and there is nothing to copy into
         load = {k: state[k] for k in backbone}
         load.update({k: v for k, v in state.items() if k.startswith("head.") and v.shape == own[k].shape})
         self.load_state_dict(load, strict=False)
@@ -512,32 +677,127 @@ class ViT(FedModel):
         return self._encode(tokens, self.prompter(query))
 
 
-# name -> (constructor, the parameters a scenario may set with their defaults)
-_REGISTRY: dict[str, tuple[Callable[..., FedModel], dict[str, object]]] = {
-    "mlp": (MLP, {"hidden": (128, 64)}),
-    "cnn": (CNN, {"widths": (16, 32)}),
-    "resnet8": (lambda shape, c, **p: ResNet(shape, c, depth=8, **p), {"width": 16}),
-    "resnet20": (lambda shape, c, **p: ResNet(shape, c, depth=20, **p), {"width": 16}),
-    "resnet32": (lambda shape, c, **p: ResNet(shape, c, depth=32, **p), {"width": 16}),
-    "vit": (ViT, {"patch_size": 4, "dim": 64, "depth": 4, "heads": 4, "pretrained": None}),
-}
+# --------------------------------------------------------------------------- registry
 
 
-def _lookup(name: str) -> tuple[Callable[..., FedModel], dict[str, object]]:
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ScenarioError("model.name", name, f"one of {MODEL_NAMES}")
-    return _REGISTRY[name]
+class MLPParams(Params):
+    """``mlp``: fully connected layers on the flattened sample."""
+
+    hidden: list[PositiveInt] = Field(
+        [128, 64], description="Hidden layer widths (positive ints), in order; [] is logistic regression."
+    )
+
+
+class CNNParams(Params):
+    """``cnn``: 3x3 conv + ReLU + 2x2 max-pool blocks."""
+
+    widths: Annotated[list[PositiveInt], Field(min_length=1)] = Field(
+        [16, 32],
+        description="Channels (positive ints) of each conv block; each block halves the height and width.",
+    )
+
+
+class CifarResNetParams(Params):
+    """``resnet8``/``resnet20``/``resnet32``: He et al.'s three-stage CIFAR ResNets."""
+
+    width: PositiveInt = Field(16, description="Channels of the first stage (later stages double it).")
+
+
+class FourStageResNetParams(Params):
+    """``resnet18``/``resnet34``: the four-stage ResNets with the CIFAR stem."""
+
+    width: PositiveInt = Field(64, description="Channels of the first stage (later stages double it).")
+
+
+class ViTParams(Params):
+    """``vit``: a small pre-norm Vision Transformer with a prompt slot."""
+
+    patch_size: PositiveInt = Field(
+        4, description="Patch side in pixels; must divide the image height and width."
+    )
+    dim: PositiveInt = Field(64, description="Token width (the feature dimension).")
+    depth: PositiveInt = Field(4, description="Transformer blocks.")
+    heads: PositiveInt = Field(4, description="Attention heads; must divide dim.")
+    pretrained: str | None = Field(
+        None,
+        description="A local file with pretrained weights (a state dict) to start from; relative paths are "
+        "relative to the scenario file.",
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> ViTParams:
+        if self.dim % self.heads:
+            raise ParameterError("heads", self.heads, f"a divisor of dim = {self.dim}")
+        return self
+
+
+def _cifar_resnet(depth: int) -> Any:
+    def build(input_shape: Sequence[int], num_classes: int, width: int) -> ResNet:
+        return ResNet(input_shape, num_classes, depth=depth, width=width)
+
+    return build
+
+
+def _four_stage(blocks: tuple[int, int, int, int]) -> Any:
+    def build(input_shape: Sequence[int], num_classes: int, width: int) -> FourStageResNet:
+        return FourStageResNet(input_shape, num_classes, blocks=blocks, width=width)
+
+    return build
+
+
+#: Every model a scenario can name; ``build(input_shape, num_classes, **params) -> FedModel``.
+MODELS = Registry(
+    "model",
+    [
+        Entry("mlp", MLPParams, "Fully connected network; any sample shape.", MLP),
+        Entry("cnn", CNNParams, "Small CNN (the Flower benchmark net at widths [16, 32]).", CNN),
+        Entry("resnet8", CifarResNetParams, "CIFAR ResNet-8 (He et al. 2016, Sec. 4.2).", _cifar_resnet(8)),
+        Entry("resnet20", CifarResNetParams, "CIFAR ResNet-20, 0.27M parameters.", _cifar_resnet(20)),
+        Entry("resnet32", CifarResNetParams, "CIFAR ResNet-32.", _cifar_resnet(32)),
+        Entry(
+            "resnet18",
+            FourStageResNetParams,
+            "ResNet-18 with the CIFAR stem (FedLoGe's CIFAR-10-LT network), 11.17M parameters.",
+            _four_stage((2, 2, 2, 2)),
+        ),
+        Entry(
+            "resnet34",
+            FourStageResNetParams,
+            "ResNet-34 with the CIFAR stem (FedLoGe's CIFAR-100-LT network), 21.28M parameters.",
+            _four_stage((3, 4, 6, 3)),
+        ),
+        Entry("vit", ViTParams, "Small Vision Transformer with a prompt slot (MVP, L2P).", ViT),
+    ],
+)
+
+#: The registry's names, in registration order (derived from :data:`MODELS`).
+MODEL_NAMES: tuple[str, ...] = MODELS.names
 
 
 def model_params(name: str) -> dict[str, object]:
-    """The parameters model ``name`` accepts, with their defaults (for docs and validation).
+    """The parameters model ``name`` accepts, with their defaults (a fresh copy).
 
     Raises
     ------
-    ScenarioError
-        If ``name`` is not in ``MODEL_NAMES``.
+    ValueError
+        If ``name`` is not in :data:`MODELS`.
     """
-    return dict(_lookup(name)[1])
+    return MODELS[name].defaults()
+
+
+def _check_sample_shape(name: str, input_shape: Any) -> None:
+    """Image models need ``(C, H, W)`` samples (the ViT also takes flat square ones)."""
+    flat_square = name == "vit" and _square_side(input_shape) is not None
+    if name != "mlp" and isinstance(input_shape, Sequence) and len(input_shape) != 3 and not flat_square:
+        needs = "image-shaped (channels, height, width) samples"
+        if name == "vit":
+            needs += " or flat samples whose length is a perfect square"
+        raise ParameterError(
+            "name",
+            name,
+            f"'mlp' for data whose samples have shape {tuple(input_shape)}",
+            hint=f"The {name!r} model needs {needs}.",
+        )
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **params: Any) -> FedModel:
@@ -546,34 +806,34 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **par
     Parameters
     ----------
     name : str
-        One of ``MODEL_NAMES``.
+        One of :data:`MODELS`.
     input_shape : tuple of int
         Shape of one sample, e.g. ``(3, 32, 32)``.
     num_classes : int
         Number of classes (the head's output size).
     **params
-        Model parameters from ``model_params(name)``; the rest keep their defaults.
+        The model's parameters (its entry's parameter model); the rest keep their defaults.
 
     Raises
     ------
-    ScenarioError
-        For an unknown name (key ``model.name``), a parameter the model does not take, or a
-        parameter value that is not allowed (key ``model.<param>``).
+    ValueError
+        An unknown name, or a parameter the model does not take or out of its range (a
+        ``pydantic.ValidationError``).
+    ParameterError
+        A parameter that does not fit the data (``name`` for an image model on flat samples,
+        ``widths``, ``patch_size``, ``pretrained``).
     """
-    constructor, defaults = _lookup(name)
-    flat_square = name == "vit" and _square_side(input_shape) is not None
-    if name != "mlp" and isinstance(input_shape, Sequence) and len(input_shape) != 3 and not flat_square:
-        needs = "image-shaped (channels, height, width) samples"
-        if name == "vit":
-            needs += " or flat samples whose length is a perfect square"
-        raise ScenarioError(
-            "model.name",
-            name,
-            f"'mlp' for data whose samples have shape {tuple(input_shape)}",
-            hint=f"The {name!r} model needs {needs}.",
-        )
-    for key, value in params.items():
-        if key not in defaults:
-            takes = ", ".join(repr(k) for k in defaults)
-            raise ScenarioError(f"model.{key}", value, f"absent: the {name!r} model only takes {takes}")
-    return constructor(input_shape, num_classes, **{**defaults, **params})
+    entry = MODELS[name]
+    checked = entry.params.model_validate(params)
+    _check_sample_shape(name, input_shape)
+    return entry.build(input_shape, num_classes, **dict(checked))
+
+
+def check_model(name: str, input_shape: tuple[int, ...], num_classes: int, **params: Any) -> None:
+    """Raise what :func:`build_model` would, without allocating weights or drawing random numbers.
+
+    The model is built on PyTorch's meta device (shapes only), so every check that depends on the
+    data's sample shape, and a pretrained file's fit, runs in milliseconds even for ResNet-34.
+    """
+    with torch.device("meta"):
+        build_model(name, input_shape, num_classes, **params)

@@ -16,24 +16,69 @@ from PIL import Image
 import fedlt.data.imagefolder as imagefolder
 from fedlt.data.datasets import (
     DATASET_NAMES,
+    DATASETS,
     RawDataset,
     RawSplit,
+    estimate_bytes,
     known_train_size,
     load_dataset,
     stratified_split,
     to_tensor,
 )
-from fedlt.errors import ScenarioError
+from fedlt.data.imagefolder import ImageFolderError
+from fedlt.registry import ParameterError
 
 # --------------------------------------------------------------------------- registry
 
 
 def test_unknown_dataset_name() -> None:
-    with pytest.raises(ScenarioError, match=r"The 'data.dataset' value must be one of") as excinfo:
+    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; known: digits, synthetic, cifar10"):
         load_dataset("imagenet")
-    assert excinfo.value.value == "imagenet"
-    with pytest.raises(ScenarioError, match=r"data\.dataset"):
+    with pytest.raises(ValueError, match="unknown dataset"):
         known_train_size("imagenet")
+
+
+def test_parameters_a_dataset_does_not_take_are_refused() -> None:
+    with pytest.raises(ValueError, match="n_train"):
+        load_dataset("digits", n_train=10)
+    with pytest.raises(ValueError, match="root"):
+        load_dataset("cifar10")  # root is required
+
+
+def test_registry_declares_each_datasets_parameters() -> None:
+    assert {name: DATASETS[name].takes for name in DATASETS} == {
+        "digits": ("test_fraction",),
+        "synthetic": ("n_train", "n_test", "num_classes", "shape", "separation"),
+        "cifar10": ("root", "download"),
+        "cifar100": ("root", "download"),
+        "mnist": ("root", "download"),
+        "fashion_mnist": ("root", "download"),
+        "imagefolder": (
+            "root",
+            "test_fraction",
+            "cache_dir",
+            "image_size",
+            "max_image_bytes",
+            "max_total_bytes",
+            "max_decoded_bytes",
+        ),
+    }
+    caps = DATASETS["imagefolder"].defaults()
+    assert (caps["max_image_bytes"], caps["max_total_bytes"], caps["max_decoded_bytes"]) == (
+        64 * 2**20,
+        8 * 2**30,
+        16 * 2**30,
+    )
+
+
+def test_estimate_bytes_counts_arrays_and_tensors() -> None:
+    # synthetic: (n_train + n_test) x prod(shape) float32 values, plus the float32 tensors built from them.
+    assert estimate_bytes("synthetic", n_train=100, n_test=20, shape=[3, 4, 5]) == 120 * 60 * 8
+    assert estimate_bytes("synthetic") == (5000 + 1000) * 20 * 8  # the registered defaults
+    # CIFAR-10: 60,000 uint8 images of 3 x 32 x 32, plus their float32 tensors.
+    assert estimate_bytes("cifar10", root="x") == 60000 * 3072 * 5
+    assert estimate_bytes("mnist", root="x") == 70000 * 784 * 5
+    assert estimate_bytes("imagefolder", root="x") is None  # known only after listing the images
 
 
 def test_known_train_size() -> None:
@@ -82,8 +127,10 @@ def test_digits_split_is_stratified_and_seeded() -> None:
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
 def test_bad_test_fraction(fraction: float) -> None:
-    with pytest.raises(ScenarioError, match=r"data\.test_fraction"):
+    with pytest.raises(ValueError, match=r"test_fraction"):
         load_dataset("digits", test_fraction=fraction)
+    with pytest.raises(ValueError, match=r"test_fraction must be in \(0, 1\)"):
+        stratified_split(np.arange(10) % 2, fraction, np.random.default_rng(0))
 
 
 def test_stratified_split_sizes_and_cover() -> None:
@@ -135,7 +182,7 @@ def test_synthetic_cifar_sized_is_fast_enough() -> None:
 
 
 def test_synthetic_bad_shape() -> None:
-    with pytest.raises(ScenarioError, match=r"data\.shape"):
+    with pytest.raises(ValueError, match=r"shape"):
         load_dataset("synthetic", shape=(3, 0))
 
 
@@ -143,10 +190,11 @@ def test_synthetic_bad_shape() -> None:
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "mnist", "fashion_mnist"])
-def test_missing_root_is_a_scenario_error(name: str, tmp_path: Path) -> None:
-    for root in (None, str(tmp_path / "absent"), str(tmp_path)):  # unset, missing, empty
-        with pytest.raises(ScenarioError, match=r"data\.root") as excinfo:
+def test_missing_root_is_a_parameter_error(name: str, tmp_path: Path) -> None:
+    for root in (str(tmp_path / "absent"), str(tmp_path)):  # missing, empty
+        with pytest.raises(ParameterError) as excinfo:
             load_dataset(name, root=root)
+        assert (excinfo.value.param, excinfo.value.value) == ("root", root)
         assert f"the {name} files torchvision expects" in str(excinfo.value)
         assert "data.download = true" in str(excinfo.value)
 
@@ -189,7 +237,7 @@ class _FakeCifar:
 
 def test_cifar_layout_becomes_nchw(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", _FakeCifar)
-    with pytest.raises(ScenarioError, match=r"data\.root"):
+    with pytest.raises(ParameterError, match=r"root must be a folder holding the cifar10 files"):
         load_dataset("cifar10", root=str(tmp_path))
     (tmp_path / "fake-cifar").mkdir()
     ds = load_dataset("cifar10", root=str(tmp_path))
@@ -402,8 +450,9 @@ def test_imagefolder_mixed_sizes_need_image_size(tmp_path: Path) -> None:
     _save(base / "b" / "0.png", 30, size=12)
     _save(base / "b" / "1.jpg", 40, size=6, fmt="JPEG")
     _save(base / "b" / "2.png", 50, size=8, mode="L")
-    with pytest.raises(ScenarioError, match=r"data\.image_size"):
+    with pytest.raises(ImageFolderError, match=r"data\.image_size") as excinfo:
         _load(base, tmp_path / "cache")
+    assert excinfo.value.key == "data.image_size"
     ds = _load(base, tmp_path / "cache", image_size=5, test_fraction=0.4)
     assert ds.input_shape == (3, 5, 5)
     assert len(ds.train) + len(ds.test) == 5
@@ -413,27 +462,32 @@ def test_imagefolder_mixed_sizes_need_image_size(tmp_path: Path) -> None:
 
 
 def test_imagefolder_missing_or_empty_root(tmp_path: Path) -> None:
-    with pytest.raises(ScenarioError, match=r"data\.root"):
-        load_dataset("imagefolder", root=None, cache_dir=str(tmp_path))
-    with pytest.raises(ScenarioError, match=r"data\.root"):
+    with pytest.raises(ValueError, match="root"):
+        load_dataset("imagefolder", root=None, cache_dir=str(tmp_path))  # root is required
+    with pytest.raises(ImageFolderError, match=r"data\.root") as excinfo:
         _load(tmp_path / "absent.tar.gz", tmp_path / "cache")
+    assert excinfo.value.key == "data.root"
     (tmp_path / "empty" / "a").mkdir(parents=True)
-    with pytest.raises(ScenarioError, match="No image files"):
+    with pytest.raises(ImageFolderError, match="No image files"):
         _load(tmp_path / "empty", tmp_path / "cache")
     (tmp_path / "file.txt").write_text("x")
-    with pytest.raises(ScenarioError, match=r"data\.root"):
+    with pytest.raises(ImageFolderError, match=r"data\.root"):
         _load(tmp_path / "file.txt", tmp_path / "cache")
 
 
 def test_dataset_names_cover_the_registry() -> None:
-    assert DATASET_NAMES == (
-        "digits",
-        "synthetic",
-        "cifar10",
-        "cifar100",
-        "mnist",
-        "fashion_mnist",
-        "imagefolder",
+    assert (
+        DATASET_NAMES
+        == DATASETS.names
+        == (
+            "digits",
+            "synthetic",
+            "cifar10",
+            "cifar100",
+            "mnist",
+            "fashion_mnist",
+            "imagefolder",
+        )
     )
 
 
@@ -442,5 +496,100 @@ def test_imagefolder_undecodable_file_is_named(tmp_path: Path) -> None:
     _save(base / "a" / "0.png", 1)
     _save(base / "b" / "0.png", 2)
     (base / "b" / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(ScenarioError, match=r"b/broken\.jpg"):
+    with pytest.raises(ImageFolderError, match=r"b/broken\.jpg"):
         _load(base, tmp_path / "cache")
+
+
+# --------------------------------------------------------------------------- the data a run uses
+
+
+def _tiny(**stream) -> dict:
+    return {
+        "seed": 4,
+        "data": {"dataset": "digits"},
+        "partition": {"kind": "iid", "n_clients": 3},
+        "stream": stream,
+    }
+
+
+def test_shared_schedule_is_one_class_order_for_every_client() -> None:
+    from fedlt.config import load_scenario
+    from fedlt.data.federated import build_federated_data
+
+    # All classes disjoint, 2 tasks, i-blurry: the schedule cuts the 10 classes into 5 + 5.
+    stream = {"kind": "i-blurry", "n_tasks": 2, "disjoint_percent": 100, "schedule": "shared"}
+    data = build_federated_data(load_scenario(_tiny(**stream)))
+    assert data.schedule is not None
+    first, second = data.schedule.classes(0), data.schedule.classes(1)
+    assert len(first) == len(second) == 5 and sorted(first + second) == list(range(10))
+    labels = data.y_train_np
+    for stream_k in data.streams:
+        for task, owned in zip(stream_k.tasks, (first, second), strict=True):
+            assert set(labels[task.indices].tolist()) <= set(owned)  # no class before its task
+    own = build_federated_data(load_scenario(_tiny(kind="i-blurry", n_tasks=2, disjoint_percent=100)))
+    assert own.schedule is None
+
+
+def test_describe_reports_tasks_settings_and_schedule() -> None:
+    from fedlt.config import load_scenario
+    from fedlt.data.federated import build_federated_data
+
+    stream = {"kind": "si-blurry", "n_tasks": 3, "schedule": "shared"}
+    data = build_federated_data(load_scenario(_tiny(**stream)))
+    info = data.describe()
+    assert info["stream"]["schedule"] == "shared" and info["stream"]["n_tasks"] == 3
+    assert info["schedule"]["n_tasks"] == 3 and len(info["schedule"]["tasks"]) == 3
+    for client in info["clients"]:
+        assert len(client["tasks"]) == 3
+        assert sum(t["size"] for t in client["tasks"]) == client["n_samples"]
+        totals = np.sum([t["class_counts"] for t in client["tasks"]], axis=0)
+        assert totals.tolist() == client["class_counts"]  # every sample lands in exactly one task
+        assert "indices" not in client
+    full = data.describe(with_indices=True)
+    for k, client in enumerate(full["clients"]):
+        assert client["indices"] == data.client_indices[k].tolist()
+        visited = [i for t in client["tasks"] for i in t["indices"]]
+        assert visited == data.streams[k].indices.tolist()
+    offline = build_federated_data(load_scenario(_tiny())).describe()
+    assert "stream" not in offline and "schedule" not in offline and "tasks" not in offline["clients"][0]
+
+
+def test_more_tasks_than_a_client_has_samples_names_stream_n_tasks() -> None:
+    from fedlt.config import load_scenario
+    from fedlt.data.federated import build_federated_data
+    from fedlt.errors import ScenarioError
+
+    # iid over 3 clients splits the 1257 training digits into 419 each.
+    with pytest.raises(ScenarioError, match="at most 419, the sample count") as excinfo:
+        build_federated_data(load_scenario(_tiny(kind="si-blurry", n_tasks=420)))
+    assert (excinfo.value.key, excinfo.value.value) == ("stream.n_tasks", 420)
+    assert len(build_federated_data(load_scenario(_tiny(kind="si-blurry", n_tasks=419))).streams) == 3
+
+
+def test_data_that_cannot_fit_in_memory_is_refused_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedlt.data.federated as federated
+    from fedlt.config import load_scenario
+    from fedlt.errors import ScenarioError
+
+    monkeypatch.setattr(federated, "available_memory", lambda: 2**30)  # 1 GiB free
+    fits = {"dataset": "synthetic", "n_train": 10000, "n_test": 1000, "shape": [3, 32, 32]}
+    federated.check_data_feasible(load_scenario({"data": fits}))  # 11000 x 3072 x 8 B = 0.25 GiB
+    big = {**fits, "shape": [3, 64, 64]}  # 11000 x 12288 x 8 B = 1.007 GiB
+    with pytest.raises(ScenarioError) as excinfo:
+        federated.check_data_feasible(load_scenario({"data": big}))
+    assert excinfo.value.key == "data.n_train"
+    assert "1.0 GiB of memory available" in str(excinfo.value)
+    assert "data.shape [3, 64, 64] need about 1.0 GiB" in str(excinfo.value)
+
+
+def test_available_memory_is_at_most_the_total() -> None:
+    from fedlt.data.federated import available_memory
+
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        pytest.skip("no /proc/meminfo here")
+    total = next(
+        int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines() if "MemTotal" in line
+    )
+    available = available_memory()
+    assert available is not None and 0 < available <= total

@@ -12,7 +12,6 @@ from fedlt.data.longtail import (
     step_counts,
     subsample_long_tail,
 )
-from fedlt.errors import ScenarioError
 
 
 def test_cifar10_if100_counts_match_reference_list() -> None:
@@ -62,22 +61,40 @@ def test_step_profile() -> None:
 
 
 @pytest.mark.parametrize("bad", [0.5, 0.0, -3.0, float("nan"), float("inf")])
-def test_imbalance_factor_below_one_is_a_scenario_error(bad: float) -> None:
-    with pytest.raises(ScenarioError, match=r"long_tail\.imbalance_factor") as excinfo:
+def test_imbalance_factor_below_one_is_a_value_error(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"imbalance_factor must be a finite float >= 1"):
         exponential_counts(5000, 10, bad)
-    assert excinfo.value.key == "long_tail.imbalance_factor"
-    with pytest.raises(ScenarioError):
+    with pytest.raises(ValueError, match=r"imbalance_factor"):
         step_counts(5000, 10, bad)
+    with pytest.raises(ValueError, match=r"imbalance_factor"):
+        long_tail_counts(np.full(10, 50), "exponential", imbalance_factor=bad)
+
+
+def test_registry_declares_each_profile_and_its_parameters() -> None:
+    assert PROFILES.names == ("none", "exponential", "step")
+    assert PROFILES["none"].takes == ()
+    assert PROFILES["exponential"].defaults() == {"imbalance_factor": 1.0, "n_max": None}
+    assert PROFILES["step"].defaults() == {"imbalance_factor": 1.0, "n_max": None, "fraction_minority": 0.5}
+
+
+def test_long_tail_counts_rejects_parameters_the_profile_does_not_take() -> None:
+    with pytest.raises(ValueError, match="imbalance_factor"):
+        long_tail_counts(np.full(3, 10), "none", imbalance_factor=10)
+    with pytest.raises(ValueError, match="fraction_minority"):
+        long_tail_counts(np.full(3, 10), "exponential", fraction_minority=0.2)
 
 
 def test_long_tail_counts_profiles() -> None:
     available = np.full(10, 5000)
-    assert long_tail_counts(available, "none", 100).tolist() == available.tolist()
+    assert long_tail_counts(available, "none").tolist() == available.tolist()
     assert (
-        long_tail_counts(available, "exponential", 100).tolist() == exponential_counts(5000, 10, 100).tolist()
+        long_tail_counts(available, "exponential", imbalance_factor=100).tolist()
+        == exponential_counts(5000, 10, 100).tolist()
     )
-    assert long_tail_counts(available, "step", 100).tolist() == [5000] * 5 + [50] * 5
-    assert long_tail_counts(available, "exponential", 100, n_max=500).tolist() == [
+    assert long_tail_counts(available, "step", imbalance_factor=100).tolist() == [5000] * 5 + [50] * 5
+    # The default imbalance factor 1 is flat.
+    assert long_tail_counts(available, "exponential").tolist() == available.tolist()
+    assert long_tail_counts(available, "exponential", imbalance_factor=100, n_max=500).tolist() == [
         500,
         299,
         179,
@@ -93,23 +110,23 @@ def test_long_tail_counts_profiles() -> None:
 
 def test_long_tail_counts_caps_at_available() -> None:
     available = np.array([100, 10, 80, 3])
-    counts = long_tail_counts(available, "exponential", 10)
+    counts = long_tail_counts(available, "exponential", imbalance_factor=10)
     assert np.all(counts <= available)
     assert counts.tolist() == [100, 10, 21, 3]
 
 
 def test_none_returns_a_copy() -> None:
     available = np.array([5, 6, 7])
-    counts = long_tail_counts(available, "none", 1)
+    counts = long_tail_counts(available, "none")
     counts[0] = 0
     assert available[0] == 5
 
 
 def test_unknown_profile() -> None:
-    with pytest.raises(ScenarioError, match=r"The 'long_tail.profile' value must be one of") as excinfo:
-        long_tail_counts(np.array([10, 10]), "linear", 10)
-    assert excinfo.value.value == "linear"
-    assert "exponential" in PROFILES
+    with pytest.raises(
+        ValueError, match=r"unknown long-tail profile 'linear'; known: none, exponential, step"
+    ):
+        long_tail_counts(np.array([10, 10]), "linear")
 
 
 def _labels(rng_seed: int = 0) -> np.ndarray:

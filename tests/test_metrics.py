@@ -5,14 +5,23 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
 
+from fedlt.config import scenario_from_dict
 from fedlt.errors import ScenarioError
-from fedlt.metrics import SHOT_RULES, classification_metrics, personalized_accuracy, shot_groups
+from fedlt.metrics import (
+    SHOT_RULES,
+    classification_metrics,
+    personalized_accuracy,
+    shot_groups,
+    shot_thresholds,
+)
+from fedlt.registry import ParameterError
 
 CIFAR10_LT_IF100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
@@ -177,6 +186,115 @@ def test_masked_classes_with_minus_inf_are_allowed() -> None:
     assert math.isfinite(result["auroc_macro"])
 
 
+def test_confusion_matrix_hand_worked() -> None:
+    # Prepare: predictions of _hand_example are 0, 0, 1 | 1, 0 | 2 for labels 0, 0, 0 | 1, 1 | 2.
+    logits, labels = _hand_example()
+
+    # Execute
+    result = classification_metrics(logits, labels, 3, [200, 50, 10])
+
+    # Assert: rows are the true class, columns the predicted one.
+    assert result["confusion_matrix"] == [[2, 1, 0], [1, 1, 0], [0, 0, 1]]
+    assert all(type(v) is int for row in result["confusion_matrix"] for v in row)
+    assert json.loads(json.dumps(result)) == result
+
+
+def test_confusion_matrix_keeps_absent_classes_and_empty_input() -> None:
+    # Prepare: 4 classes; class 3 is never a label but is predicted once, class 2 neither.
+    logits = np.array([[2.0, 0.0, 0.0, 1.0], [0.0, 2.0, 0.0, 3.0], [0.0, 2.0, 0.0, 0.0]])
+    labels = np.array([0, 1, 1])
+
+    # Execute
+    result = classification_metrics(logits, labels, 4, [10] * 4)
+    empty = classification_metrics(np.zeros((0, 4)), np.zeros(0, dtype=np.int64), 4, [10] * 4)
+
+    # Assert
+    assert result["confusion_matrix"] == [[1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert empty["confusion_matrix"] == [[0] * 4 for _ in range(4)]
+
+
+def _sklearn_macro_auroc(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean of sklearn's binary ROC AUC per class on log-softmax scores, classes with both outcomes.
+
+    sklearn rejects infinite scores, so each class's -inf (masked) scores become one finite value
+    below that class's finite ones: the ranking, hence the AUC, is unchanged.
+    """
+    log_probs = torch.log_softmax(torch.from_numpy(logits), dim=1).numpy()
+    aucs = []
+    for c in range(logits.shape[1]):
+        positive = labels == c
+        if positive.all() or not positive.any():
+            continue
+        scores = log_probs[:, c].copy()
+        finite = np.isfinite(scores)
+        scores[~finite] = scores[finite].min() - 1.0 if finite.any() else 0.0
+        aucs.append(roc_auc_score(positive, scores))
+    return float(np.mean(aucs))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_sklearn_on_random_data(seed: int) -> None:
+    # Prepare: 7 classes, class 6 never a label (but predicted), log-normal-ish spread of logits.
+    rng = np.random.default_rng(seed)
+    n, c = 300, 7
+    labels = rng.choice(6, size=n, p=[0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    logits = rng.normal(scale=3.0, size=(n, c))
+    logits[0, 6] = 50.0  # sample 0 is predicted as the absent class 6
+
+    # Execute
+    result = classification_metrics(logits, labels, c, [100] * c)
+
+    # Assert
+    predictions = logits.argmax(axis=1)
+    with warnings.catch_warnings():
+        # sklearn warns that class 6 is predicted but never true; the score still leaves it out.
+        warnings.simplefilter("ignore", UserWarning)
+        expected_balanced = balanced_accuracy_score(labels, predictions)
+    assert result["balanced_accuracy"] == pytest.approx(expected_balanced, abs=1e-12)
+    expected_matrix = confusion_matrix(labels, predictions, labels=np.arange(c))
+    assert result["confusion_matrix"] == expected_matrix.tolist()
+    per_class = np.diagonal(expected_matrix) / np.maximum(expected_matrix.sum(axis=1), 1)
+    assert result["per_class_accuracy"][:6] == pytest.approx(per_class[:6].tolist(), abs=1e-12)
+    assert result["per_class_accuracy"][6] is None
+    assert result["auroc_macro"] == pytest.approx(_sklearn_macro_auroc(logits, labels), abs=1e-12)
+
+
+def test_auroc_with_masked_logits_matches_sklearn() -> None:
+    # Prepare: class 4 masked (-inf) for every sample, class 2 masked for a random third of them,
+    # so class 2's scores mix finite values with a tied -inf block.
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 4, size=200)
+    logits = rng.normal(size=(200, 5))
+    logits[:, 4] = -np.inf
+    logits[rng.random(200) < 1 / 3, 2] = -np.inf
+    log_probs = torch.log_softmax(torch.from_numpy(logits), dim=1).numpy()
+
+    # Execute
+    result = classification_metrics(logits, labels, 5, [10] * 5)
+
+    # Assert: sklearn cannot take the raw log-probabilities, which is why they are never passed.
+    with pytest.raises(ValueError, match="infinity"):
+        roc_auc_score(labels == 2, log_probs[:, 2])
+    assert result["auroc_macro"] == pytest.approx(_sklearn_macro_auroc(logits, labels), abs=1e-12)
+    assert np.asarray(result["confusion_matrix"])[:, 4].sum() == 0  # a masked class is never predicted
+
+
+def test_masked_class_with_samples_scores_one_half() -> None:
+    # Prepare: class 1 is masked but has a true sample; its scores all tie at -inf (AUC 1/2).
+    logits = np.array([[0.0, -np.inf, -5.0], [1.0, -np.inf, 0.0], [0.0, -np.inf, -9.0], [0.0, -np.inf, 1.0]])
+    labels = np.array([0, 1, 0, 2])
+
+    # Execute
+    result = classification_metrics(logits, labels, 3, [10] * 3)
+
+    # Assert, by hand on log-softmax scores:
+    #   c0: positives rows 0, 2 (log p ~ -0.0067, -0.0001) vs rows 1 (-0.313), 3 (-1.313): 4 of 4 -> 1
+    #   c1: positive row 1 at -inf, negatives all -inf: 3 ties -> 1/2
+    #   c2: positive row 3 (-0.313) vs rows 0 (-5.007), 1 (-1.313), 2 (-9.0001): 3 of 3 -> 1
+    assert result["auroc_macro"] == pytest.approx((1.0 + 0.5 + 1.0) / 3)
+    assert result["per_class_accuracy"] == [1.0, 0.0, 1.0]
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nan_or_positive_inf_logits_are_rejected(bad: float) -> None:
     logits = np.array([[1.0, bad], [0.0, 1.0]])
@@ -243,26 +361,38 @@ def test_cumulative_rule_exact_threshold_hit_stops_the_group() -> None:
     assert shot_groups([3, 1], "cumulative", [0.75, 1.0]) == {"head": [0], "medium": [1], "tail": []}
 
 
-def test_shot_rule_errors_name_the_key() -> None:
-    with pytest.raises(ScenarioError) as info:
+BAD_THRESHOLDS = [
+    ("count", [20, 100]),  # many < few
+    ("count", [100]),
+    ("count", "100,20"),
+    ("count", [True, False]),
+    ("count", [100, -1]),
+    ("cumulative", [0.95, 0.75]),  # head > medium
+    ("cumulative", [0.0, 0.5]),
+    ("cumulative", [0.75, 1.5]),
+]
+
+
+def test_shot_rule_errors_are_plain_value_errors() -> None:
+    with pytest.raises(ValueError, match="rule must be one of 'count', 'cumulative', got 'thirds'"):
         shot_groups([1, 2], rule="thirds")
-    assert info.value.key == "eval.shot_rule"
-    assert "thirds" in str(info.value)
-    for rule, bad in [
-        ("count", [20, 100]),
-        ("count", [100]),
-        ("count", "100,20"),
-        ("count", [True, False]),
-        ("cumulative", [0.95, 0.75]),
-        ("cumulative", [0.0, 0.5]),
-        ("cumulative", [0.75, 1.5]),
-    ]:
-        with pytest.raises(ScenarioError) as info:
+    for rule, bad in BAD_THRESHOLDS:
+        with pytest.raises(ParameterError) as info:
             shot_groups([1, 2], rule=rule, thresholds=bad)
-        assert info.value.key == "eval.shot_thresholds"
-    with pytest.raises(ScenarioError):
+        assert info.value.param == "thresholds"
+    with pytest.raises(ValueError):
         classification_metrics(*_hand_example(), 3, [1, 1, 1], rule="nope")
     assert SHOT_RULES == ("count", "cumulative")
+    assert shot_thresholds("count") == (100.0, 20.0) and shot_thresholds("cumulative") == (0.75, 0.95)
+    assert shot_thresholds("count", [20, 20]) == (20.0, 20.0)  # many == few is allowed
+
+
+@pytest.mark.parametrize(("rule", "bad"), [b for b in BAD_THRESHOLDS if not isinstance(b[1], str)])
+def test_bad_shot_thresholds_are_refused_when_the_scenario_loads(rule: str, bad: list) -> None:
+    # The rule is checked with the scenario, not first when a run evaluates after round 1.
+    with pytest.raises(ScenarioError) as info:
+        scenario_from_dict({"eval": {"shot_rule": rule, "shot_thresholds": bad}})
+    assert info.value.key.startswith("eval.shot_thresholds")  # [True, False] names its first item
 
 
 def test_shot_rule_is_reported_with_cumulative_rule() -> None:

@@ -14,7 +14,7 @@ from fedlt.data.partition import (
     partition_iid,
     partition_shards,
 )
-from fedlt.errors import ScenarioError
+from fedlt.registry import ParameterError
 
 NUM_CLASSES = 10
 
@@ -47,7 +47,8 @@ def assert_exact_cover(parts: list[np.ndarray], n: int, n_clients: int) -> None:
 @pytest.mark.parametrize("labels_fn", [balanced_labels, long_tail_labels], ids=["balanced", "long-tail"])
 def test_every_index_lands_in_exactly_one_client(kind: str, seed: int, labels_fn) -> None:
     labels = labels_fn(seed=seed)
-    parts = partition(kind, labels, 20, np.random.default_rng(seed), alpha=0.5, num_classes=NUM_CLASSES)
+    params = {"alpha": 0.5} if "alpha" in PARTITIONS[kind].takes else {}
+    parts = partition(kind, labels, 20, np.random.default_rng(seed), num_classes=NUM_CLASSES, **params)
     assert_exact_cover(parts, len(labels), 20)
 
 
@@ -62,10 +63,35 @@ def test_same_seed_same_partition(kind: str) -> None:
     assert any(not np.array_equal(pa, pc) for pa, pc in zip(a, c, strict=True))
 
 
-def test_unknown_kind() -> None:
-    with pytest.raises(ScenarioError, match=r"The 'partition.kind' value must be one of") as excinfo:
+def test_unknown_kind_lists_the_registry() -> None:
+    with pytest.raises(ValueError, match=r"unknown partition 'pathological'; known: dirichlet, ") as excinfo:
         partition("pathological", balanced_labels(), 4, np.random.default_rng(0))
-    assert excinfo.value.value == "pathological"
+    assert "iid" in str(excinfo.value)
+
+
+def test_registry_declares_each_partitioner_and_its_parameters() -> None:
+    assert PARTITIONS.names == ("dirichlet", "dirichlet-equal", "shards", "iid")
+    assert {name: PARTITIONS[name].defaults() for name in PARTITIONS} == {
+        "dirichlet": {"alpha": 0.5, "min_client_size": 0},
+        "dirichlet-equal": {"alpha": 0.5},
+        "shards": {"shards_per_client": 2},
+        "iid": {},
+    }
+
+
+def test_partition_rejects_parameters_its_kind_does_not_take() -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        partition("iid", balanced_labels(), 4, np.random.default_rng(0), alpha=0.5)
+    with pytest.raises(ValueError, match="shards_per_client"):
+        partition("shards", balanced_labels(), 4, np.random.default_rng(0), shards_per_client=0)
+
+
+def test_partition_fills_in_the_registered_defaults() -> None:
+    labels = balanced_labels()
+    by_name = partition("shards", labels, 10, np.random.default_rng(4))
+    by_hand = partition_shards(labels, 10, 2, np.random.default_rng(4))  # shards' default is 2
+    for a, b in zip(by_name, by_hand, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_iid_sizes_and_mix() -> None:
@@ -130,11 +156,13 @@ def test_dirichlet_min_client_size_is_respected() -> None:
 
 def test_dirichlet_min_client_size_unreachable() -> None:
     labels = balanced_labels(per_class=100)
-    with pytest.raises(ScenarioError, match=r"partition\.min_client_size") as excinfo:
+    with pytest.raises(ParameterError, match=r"min_client_size must be reachable") as excinfo:
         partition_dirichlet(labels, 10, 0.01, np.random.default_rng(0), min_client_size=95, max_tries=20)
-    assert excinfo.value.value == 95
-    with pytest.raises(ScenarioError, match=r"an int in \[0, 100\]"):
+    assert (excinfo.value.param, excinfo.value.value) == ("min_client_size", 95)
+    # 1000 samples over 10 clients: at most 100 each.
+    with pytest.raises(ParameterError, match=r"an int in \[0, 100\]") as excinfo:
         partition_dirichlet(labels, 10, 0.5, np.random.default_rng(0), min_client_size=101)
+    assert excinfo.value.param == "min_client_size"
 
 
 def test_dirichlet_absent_classes_are_allowed() -> None:
@@ -165,8 +193,9 @@ def test_dirichlet_equal_unreachable_balance_is_a_scenario_error() -> None:
     # One class holds nearly everything: 10 workers cannot each get half the average from
     # near-one-hot Dirichlet draws.
     labels = np.concatenate([np.zeros(990, dtype=np.int64), np.arange(1, 11)])
-    with pytest.raises(ScenarioError, match=r"partition\.alpha"):
+    with pytest.raises(ParameterError) as excinfo:
         partition_dirichlet_equal(labels, 10, 0.001, np.random.default_rng(0), max_tries=5)
+    assert (excinfo.value.param, excinfo.value.value) == ("alpha", 0.001)
 
 
 @pytest.mark.parametrize("shards_per_client", [1, 2, 3])
@@ -183,21 +212,23 @@ def test_shards_clients_see_at_most_their_shard_count_of_classes(shards_per_clie
 
 
 def test_shards_more_shards_than_samples() -> None:
-    with pytest.raises(ScenarioError, match=r"partition\.shards_per_client"):
+    # 6 clients x 2 shards = 12 shards of 10 samples: at most 10 // 6 = 1 shard per client.
+    with pytest.raises(ParameterError, match=r"an int in \[1, 1\]") as excinfo:
         partition_shards(np.arange(10) % 2, 6, 2, np.random.default_rng(0))
+    assert (excinfo.value.param, excinfo.value.value) == ("shards_per_client", 2)
 
 
 @pytest.mark.parametrize("kind", PARTITIONS)
 def test_bad_client_count(kind: str) -> None:
-    with pytest.raises(ScenarioError, match=r"partition\.n_clients"):
+    with pytest.raises(ValueError, match=r"n_clients must be an int >= 1, got 0"):
         partition(kind, balanced_labels(), 0, np.random.default_rng(0))
 
 
 def test_bad_alpha() -> None:
-    with pytest.raises(ScenarioError, match=r"partition\.alpha"):
+    with pytest.raises(ValueError, match=r"alpha"):
         partition("dirichlet", balanced_labels(), 4, np.random.default_rng(0), alpha=0.0)
-    with pytest.raises(ScenarioError, match=r"partition\.alpha"):
-        partition("dirichlet-equal", balanced_labels(), 4, np.random.default_rng(0), alpha=-1.0)
+    with pytest.raises(ValueError, match=r"alpha must be a finite float > 0, got -1.0"):
+        partition_dirichlet_equal(balanced_labels(), 4, -1.0, np.random.default_rng(0))
 
 
 def test_more_clients_than_samples_leaves_empty_clients_in_iid() -> None:

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedlt.config import scenario_from_dict
 from fedlt.errors import ScenarioError
-from fedlt.models import MODEL_NAMES, FedModel, ViT, build_model, model_params
+from fedlt.models import MODEL_NAMES, FedModel, ViT, build_model, check_model, model_params
+from fedlt.registry import ParameterError
 
 TINY = {"dim": 16, "depth": 2, "heads": 2}
 
@@ -94,22 +96,39 @@ def test_attention_matches_a_reference_computation() -> None:
 
 
 @pytest.mark.parametrize(
-    ("shape", "params", "key"),
+    ("shape", "params", "param"),
     [
-        ((3, 32, 32), {"patch_size": 5}, "model.patch_size"),
-        ((64,), {"patch_size": 3}, "model.patch_size"),
-        ((3, 32, 32), {"dim": 30, "heads": 4}, "model.heads"),
-        ((3, 32, 32), {"depth": 0}, "model.depth"),
-        ((3, 32, 32), {"dim": True}, "model.dim"),
-        ((60,), {}, "model.name"),  # flat, but 60 is not a square
-        ((2, 8), {}, "model.name"),
-        ((3, 32, 32), {"width": 16}, "model.width"),
+        ((3, 32, 32), {"patch_size": 5}, "patch_size"),  # 5 does not divide 32
+        ((64,), {"patch_size": 3}, "patch_size"),  # digits are 8 x 8
+        ((60,), {}, "name"),  # flat, but 60 is not a square
+        ((2, 8), {}, "name"),
     ],
 )
-def test_bad_shapes_and_params_name_the_key(shape: tuple[int, ...], params: dict, key: str) -> None:
+def test_shapes_the_data_decides_are_parameter_errors(
+    shape: tuple[int, ...], params: dict, param: str
+) -> None:
+    for check in (build_model, check_model):
+        with pytest.raises(ParameterError) as info:
+            check("vit", shape, 10, **params)
+        assert info.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("params", "key", "fragment"),
+    [
+        ({"dim": 30, "heads": 4}, "model.heads", "a divisor of dim = 30"),
+        ({"depth": 0}, "model.depth", "greater than 0"),
+        ({"dim": True}, "model.dim", "an integer"),
+        ({"width": 16}, "model.width", "unset for model 'vit'"),
+    ],
+)
+def test_scenario_alone_decides_these_when_it_loads(params: dict, key: str, fragment: str) -> None:
     with pytest.raises(ScenarioError) as info:
-        build_model("vit", shape, 10, **params)
+        scenario_from_dict({"model": {"name": "vit", **params}})
     assert info.value.key == key
+    assert fragment in str(info.value)
+    with pytest.raises(ValueError):  # the library says so too, as a plain error
+        build_model("vit", (3, 32, 32), 10, **params)
 
 
 # --------------------------------------------------------------------------- pretrained
@@ -160,10 +179,11 @@ def test_pretrained_errors(tmp_path) -> None:
         str(not_a_state_dict): "state dict",
     }
     for path, message in cases.items():
-        with pytest.raises(ScenarioError, match=message) as info:
-            build_model("vit", (64,), 5, pretrained=path, **TINY)
-        assert info.value.key == "model.pretrained"
-        assert info.value.value == path
+        for check in (build_model, check_model):
+            with pytest.raises(ParameterError, match=message) as info:
+                check("vit", (64,), 5, pretrained=path, **TINY)
+            assert (info.value.param, info.value.value) == ("pretrained", path)
+    check_model("vit", (64,), 5, pretrained=str(too_deep), dim=16, depth=3, heads=2)  # a fitting file
 
 
 # --------------------------------------------------------------------------- prompt slot

@@ -1,19 +1,19 @@
 """Data: dataset registry, long-tail profiles, client partitions and per-client views.
 
 Datasets load once into arrays (:class:`RawDataset`); everything downstream works on index
-arrays into them, so a client never holds a copy of the data.
+arrays into them, so a client never holds a copy of the data. The registries (:data:`DATASETS`,
+:data:`PROFILES`, :data:`PARTITIONS`) declare each choice once, with its parameters.
 """
 
 from fedlt.data.datasets import (
     DATASET_NAMES,
-    RawDataset,
-    RawSplit,
+    DATASETS,
+    estimate_bytes,
     known_train_size,
     load_dataset,
-    stratified_split,
     to_tensor,
 )
-from fedlt.data.imagefolder import IMAGE_EXTENSIONS, default_cache_dir, load_imagefolder
+from fedlt.data.imagefolder import IMAGE_EXTENSIONS, ImageFolderError, default_cache_dir, load_imagefolder
 from fedlt.data.longtail import (
     PROFILES,
     exponential_counts,
@@ -29,18 +29,22 @@ from fedlt.data.partition import (
     partition_iid,
     partition_shards,
 )
+from fedlt.data.raw import RawDataset, RawSplit, stratified_split
 from fedlt.data.views import class_counts, client_class_counts, local_test_views
 
 __all__ = [
+    "DATASETS",
     "DATASET_NAMES",
     "IMAGE_EXTENSIONS",
     "PARTITIONS",
     "PROFILES",
+    "ImageFolderError",
     "RawDataset",
     "RawSplit",
     "class_counts",
     "client_class_counts",
     "default_cache_dir",
+    "estimate_bytes",
     "exponential_counts",
     "known_train_size",
     "load_dataset",

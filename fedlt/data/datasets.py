@@ -1,128 +1,119 @@
 """Dataset registry: every dataset loads into plain uint8/float arrays once, then clients index it.
 
-Images stay uint8 ``(N, C, H, W)`` (a quarter of float32's memory) until :func:`to_tensor`
-normalises the samples a caller asks for; tabular and synthetic data are float32.
+:data:`DATASETS` declares each dataset once, with the parameters a scenario may set under
+``[data]``; :mod:`fedlt.config` derives that section from it. Images stay uint8 ``(N, C, H, W)``
+(a quarter of float32's memory) until :func:`to_tensor` normalises the samples a caller asks for;
+tabular and synthetic data are float32.
+
+Errors are plain: bad arguments are ``ValueError``; a dataset the given ``root`` does not hold is a
+:class:`~fedlt.registry.ParameterError` naming ``root``, and image-folder problems are
+:class:`~fedlt.data.imagefolder.ImageFolderError`. The scenario boundary
+(:func:`fedlt.data.federated.build_federated_data`) turns them into scenario errors.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import Field, NonNegativeFloat, PositiveInt
 
-from fedlt.errors import ScenarioError
+from fedlt.data.raw import RawDataset, RawSplit, n_test_samples, stratified_split
+from fedlt.registry import Entry, ParameterError, Params, Registry
 from fedlt.seeding import numpy_rng
 
 __all__ = [
+    "DATASETS",
     "DATASET_NAMES",
     "RawDataset",
     "RawSplit",
+    "estimate_bytes",
     "known_train_size",
     "load_dataset",
     "stratified_split",
     "to_tensor",
 ]
 
-DATASET_NAMES: tuple[str, ...] = (
-    "digits",
-    "synthetic",
-    "cifar10",
-    "cifar100",
-    "mnist",
-    "fashion_mnist",
-    "imagefolder",
-)
-
 _DIGITS_SIZE = 1797
+_MIB = 2**20
+_GIB = 2**30
 
-# name -> (torchvision class name, train size, per-channel mean, per-channel std)
-_TORCHVISION: dict[str, tuple[str, int, tuple[float, ...], tuple[float, ...]]] = {
-    "cifar10": ("CIFAR10", 50000, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ("CIFAR100", 50000, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "mnist": ("MNIST", 60000, (0.1307,), (0.3081,)),
-    "fashion_mnist": ("FashionMNIST", 60000, (0.2860,), (0.3530,)),
+# name -> (torchvision class name, train size, test size, sample shape, per-channel mean, std)
+_TORCHVISION: dict[str, tuple[str, int, int, tuple[int, ...], tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ("CIFAR10", 50000, 10000, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ("CIFAR100", 50000, 10000, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": ("MNIST", 60000, 10000, (1, 28, 28), (0.1307,), (0.3081,)),
+    "fashion_mnist": ("FashionMNIST", 60000, 10000, (1, 28, 28), (0.2860,), (0.3530,)),
 }
 
 
-@dataclass(frozen=True)
-class RawSplit:
-    """One split as arrays: ``x`` uint8 ``(N, C, H, W)`` images or float32 samples, ``y`` int64 ``(N,)``."""
-
-    x: np.ndarray
-    y: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.y)
+def _test_fraction() -> Any:
+    return Field(
+        0.3, gt=0, lt=1, description="Held-out test share (the dataset has no test split of its own)."
+    )
 
 
-@dataclass(frozen=True)
-class RawDataset:
-    """A dataset as loaded: both splits plus what models and :func:`to_tensor` need to know.
-
-    ``mean``/``std`` are per channel for images (on the [0, 1] scale) and a single scalar for
-    float data.
-    """
-
-    name: str
-    train: RawSplit
-    test: RawSplit
-    num_classes: int
-    class_names: tuple[str, ...]
-    input_shape: tuple[int, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+# --------------------------------------------------------------------------- parameters
 
 
-# --------------------------------------------------------------------------- splits
+class DigitsParams(Params):
+    """``digits``: scikit-learn's bundled 8x8 digits, 1797 samples."""
+
+    test_fraction: float = _test_fraction()
 
 
-def _check_test_fraction(test_fraction: float) -> None:
-    if not 0 < test_fraction < 1:
-        raise ScenarioError("data.test_fraction", test_fraction, "a float in (0, 1)")
+class SyntheticParams(Params):
+    """``synthetic``: Gaussian classes whose means lie on the diagonal."""
+
+    n_train: PositiveInt = Field(5000, description="Training samples.")
+    n_test: PositiveInt = Field(1000, description="Test samples.")
+    num_classes: int = Field(10, ge=2, description="Number of classes.")
+    shape: Annotated[list[PositiveInt], Field(min_length=1)] = Field(
+        [20], description="Per-sample shape (positive ints), e.g. [3, 32, 32]."
+    )
+    separation: NonNegativeFloat = Field(
+        1.0, allow_inf_nan=False, description="How far apart class means are (larger = easier)."
+    )
 
 
-def _n_test(n: int, test_fraction: float) -> int:
-    # Rounding first keeps e.g. 0.7 * 100 = 70.00000000000001 from becoming 71.
-    return min(n - 1, max(1, math.ceil(round(test_fraction * n, 6))))
+class TorchvisionParams(Params):
+    """``cifar10``/``cifar100``/``mnist``/``fashion_mnist``: torchvision's files in a local folder."""
+
+    root: str = Field(
+        description="Local folder holding the files as torchvision stores them. Relative paths are relative "
+        "to the scenario file."
+    )
+    download: bool = Field(False, description="Let torchvision download into `root` when files are missing.")
 
 
-def stratified_split(
-    labels: np.ndarray, test_fraction: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices into train and test, keeping each class's share in both.
+class ImageFolderParams(Params):
+    """``imagefolder``: any folder, or tar archive, of class subfolders."""
 
-    The test set holds ``ceil(test_fraction * N)`` samples, spread over classes in proportion
-    to their size (largest remainders get the leftover samples), so the split sizes depend only
-    on ``N`` and ``test_fraction``, which lets :func:`known_train_size` answer without loading.
-
-    Returns
-    -------
-    tuple of np.ndarray
-        Sorted int64 ``(train_indices, test_indices)``.
-    """
-    _check_test_fraction(test_fraction)
-    labels = np.asarray(labels)
-    n = len(labels)
-    if n < 2:
-        raise ScenarioError("data", f"{n} samples", "a dataset with at least 2 samples to split")
-    n_test = _n_test(n, test_fraction)
-    classes, counts = np.unique(labels, return_counts=True)
-    share = counts * n_test
-    per_class = share // n
-    leftover = n_test - int(per_class.sum())
-    per_class[np.argsort(-(share % n), kind="stable")[:leftover]] += 1
-    test_parts = [
-        rng.permutation(np.flatnonzero(labels == c))[:t] for c, t in zip(classes, per_class, strict=True)
-    ]
-    test = np.sort(np.concatenate(test_parts)).astype(np.int64)
-    is_test = np.zeros(n, dtype=bool)
-    is_test[test] = True
-    return np.flatnonzero(~is_test).astype(np.int64), test
+    root: str = Field(
+        description="A folder of class subfolders (maybe under train/ and test/), or a .tar/.tar.gz/.tgz of "
+        "one. Relative paths are relative to the scenario file."
+    )
+    test_fraction: float = _test_fraction()
+    cache_dir: str | None = Field(
+        None,
+        description="Where decoded arrays are cached (default $FEDLT_CACHE or ~/.cache/fedlt). Relative "
+        "paths are relative to the scenario file.",
+    )
+    image_size: int | None = Field(
+        None, gt=0, description="Resize every image to this square size (required when sizes differ)."
+    )
+    max_image_bytes: PositiveInt = Field(
+        64 * _MIB, description="Archives: the largest member read into memory (bytes)."
+    )
+    max_total_bytes: PositiveInt = Field(
+        8 * _GIB, description="Archives: total bytes of image members read into memory."
+    )
+    max_decoded_bytes: PositiveInt = Field(
+        16 * _GIB, description="Decoded pixels in all (width x height x 3 per image, bytes)."
+    )
 
 
 # --------------------------------------------------------------------------- loaders
@@ -162,36 +153,24 @@ def _synthetic_split(
 
 
 def _load_synthetic(
-    seed: int, n_train: int, n_test: int, num_classes: int, shape: tuple[int, ...], separation: float
+    seed: int, n_train: int, n_test: int, num_classes: int, shape: list[int], separation: float
 ) -> RawDataset:
-    if n_train < 1:
-        raise ScenarioError("data.n_train", n_train, "an int >= 1")
-    if n_test < 1:
-        raise ScenarioError("data.n_test", n_test, "an int >= 1")
-    if num_classes < 2:
-        raise ScenarioError("data.num_classes", num_classes, "an int >= 2")
-    shape = tuple(int(s) for s in shape)
-    if not shape or any(s < 1 for s in shape):
-        raise ScenarioError("data.shape", list(shape), "a non-empty list of positive ints")
-    if not (separation >= 0 and math.isfinite(separation)):
-        raise ScenarioError("data.separation", separation, "a finite float >= 0")
+    dims = tuple(int(s) for s in shape)
     return RawDataset(
         name="synthetic",
-        train=_synthetic_split(
-            n_train, num_classes, shape, separation, numpy_rng(seed, "synthetic", "train")
-        ),
-        test=_synthetic_split(n_test, num_classes, shape, separation, numpy_rng(seed, "synthetic", "test")),
+        train=_synthetic_split(n_train, num_classes, dims, separation, numpy_rng(seed, "synthetic", "train")),
+        test=_synthetic_split(n_test, num_classes, dims, separation, numpy_rng(seed, "synthetic", "test")),
         num_classes=num_classes,
         class_names=tuple(str(c) for c in range(num_classes)),
-        input_shape=shape,
+        input_shape=dims,
         mean=(0.0,),
         std=(1.0,),
     )
 
 
-def _missing_root(name: str, root: Any) -> ScenarioError:
-    return ScenarioError(
-        "data.root",
+def _missing_root(name: str, root: Any) -> ParameterError:
+    return ParameterError(
+        "root",
         root,
         f"a folder holding the {name} files torchvision expects",
         hint="Set data.download = true to fetch them, or point data.root at an existing copy.",
@@ -216,102 +195,128 @@ def _torchvision_split(name: str, root: str, train: bool, download: bool) -> tup
     return split, tuple(str(c) for c in ds.classes)
 
 
-def _load_torchvision(name: str, root: str | os.PathLike[str] | None, download: bool) -> RawDataset:
-    if root is None or (not download and not Path(root).expanduser().is_dir()):
-        raise _missing_root(name, root)
-    path = str(Path(root).expanduser())
-    train, classes = _torchvision_split(name, path, True, download)
-    test, _ = _torchvision_split(name, path, False, download)
-    _, _, mean, std = _TORCHVISION[name]
-    return RawDataset(
-        name=name,
-        train=train,
-        test=test,
-        num_classes=len(classes),
-        class_names=classes,
-        input_shape=tuple(int(s) for s in train.x.shape[1:]),
-        mean=mean,
-        std=std,
-    )
+def _torchvision_loader(name: str) -> Any:
+    def load(seed: int, root: str, download: bool) -> RawDataset:
+        if not download and not Path(root).expanduser().is_dir():
+            raise _missing_root(name, root)
+        path = str(Path(root).expanduser())
+        train, classes = _torchvision_split(name, path, True, download)
+        test, _ = _torchvision_split(name, path, False, download)
+        mean, std = _TORCHVISION[name][4:]
+        return RawDataset(
+            name=name,
+            train=train,
+            test=test,
+            num_classes=len(classes),
+            class_names=classes,
+            input_shape=tuple(int(s) for s in train.x.shape[1:]),
+            mean=mean,
+            std=std,
+        )
+
+    return load
 
 
-def _check_name(name: str) -> None:
-    if name not in DATASET_NAMES:
-        raise ScenarioError("data.dataset", name, f"one of {DATASET_NAMES}")
+def _load_imagefolder(seed: int, root: str, **params: Any) -> RawDataset:
+    from fedlt.data.imagefolder import load_imagefolder
+
+    return load_imagefolder(root, seed=seed, **params)
 
 
-def load_dataset(
-    name: str,
-    *,
-    root: str | os.PathLike[str] | None = None,
-    download: bool = False,
-    seed: int = 0,
-    test_fraction: float = 0.3,
-    cache_dir: str | os.PathLike[str] | None = None,
-    n_train: int = 5000,
-    n_test: int = 1000,
-    num_classes: int = 10,
-    shape: tuple[int, ...] = (20,),
-    separation: float = 1.0,
-    image_size: int | None = None,
-) -> RawDataset:
+#: Every dataset a scenario can name; ``build(seed, **params) -> RawDataset``.
+DATASETS = Registry(
+    "dataset",
+    [
+        Entry("digits", DigitsParams, "scikit-learn's bundled 8x8 digits (no download).", _load_digits),
+        Entry(
+            "synthetic", SyntheticParams, "Seeded Gaussian classes of any shape and size.", _load_synthetic
+        ),
+        *(
+            Entry(
+                name,
+                TorchvisionParams,
+                f"torchvision's {cls}, from a local folder.",
+                _torchvision_loader(name),
+            )
+            for name, (cls, *_) in _TORCHVISION.items()
+        ),
+        Entry(
+            "imagefolder",
+            ImageFolderParams,
+            "Any folder or tar archive of class subfolders, decoded once and cached.",
+            _load_imagefolder,
+        ),
+    ],
+)
+
+#: The registry's names, in declaration order (derived from :data:`DATASETS`).
+DATASET_NAMES: tuple[str, ...] = DATASETS.names
+
+
+def load_dataset(name: str, *, seed: int = 0, **params: Any) -> RawDataset:
     """Load dataset ``name`` from the registry into arrays.
 
     Parameters
     ----------
     name : str
-        One of :data:`DATASET_NAMES`.
-    root : str, optional
-        torchvision datasets: the folder holding their files. imagefolder: a folder of class
-        subfolders, or a ``.tar``/``.tar.gz``/``.tgz`` archive of one.
-    download : bool, default=False
-        Let torchvision fetch missing files into ``root``.
+        One of :data:`DATASETS`.
     seed : int, default=0
         Seeds generated splits (digits, imagefolder without train/test) and synthetic data.
-    test_fraction : float, default=0.3
-        Test share where a split has to be generated.
-    cache_dir : str, optional
-        imagefolder's decode cache (default ``$FEDLT_CACHE`` or ``~/.cache/fedlt``).
-    n_train, n_test, num_classes, shape, separation
-        synthetic only.
-    image_size : int, optional
-        imagefolder: resize every image to ``image_size x image_size``.
+    **params
+        The dataset's parameters (see its entry's parameter model); the rest keep their defaults.
 
     Raises
     ------
-    ScenarioError
-        Unknown name (``data.dataset``), missing files (``data.root``), or bad parameters.
+    ValueError
+        An unknown name, or parameters the dataset does not take or out of range (a
+        ``pydantic.ValidationError``).
+    ParameterError
+        ``root`` does not hold the torchvision dataset.
+    ImageFolderError
+        imagefolder: missing, broken or unsafe input, a cap exceeded, an unwritable cache.
     """
-    _check_name(name)
-    if name == "digits":
-        _check_test_fraction(test_fraction)
-        return _load_digits(seed, test_fraction)
-    if name == "synthetic":
-        return _load_synthetic(seed, n_train, n_test, num_classes, tuple(shape), separation)
-    if name == "imagefolder":
-        from fedlt.data.imagefolder import load_imagefolder
-
-        return load_imagefolder(
-            root, seed=seed, test_fraction=test_fraction, cache_dir=cache_dir, image_size=image_size
-        )
-    return _load_torchvision(name, root, download)
+    entry = DATASETS[name]
+    return entry.build(seed, **dict(entry.params.model_validate(params)))
 
 
-def known_train_size(name: str, **kwargs: Any) -> int | None:
+def _settings(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    return {**DATASETS[name].defaults(), **params}
+
+
+def known_train_size(name: str, **params: Any) -> int | None:
     """Training-set size of ``name`` without loading it, or None when it is only known after loading.
 
-    Takes the same keyword arguments as :func:`load_dataset` (those it does not need are
-    ignored), so a scenario can be checked for "more clients than samples" before any work.
+    Takes the dataset's parameters (missing ones take their defaults), so a scenario can be checked
+    for "more clients than samples" before any work.
     """
-    _check_name(name)
+    values = _settings(name, params)
     if name in _TORCHVISION:
         return _TORCHVISION[name][1]
     if name == "digits":
-        test_fraction = kwargs.get("test_fraction", 0.3)
-        _check_test_fraction(test_fraction)
-        return _DIGITS_SIZE - _n_test(_DIGITS_SIZE, test_fraction)
+        return _DIGITS_SIZE - n_test_samples(_DIGITS_SIZE, values["test_fraction"])
     if name == "synthetic":
-        return int(kwargs.get("n_train", 5000))
+        return int(values["n_train"])
+    return None
+
+
+def estimate_bytes(name: str, **params: Any) -> int | None:
+    """Host memory loading ``name`` takes, without loading it; None when only the data can tell.
+
+    Counts the arrays as loaded (float32 for digits and synthetic, uint8 for torchvision images) plus
+    the float32 tensors :func:`to_tensor` builds from them, which coexist while the data is placed:
+    ``samples x prod(sample shape) x (bytes per loaded value + 4)``. Synthetic data needs
+    ``(n_train + n_test) x prod(shape) x 8`` bytes. imagefolder sizes are only known after listing
+    the images, so it gives None (its own caps bound it).
+    """
+    values = _settings(name, params)
+    if name in _TORCHVISION:
+        _, n_train, n_test, shape, _, _ = _TORCHVISION[name]
+        return (n_train + n_test) * math.prod(shape) * (1 + 4)
+    if name == "digits":
+        return _DIGITS_SIZE * 64 * (4 + 4)
+    if name == "synthetic":
+        n = int(values["n_train"]) + int(values["n_test"])
+        return n * math.prod(int(s) for s in values["shape"]) * (4 + 4)
     return None
 
 

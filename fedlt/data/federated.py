@@ -2,25 +2,40 @@
 
 Built once per run from the scenario, deterministically from its seed. Tensors live on the
 run's device; clients hold index arrays into them, never copies.
+
+This is the scenario's second boundary (the first is :mod:`fedlt.config`, which checks every rule
+the scenario alone decides): what only the data or the machine can tell (a root folder that does
+not exist, a broken archive, a model that does not fit the samples' shape, more clients or tasks
+than samples, data that cannot fit in memory) is raised by library code as a plain error and
+turned into a :class:`~fedlt.errors.ScenarioError` here, by :func:`_boundary`, and nowhere deeper.
 """
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedlt.data.datasets import RawDataset, known_train_size, load_dataset, to_tensor
+from fedlt.data.datasets import RawDataset, estimate_bytes, known_train_size, load_dataset, to_tensor
+from fedlt.data.imagefolder import ImageFolderError
 from fedlt.data.longtail import long_tail_counts, subsample_long_tail
 from fedlt.data.partition import partition
-from fedlt.data.stream import ClientStream, build_stream
+from fedlt.data.stream import ClientStream, TaskSchedule, build_stream, check_task_count, shared_schedule
 from fedlt.data.views import class_counts, client_class_counts, local_test_views
 from fedlt.errors import ScenarioError
+from fedlt.models import check_model
+from fedlt.registry import ParameterError
 from fedlt.seeding import numpy_rng
 
-__all__ = ["FederatedData", "build_federated_data", "check_data_feasible"]
+__all__ = ["FederatedData", "available_memory", "build_federated_data", "check_data_feasible"]
+
+_GIB = 2**30
 
 
 @dataclass
@@ -41,6 +56,10 @@ class FederatedData:
     test_views: list[np.ndarray]
     #: Continual scenarios: each client's task stream over its indices (``None`` offline).
     streams: list[ClientStream] | None = None
+    #: The one class-to-task assignment every stream follows (``stream.schedule = "shared"``), else None.
+    schedule: TaskSchedule | None = None
+    #: The scenario's ``[stream]`` settings the streams were built with (``None`` offline).
+    stream_settings: dict[str, Any] | None = None
 
     @property
     def n_clients(self) -> int:
@@ -103,74 +122,176 @@ class FederatedData:
             test_views=[np.empty(0, dtype=np.int64) for _ in shared["client_indices"]],
         )
 
-    def describe(self) -> dict[str, Any]:
-        """What `fedlt inspect --json` prints: counts after the long tail, per client, views."""
-        return {
+    def describe(self, with_indices: bool = False) -> dict[str, Any]:
+        """What `fedlt inspect --json` prints: counts after the long tail, per client, views, streams.
+
+        Parameters
+        ----------
+        with_indices : bool, default=False
+            Also list each client's training indices and, in continual scenarios, each task's
+            indices in visit order (large, so only when asked).
+
+        Returns
+        -------
+        dict
+            ``dataset``, ``num_classes``, ``class_names``, ``train_class_counts``, ``n_train``,
+            ``n_test`` and one row per client (``id``, ``n_samples``, ``class_counts``,
+            ``test_view_size``; continual scenarios add ``tasks``, one row per task as
+            :meth:`ClientStream.describe` gives it with class counts). Continual scenarios add
+            ``stream`` (the settings) and, with a shared schedule, ``schedule``.
+        """
+        labels = self.y_train_np
+        clients = []
+        for k in range(self.n_clients):
+            row: dict[str, Any] = {
+                "id": k,
+                "n_samples": int(self.client_counts[k].sum()),
+                "class_counts": self.client_counts[k].tolist(),
+                "test_view_size": len(self.test_views[k]),
+            }
+            if with_indices:
+                row["indices"] = [int(i) for i in self.client_indices[k]]
+            if self.streams is not None:
+                row["tasks"] = self.streams[k].describe(labels, self.num_classes, with_indices=with_indices)
+            clients.append(row)
+        out: dict[str, Any] = {
             "dataset": self.name,
             "num_classes": self.num_classes,
             "class_names": list(self.class_names),
             "train_class_counts": self.train_class_counts.tolist(),
             "n_train": int(self.train_class_counts.sum()),
             "n_test": int(self.y_test.numel()),
-            "clients": [
-                {
-                    "id": k,
-                    "n_samples": int(self.client_counts[k].sum()),
-                    "class_counts": self.client_counts[k].tolist(),
-                    "test_view_size": len(self.test_views[k]),
-                    **({"tasks": self.streams[k].describe()} if self.streams is not None else {}),
-                }
-                for k in range(self.n_clients)
-            ],
+            "clients": clients,
         }
+        if self.streams is not None and self.stream_settings is not None:
+            out["stream"] = dict(self.stream_settings)
+        if self.schedule is not None:
+            out["schedule"] = self.schedule.describe()
+        return out
 
 
-def _load(scenario: Any) -> RawDataset:
+# --------------------------------------------------------------------------- the boundary
+
+
+@contextmanager
+def _boundary(scenario: Any, section: str) -> Iterator[None]:
+    """Turn the plain errors library code raises about the scenario into scenario errors.
+
+    The one place this happens. ``section`` is the scenario section the wrapped step reads
+    (``"data"``, ``"model"``, ``"partition"``): a :class:`~fedlt.registry.ParameterError` names a
+    parameter of it. An :class:`~fedlt.data.imagefolder.ImageFolderError` names its own key. An
+    ``OSError`` while loading data (permissions, a failed download) is about ``data.root``. Other
+    errors are bugs and pass through unchanged.
+    """
+    try:
+        yield
+    except ImageFolderError as exc:
+        field = exc.key.partition(".")[2]
+        value = exc.value if exc.value is not None else getattr(scenario.data, field, None)
+        raise ScenarioError(exc.key, value, exc.allowed, exc.hint) from None
+    except ParameterError as exc:
+        raise ScenarioError(f"{section}.{exc.param}", exc.value, exc.allowed, exc.hint) from None
+    except OSError as exc:
+        if section != "data":
+            raise
+        raise ScenarioError(
+            "data.root",
+            getattr(scenario.data, "root", None),
+            f"a location fedlt can read the {scenario.data.dataset} data from",
+            hint=f"Loading it failed: {type(exc).__name__}: {exc}.",
+        ) from None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give this process now, or None where that is unknown.
+
+    Linux's ``MemAvailable`` (free memory plus what the kernel can reclaim); elsewhere the free
+    physical pages ``os.sysconf`` reports.
+    """
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _memory_error(scenario: Any, need: int, available: int) -> ScenarioError:
     d = scenario.data
-    return load_dataset(
+    allowed = f"small enough for the data to fit in the {available / _GIB:.1f} GiB of memory available"
+    if d.dataset == "synthetic":
+        n = d.n_train + d.n_test
+        return ScenarioError(
+            "data.n_train",
+            d.n_train,
+            allowed,
+            hint=f"data.n_train + data.n_test = {n} samples of data.shape {list(d.shape)} need about "
+            f"{need / _GIB:.1f} GiB ({n} x {math.prod(d.shape)} values x 8 bytes: the arrays and their "
+            "tensors); lower data.n_train, data.n_test or data.shape.",
+        )
+    return ScenarioError(
+        "data.dataset",
         d.dataset,
-        root=d.root,
-        download=d.download,
-        seed=scenario.seed,
-        test_fraction=d.test_fraction,
-        cache_dir=d.cache_dir,
-        n_train=d.n_train,
-        n_test=d.n_test,
-        num_classes=d.num_classes,
-        shape=tuple(d.shape),
-        separation=d.separation,
-        image_size=d.image_size,
+        allowed,
+        hint=f"Loading it takes about {need / _GIB:.1f} GiB; use a machine with more memory.",
     )
 
 
 def check_data_feasible(scenario: Any) -> None:
-    """Cheap checks that need no data loading (run by `fedlt validate` and before a run)."""
+    """Cheap checks that need no data loading (run by `fedlt validate` and before a run).
+
+    More clients than the dataset's known training size, and data that cannot fit in the memory
+    available now (:func:`fedlt.data.datasets.estimate_bytes` against :func:`available_memory`),
+    are refused before anything is allocated.
+    """
     d = scenario.data
-    n = known_train_size(
-        d.dataset, root=d.root, seed=scenario.seed, test_fraction=d.test_fraction, n_train=d.n_train
-    )
+    params = d.params()
+    n = known_train_size(d.dataset, **params)
     if n is not None and scenario.partition.n_clients > n:
         raise ScenarioError(
             "partition.n_clients",
             scenario.partition.n_clients,
             f"at most the {n} training samples of {d.dataset}",
         )
-    if d.dataset in ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder") and not d.root:
-        raise ScenarioError(
-            "data.root",
-            d.root,
-            f"a local folder for {d.dataset}",
-            hint="Point data.root at a copy (and set data.download = true to let torchvision fetch it).",
-        )
+    need = estimate_bytes(d.dataset, **params)
+    available = available_memory() if need is not None else None
+    if need is not None and available is not None and need > available:
+        raise _memory_error(scenario, need, available)
+
+
+def _task_count_error(n_tasks: int, clients: list[np.ndarray]) -> ScenarioError:
+    sizes = np.array([len(c) for c in clients])
+    smallest = int(np.flatnonzero(sizes == sizes[sizes > 0].min())[0])
+    return ScenarioError(
+        "stream.n_tasks",
+        n_tasks,
+        f"at most {sizes[smallest]}, the sample count of the smallest non-empty client",
+        hint=f"Every task of a client's stream needs a sample, and client {smallest} has {sizes[smallest]}.",
+    )
 
 
 def build_federated_data(scenario: Any, device: torch.device | str = "cpu") -> FederatedData:
-    """Load, long-tail, partition and place the scenario's data; every draw seeded by the scenario."""
+    """Load, long-tail, partition and place the scenario's data; every draw seeded by the scenario.
+
+    Raises
+    ------
+    ScenarioError
+        Anything about the scenario that only the data or the machine can tell (see the module
+        docstring), before any tensor is built.
+    """
     check_data_feasible(scenario)
-    raw = _load(scenario)
-    seed, lt, part = scenario.seed, scenario.long_tail, scenario.partition
+    seed, lt, part, st = scenario.seed, scenario.long_tail, scenario.partition, scenario.stream
+    with _boundary(scenario, "data"):
+        raw: RawDataset = load_dataset(scenario.data.dataset, seed=seed, **scenario.data.params())
+    with _boundary(scenario, "model"):
+        check_model(scenario.model.name, tuple(raw.input_shape), raw.num_classes, **scenario.model.params())
     available = class_counts(raw.train.y, raw.num_classes)
-    counts = long_tail_counts(available, lt.profile, lt.imbalance_factor, lt.n_max, lt.fraction_minority)
+    counts = long_tail_counts(available, lt.profile, **lt.params())
     keep = subsample_long_tail(raw.train.y, counts, numpy_rng(seed, "long-tail"))
     y_lt = raw.train.y[keep]
     if part.n_clients > len(keep):
@@ -179,23 +300,29 @@ def build_federated_data(scenario: Any, device: torch.device | str = "cpu") -> F
             part.n_clients,
             f"at most the {len(keep)} training samples left after the long-tail profile",
         )
-    clients = partition(
-        part.kind,
-        y_lt,
-        part.n_clients,
-        numpy_rng(seed, "partition"),
-        alpha=part.alpha,
-        min_client_size=part.min_client_size,
-        shards_per_client=part.shards_per_client,
-        num_classes=raw.num_classes,
-    )
+    with _boundary(scenario, "partition"):
+        clients = partition(
+            part.kind,
+            y_lt,
+            part.n_clients,
+            numpy_rng(seed, "partition"),
+            num_classes=raw.num_classes,
+            **part.params(),
+        )
     per_client = client_class_counts(y_lt, clients, raw.num_classes)
     views = local_test_views(
         per_client, raw.test.y, [numpy_rng(seed, "test-view", k) for k in range(part.n_clients)]
     )
-    streams = None
-    st = scenario.stream
+    streams = schedule = settings = None
     if st.kind != "none":
+        try:
+            check_task_count(st.n_tasks, [len(idx) for idx in clients])
+        except ValueError:
+            raise _task_count_error(st.n_tasks, clients) from None
+        if st.schedule == "shared":
+            schedule = shared_schedule(
+                raw.num_classes, st.kind, st.n_tasks, st.disjoint_percent, numpy_rng(seed, "schedule")
+            )
         streams = [
             build_stream(
                 idx,
@@ -205,9 +332,11 @@ def build_federated_data(scenario: Any, device: torch.device | str = "cpu") -> F
                 st.disjoint_percent,
                 st.blurry_percent,
                 numpy_rng(seed, "stream", k),
+                schedule=schedule,
             )
             for k, idx in enumerate(clients)
         ]
+        settings = st.model_dump(mode="json")
     device = torch.device(device)
     return FederatedData(
         name=raw.name,
@@ -223,4 +352,6 @@ def build_federated_data(scenario: Any, device: torch.device | str = "cpu") -> F
         client_counts=per_client,
         test_views=views,
         streams=streams,
+        schedule=schedule,
+        stream_settings=settings,
     )

@@ -3,19 +3,23 @@
 The exponential profile is the one every CIFAR-LT paper uses (Cao et al. 2019; LDAM-DRW,
 FedLoGe, CReFF): class ``i`` keeps ``floor(n_max * IF^(-i/(C-1)))`` samples, so class 0 is the
 head and class ``C-1`` the tail with ``n_max / IF`` samples. The test set stays balanced.
+
+:data:`PROFILES` declares the profiles once, with the parameters a scenario may set under
+``[long_tail]``. Every rule on them can be checked from the scenario alone, so errors here are plain
+``ValueError``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+from pydantic import Field
 
-from fedlt.errors import ScenarioError
+from fedlt.registry import Entry, NoParams, Params, Registry
 
 __all__ = ["PROFILES", "exponential_counts", "long_tail_counts", "step_counts", "subsample_long_tail"]
-
-PROFILES: tuple[str, ...] = ("none", "exponential", "step")
 
 # Relative slack for floor(): n_max * IF^(-r) may land a hair below an integer it equals exactly
 # (e.g. 8^(-1/3) * 5000), and floor() would then lose a sample that the maths keeps.
@@ -28,19 +32,17 @@ def _floor(x: float) -> int:
 
 def _check_factor(imbalance_factor: float) -> None:
     if not (imbalance_factor >= 1 and math.isfinite(imbalance_factor)):
-        raise ScenarioError(
-            "long_tail.imbalance_factor",
-            imbalance_factor,
-            "a finite float >= 1 (n_max / n_min)",
-            hint="Note IF = 100 means a 100:1 tail; codebases passing 0.01 mean the same thing.",
+        raise ValueError(
+            f"imbalance_factor must be a finite float >= 1 (n_max / n_min), got {imbalance_factor!r}; "
+            "IF = 100 means a 100:1 tail (codebases passing 0.01 mean the same thing)"
         )
 
 
 def _check_sizes(n_max: int, num_classes: int) -> None:
     if n_max < 0:
-        raise ScenarioError("long_tail.n_max", n_max, "an int >= 0")
+        raise ValueError(f"n_max must be an int >= 0, got {n_max!r}")
     if num_classes < 1:
-        raise ScenarioError("data.num_classes", num_classes, "an int >= 1")
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
 
 
 def exponential_counts(n_max: int, num_classes: int, imbalance_factor: float) -> np.ndarray:
@@ -89,50 +91,88 @@ def step_counts(
     _check_factor(imbalance_factor)
     _check_sizes(n_max, num_classes)
     if not 0 <= fraction_minority <= 1:
-        raise ScenarioError("long_tail.fraction_minority", fraction_minority, "a float in [0, 1]")
+        raise ValueError(f"fraction_minority must be a float in [0, 1], got {fraction_minority!r}")
     n_minority = _floor(fraction_minority * num_classes)
     counts = np.full(num_classes, n_max, dtype=np.int64)
     counts[num_classes - n_minority :] = _floor(n_max / imbalance_factor)
     return counts
 
 
-def long_tail_counts(
-    available: np.ndarray,
-    profile: str,
-    imbalance_factor: float,
-    n_max: int | None = None,
-    fraction_minority: float = 0.5,
+_IMBALANCE = "IF = n_max / n_min (100 means a 100:1 tail; 1 is flat)."
+_N_MAX = "Samples kept for the head class (default: all it has)."
+
+
+class ExponentialParams(Params):
+    """``exponential``: n_i = floor(n_max * IF^(-i/(C-1)))."""
+
+    imbalance_factor: float = Field(1.0, ge=1, allow_inf_nan=False, description=_IMBALANCE)
+    n_max: int | None = Field(None, gt=0, description=_N_MAX)
+
+
+class StepParams(Params):
+    """``step``: majority classes at n_max, minority classes at n_max / IF."""
+
+    imbalance_factor: float = Field(1.0, ge=1, allow_inf_nan=False, description=_IMBALANCE)
+    n_max: int | None = Field(None, gt=0, description=_N_MAX)
+    fraction_minority: float = Field(0.5, gt=0, lt=1, description="Share of classes that are minority.")
+
+
+def _none(available: np.ndarray) -> np.ndarray:
+    return available.copy()
+
+
+def _exponential(available: np.ndarray, imbalance_factor: float, n_max: int | None) -> np.ndarray:
+    head = int(available.max()) if n_max is None else int(n_max)
+    return exponential_counts(head, len(available), imbalance_factor)
+
+
+def _step(
+    available: np.ndarray, imbalance_factor: float, n_max: int | None, fraction_minority: float
 ) -> np.ndarray:
+    head = int(available.max()) if n_max is None else int(n_max)
+    return step_counts(head, len(available), imbalance_factor, fraction_minority)
+
+
+#: Every long-tail profile a scenario can name; ``build(available, **params) -> per-class counts``
+#: (before capping at what each class has).
+PROFILES = Registry(
+    "long-tail profile",
+    [
+        Entry("none", NoParams, "Keep every training sample.", _none),
+        Entry(
+            "exponential", ExponentialParams, "n_i = floor(n_max * IF^(-i/(C-1))) (CIFAR-LT).", _exponential
+        ),
+        Entry("step", StepParams, "Two levels: n_max, and n_max / IF for the minority (Buda et al.).", _step),
+    ],
+)
+
+
+def long_tail_counts(available: np.ndarray, profile: str, **params: Any) -> np.ndarray:
     """How many training samples each class keeps under ``profile``.
 
     Parameters
     ----------
     available : np.ndarray
         Per-class counts of the full training split.
-    profile : {"none", "exponential", "step"}
-        ``"none"`` keeps everything.
-    imbalance_factor : float
-        ``n_max / n_min``.
-    n_max : int, optional
-        Head-class size; defaults to ``available.max()``.
-    fraction_minority : float, default=0.5
-        Step profile only: share of classes in the minority.
+    profile : str
+        One of :data:`PROFILES`; ``"none"`` keeps everything.
+    **params
+        The profile's parameters: ``imbalance_factor`` (``n_max / n_min``), ``n_max`` (head-class
+        size, default ``available.max()``), and for ``step`` ``fraction_minority``.
 
     Returns
     -------
     np.ndarray
         int64 ``(C,)``, each entry capped at ``available[c]`` so the result can always be drawn.
+
+    Raises
+    ------
+    ValueError
+        An unknown profile, or parameters it does not take or out of range.
     """
     available = np.asarray(available, dtype=np.int64)
-    if profile not in PROFILES:
-        raise ScenarioError("long_tail.profile", profile, f"one of {PROFILES}")
-    if profile == "none":
-        return available.copy()
-    head = int(available.max()) if n_max is None else int(n_max)
-    if profile == "exponential":
-        counts = exponential_counts(head, len(available), imbalance_factor)
-    else:
-        counts = step_counts(head, len(available), imbalance_factor, fraction_minority)
+    entry = PROFILES[profile]
+    counts = entry.build(available, **dict(entry.params.model_validate(params)))
     return np.minimum(counts, available)
 
 

@@ -9,13 +9,22 @@ index of ``labels`` exactly once. Clients hold these index arrays, never copies 
   over groups of up to 10 auxiliary workers, then cut into ``K`` equal contiguous parts.
 - ``shards`` (McMahan et al. 2017): label-sorted shards, a few per client.
 - ``iid``: a uniform random split into equal parts.
+
+:data:`PARTITIONS` declares them once, with the parameters a scenario may set under
+``[partition]``. Errors are plain: bad arguments are ``ValueError``; a parameter that the labels at
+hand cannot satisfy (a minimum client size no draw reaches, more shards than samples) is a
+:class:`~fedlt.registry.ParameterError` naming it, which the scenario boundary turns into a
+scenario error.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
 
-from fedlt.errors import ScenarioError
+import numpy as np
+from pydantic import Field, NonNegativeInt, PositiveInt
+
+from fedlt.registry import Entry, NoParams, ParameterError, Params, Registry
 
 __all__ = [
     "PARTITIONS",
@@ -26,8 +35,6 @@ __all__ = [
     "partition_shards",
 ]
 
-PARTITIONS: tuple[str, ...] = ("dirichlet", "dirichlet-equal", "shards", "iid")
-
 # CReFF / FedDF split the data into chunks handled by this many "auxiliary workers".
 _AUX_WORKERS = 10
 
@@ -37,7 +44,7 @@ def _prepare(labels: np.ndarray, n_clients: int, num_classes: int | None) -> tup
     if labels.ndim != 1:
         raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
     if n_clients < 1:
-        raise ScenarioError("partition.n_clients", n_clients, "an int >= 1")
+        raise ValueError(f"n_clients must be an int >= 1, got {n_clients!r}")
     if len(labels) and labels.min() < 0:
         raise ValueError("labels must be >= 0")
     seen = int(labels.max()) + 1 if len(labels) else 0
@@ -50,7 +57,7 @@ def _prepare(labels: np.ndarray, n_clients: int, num_classes: int | None) -> tup
 
 def _check_alpha(alpha: float) -> None:
     if not (alpha > 0 and np.isfinite(alpha)):
-        raise ScenarioError("partition.alpha", alpha, "a finite float > 0")
+        raise ValueError(f"alpha must be a finite float > 0, got {alpha!r}")
 
 
 def _finish(parts: list[np.ndarray]) -> list[np.ndarray]:
@@ -114,16 +121,16 @@ def partition_dirichlet(
 
     Raises
     ------
-    ScenarioError
-        ``partition.min_client_size`` when no draw within ``max_tries`` satisfies it, or when it
-        exceeds ``len(labels) // n_clients``.
+    ParameterError
+        ``min_client_size`` when no draw within ``max_tries`` satisfies it, or when it exceeds
+        ``len(labels) // n_clients``.
     """
     labels, num_classes = _prepare(labels, n_clients, num_classes)
     _check_alpha(alpha)
     n = len(labels)
     if min_client_size < 0 or min_client_size * n_clients > n:
-        raise ScenarioError(
-            "partition.min_client_size",
+        raise ParameterError(
+            "min_client_size",
             min_client_size,
             f"an int in [0, {n // n_clients}] ({n} samples over {n_clients} clients)",
         )
@@ -137,8 +144,8 @@ def partition_dirichlet(
         if sizes.min() >= min_client_size:
             order = np.argsort(owner, kind="stable")  # indices grouped by client, ascending within
             return _finish(np.split(order, np.cumsum(sizes)[:-1]))
-    raise ScenarioError(
-        "partition.min_client_size",
+    raise ParameterError(
+        "min_client_size",
         min_client_size,
         f"reachable by a Dirichlet(alpha={alpha}) split of {n} samples over {n_clients} clients "
         f"within {max_tries} draws",
@@ -205,8 +212,8 @@ def partition_dirichlet_equal(
 
     Raises
     ------
-    ScenarioError
-        ``partition.alpha`` when a chunk cannot meet the half-average rule within ``max_tries``
+    ParameterError
+        ``alpha`` when a chunk cannot meet the half-average rule within ``max_tries``
         redraws (very small alpha on strongly long-tailed labels can make it unreachable).
     """
     labels, num_classes = _prepare(labels, n_clients, num_classes)
@@ -223,8 +230,8 @@ def partition_dirichlet_equal(
             order[lo:hi], shuffled[lo:hi], n_workers, alpha, num_classes, rng, max_tries
         )
         if batches is None:
-            raise ScenarioError(
-                "partition.alpha",
+            raise ParameterError(
+                "alpha",
                 alpha,
                 f"large enough for a balanced Dirichlet split of {hi - lo} samples over {n_workers} "
                 f"workers (each needs >= half the average) within {max_tries} draws",
@@ -247,14 +254,16 @@ def partition_shards(
 
     Raises
     ------
-    ScenarioError
-        ``partition.shards_per_client`` when there are more shards than samples.
+    ParameterError
+        ``shards_per_client`` when there are more shards than samples.
     """
     labels, _ = _prepare(labels, n_clients, None)
     n_shards = n_clients * shards_per_client
-    if shards_per_client < 1 or n_shards > len(labels):
-        raise ScenarioError(
-            "partition.shards_per_client",
+    if shards_per_client < 1:
+        raise ValueError(f"shards_per_client must be an int >= 1, got {shards_per_client!r}")
+    if n_shards > len(labels):
+        raise ParameterError(
+            "shards_per_client",
             shards_per_client,
             f"an int in [1, {len(labels) // n_clients}] ({len(labels)} samples over {n_clients} clients)",
         )
@@ -265,30 +274,118 @@ def partition_shards(
     return _finish([np.concatenate([shards[s] for s in row]) for row in assignment])
 
 
+class DirichletParams(Params):
+    """``dirichlet``: per-class Dirichlet shares, unequal client sizes."""
+
+    alpha: float = Field(
+        0.5, gt=0, allow_inf_nan=False, description="Dirichlet concentration (smaller = more skewed clients)."
+    )
+    min_client_size: NonNegativeInt = Field(0, description="Redraw until every client has this many samples.")
+
+
+class DirichletEqualParams(Params):
+    """``dirichlet-equal``: Dirichlet label skew, equal client sizes."""
+
+    alpha: float = Field(
+        0.5, gt=0, allow_inf_nan=False, description="Dirichlet concentration (smaller = more skewed clients)."
+    )
+
+
+class ShardsParams(Params):
+    """``shards``: label-sorted shards."""
+
+    shards_per_client: PositiveInt = Field(2, description="Shards (about classes) per client.")
+
+
+def _dirichlet_entry(
+    labels: np.ndarray,
+    n_clients: int,
+    rng: np.random.Generator,
+    num_classes: int | None,
+    alpha: float,
+    min_client_size: int,
+) -> list[np.ndarray]:
+    return partition_dirichlet(
+        labels, n_clients, alpha, rng, num_classes=num_classes, min_client_size=min_client_size
+    )
+
+
+def _dirichlet_equal_entry(
+    labels: np.ndarray, n_clients: int, rng: np.random.Generator, num_classes: int | None, alpha: float
+) -> list[np.ndarray]:
+    return partition_dirichlet_equal(labels, n_clients, alpha, rng, num_classes=num_classes)
+
+
+def _shards_entry(
+    labels: np.ndarray,
+    n_clients: int,
+    rng: np.random.Generator,
+    num_classes: int | None,
+    shards_per_client: int,
+) -> list[np.ndarray]:
+    return partition_shards(labels, n_clients, shards_per_client, rng)
+
+
+def _iid_entry(
+    labels: np.ndarray, n_clients: int, rng: np.random.Generator, num_classes: int | None
+) -> list[np.ndarray]:
+    return partition_iid(labels, n_clients, rng)
+
+
+#: Every partitioner a scenario can name;
+#: ``build(labels, n_clients, rng, num_classes, **params) -> list of index arrays``.
+PARTITIONS = Registry(
+    "partition",
+    [
+        Entry(
+            "dirichlet",
+            DirichletParams,
+            "Per-class Dir(alpha) shares, unequal sizes (FedLoGe).",
+            _dirichlet_entry,
+        ),
+        Entry(
+            "dirichlet-equal",
+            DirichletEqualParams,
+            "Dirichlet label skew cut into equal-size clients (CReFF, FedDF).",
+            _dirichlet_equal_entry,
+        ),
+        Entry(
+            "shards",
+            ShardsParams,
+            "A few label-sorted shards per client (McMahan et al. 2017).",
+            _shards_entry,
+        ),
+        Entry("iid", NoParams, "A uniform random split into equal parts.", _iid_entry),
+    ],
+)
+
+
 def partition(
     kind: str,
     labels: np.ndarray,
     n_clients: int,
     rng: np.random.Generator,
     *,
-    alpha: float = 0.5,
-    min_client_size: int = 0,
-    shards_per_client: int = 2,
     num_classes: int | None = None,
+    **params: Any,
 ) -> list[np.ndarray]:
     """Split ``labels`` across ``n_clients`` with the partitioner named ``kind``.
 
-    Parameters not used by ``kind`` are ignored, so the engine can pass the whole
-    ``[partition]`` table.
+    Parameters
+    ----------
+    kind : str
+        One of :data:`PARTITIONS`.
+    labels, n_clients, rng, num_classes
+        As for the partitioners above.
+    **params
+        ``kind``'s parameters (its entry's parameter model); the rest keep their defaults.
+
+    Raises
+    ------
+    ValueError
+        An unknown kind, or parameters ``kind`` does not take or out of range.
+    ParameterError
+        A parameter the labels cannot satisfy.
     """
-    if kind == "iid":
-        return partition_iid(labels, n_clients, rng)
-    if kind == "dirichlet":
-        return partition_dirichlet(
-            labels, n_clients, alpha, rng, num_classes=num_classes, min_client_size=min_client_size
-        )
-    if kind == "dirichlet-equal":
-        return partition_dirichlet_equal(labels, n_clients, alpha, rng, num_classes=num_classes)
-    if kind == "shards":
-        return partition_shards(labels, n_clients, shards_per_client, rng)
-    raise ScenarioError("partition.kind", kind, f"one of {PARTITIONS}")
+    entry = PARTITIONS[kind]
+    return entry.build(labels, n_clients, rng, num_classes, **dict(entry.params.model_validate(params)))
