@@ -1,40 +1,110 @@
-"""Typed context objects handed to hooks: the facts a plugin may use, not engine internals."""
+"""Typed context objects handed to hooks: the facts a plugin may use, not engine internals.
+
+Every field is documented here and in the generated reference (docs/plugins.md, "Context
+reference"); a plugin author should not need to read any other module.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["ClientContext", "EvalContext", "RoundContext", "SetupContext"]
+from fedlt.seeding import numpy_rng, torch_generator
+
+__all__ = ["ClientContext", "EvalContext", "Forward", "LogContext", "RoundContext", "SetupContext"]
+
+
+class Forward(NamedTuple):
+    """What a training forward pass produced (``client_forward`` may return one).
+
+    Attributes
+    ----------
+    features : Tensor
+        ``(B, d)`` backbone features, ``model.features(x)``.
+    logits : Tensor
+        ``(B, C)`` logits.
+    head_input : Tensor
+        ``(B, d)`` what the linear head actually received: ``features`` unless the forward
+        rescaled them (adaptive feature scaling feeds ``features / r``). Hooks that need the
+        head's true input (closed-form head gradients) read it from here.
+    """
+
+    features: torch.Tensor
+    logits: torch.Tensor
+    head_input: torch.Tensor
 
 
 @dataclass(frozen=True, slots=True)
 class SetupContext:
     """Run-level facts, available when models and plugins are set up.
 
-    ``global_class_counts`` are the true training counts over all clients: privileged
-    information a real federation does not have, so plugins must say when they use it.
+    Attributes
+    ----------
+    seed : int
+        The scenario's seed.
+    num_classes : int
+        Number of classes C.
+    input_shape : tuple of int
+        Shape of one sample.
+    n_clients : int
+        Number of clients in the federation.
+    n_rounds : int
+        Rounds the run will train (``federation.rounds``).
+    device : torch.device
+        Where the model and data live.
+    global_class_counts : np.ndarray
+        ``(C,)`` true training counts over all clients: privileged information a real federation
+        does not have, so plugins must say when they use it.
+    generator : torch.Generator
+        Seeded from ``(seed, "configure-model")``: the only randomness ``configure_model`` may use,
+        so every process builds the identical model.
+    run_dir : Path or None
+        The run folder in the driver (loggers write there); ``None`` on workers.
     """
 
     seed: int
     num_classes: int
     input_shape: tuple[int, ...]
     n_clients: int
+    n_rounds: int
     device: torch.device
     global_class_counts: np.ndarray
     generator: torch.Generator
+    run_dir: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class RoundContext:
-    """One server round: its index, the selected clients and the round config built so far."""
+    """One server round.
+
+    Attributes
+    ----------
+    round : int
+        The round, from 1.
+    n_rounds : int
+        Rounds in the run.
+    seed : int
+        The scenario's seed.
+    num_classes : int
+        Number of classes C.
+    selected : tuple of int
+        The clients selected this round, in training (and aggregation) order.
+    config : Mapping
+        The round config built so far (read-only): ``{"round": r}`` plus what plugins added.
+    global_class_counts : np.ndarray
+        ``(C,)`` training counts over all clients (privileged).
+    client_class_counts : np.ndarray
+        ``(K, C)`` training counts of every client (privileged).
+    """
 
     round: int
+    n_rounds: int
     seed: int
     num_classes: int
     selected: tuple[int, ...]
@@ -42,22 +112,61 @@ class RoundContext:
     global_class_counts: np.ndarray
     client_class_counts: np.ndarray
 
+    def generator(self, purpose: str) -> torch.Generator:
+        """A CPU torch generator seeded from ``(seed, round, purpose)``: server-side randomness
+        that is the same on every engine and after a resume. Name the purpose after the plugin."""
+        return torch_generator(self.seed, "server", self.round, purpose)
+
+    def rng(self, purpose: str) -> np.random.Generator:
+        """A numpy generator seeded from ``(seed, round, purpose)`` (see :meth:`generator`)."""
+        return numpy_rng(self.seed, "server", self.round, purpose)
+
 
 @dataclass(slots=True)
 class ClientContext:
     """One client in one round, wherever it is trained.
 
-    ``indices`` are the client's rows of the (device-resident) training tensors ``x_train`` /
-    ``y_train``; ``labels`` are their labels. ``generator`` is seeded from (seed, round, client)
-    and is the only source of randomness a plugin should use here. ``extra`` is scratch space
-    for this client-round (discarded at its end): compute per-round constants there once.
-
-    In a continual scenario (``online_iter`` is set) ``indices`` are this round's slice of the
-    client's stream and ``local_class_counts`` count what the client has seen so far.
+    Attributes
+    ----------
+    client_id : int
+        The client.
+    round : int
+        The round, from 1.
+    n_rounds : int
+        Rounds in the run.
+    seed : int
+        The scenario's seed.
+    num_classes : int
+        Number of classes C.
+    config : Mapping
+        This client's config (read-only): the round config merged with its per-client config.
+    local_class_counts : np.ndarray
+        ``(C,)`` the client's training counts. In a stream: the counts of what it has read so
+        far, updated when each stream batch arrives (before training on it).
+    global_class_counts : np.ndarray
+        ``(C,)`` training counts over all clients (privileged).
+    indices : Tensor
+        The client's dataset indices for this round (all of its data offline; this round's
+        stream slice in a continual scenario), rows of ``x_train``/``y_train``.
+    labels : Tensor
+        ``y_train[indices]``.
+    x_train, y_train : Tensor
+        The whole (device-resident) training set; index it, never copy it.
+    batch_size, local_epochs, local_steps : int, int, int or None
+        The local recipe of this client-round (after ``client_configure_training``).
+    device : torch.device
+        Where the model and data live.
+    generator : torch.Generator
+        Seeded from ``(seed, round, client)``: the only randomness client hooks should use.
+    online_iter : int or None
+        Steps per stream batch in a continual scenario, ``None`` offline.
+    step, epoch : int
+        The current optimizer step (from 0) and local epoch.
     """
 
     client_id: int
     round: int
+    n_rounds: int
     seed: int
     num_classes: int
     config: Mapping[str, Any]
@@ -75,15 +184,15 @@ class ClientContext:
     online_iter: int | None = None
     step: int = 0
     epoch: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_samples(self) -> int:
+        """Samples this client-round trains on (its data, or its stream slice)."""
         return int(self.indices.numel())
 
     @property
     def seen_classes(self) -> np.ndarray:
-        """Boolean (C,) mask of the classes in the client's data (seen so far, in a stream)."""
+        """Boolean ``(C,)`` mask of the classes in the client's data (seen so far, in a stream)."""
         return self.local_class_counts > 0
 
     def class_counts(self, prior: str) -> np.ndarray:
@@ -97,13 +206,60 @@ class ClientContext:
 
 @dataclass(frozen=True, slots=True)
 class EvalContext:
-    """One evaluation: the global test set (``client_id is None``) or a client's local view."""
+    """One evaluation: the global test set (``client_id is None``) or a client's local view.
+
+    Attributes
+    ----------
+    round : int
+        The round just finished.
+    n_rounds : int
+        Rounds in the run.
+    num_classes : int
+        Number of classes C.
+    client_id : int or None
+        ``None`` for the global (balanced) test set, else the client whose local view this is.
+    local_class_counts : np.ndarray or None
+        The client's training counts (read so far, in a stream); ``None`` on the global set.
+    global_class_counts : np.ndarray
+        ``(C,)`` training counts over all clients (privileged).
+    test_class_counts : np.ndarray
+        ``(C,)`` counts of the classes among the evaluated test samples (FedLoGe masks the
+        classes absent from a client's local test view).
+    shot_groups : Mapping
+        The run's head / medium / tail split (``eval.shot_rule``): ``{"head": [class ids],
+        "medium": [...], "tail": [...]}``, for metrics reported per group.
+    """
 
     round: int
+    n_rounds: int
     num_classes: int
     client_id: int | None
     local_class_counts: np.ndarray | None
     global_class_counts: np.ndarray
+    test_class_counts: np.ndarray
+    shot_groups: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LogContext:
+    """Where a run's records go (``server_log_metrics``, ``server_end``).
+
+    Attributes
+    ----------
+    run_dir : Path
+        The run folder.
+    scenario : str
+        The scenario's name.
+    round : int or None
+        The round of the record; ``None`` at the end of the run.
+    n_rounds : int
+        Rounds in the run.
+    """
+
+    run_dir: Path
+    scenario: str
+    round: int | None
+    n_rounds: int
 
 
 def frozen_config(config: Mapping[str, Any]) -> Mapping[str, Any]:

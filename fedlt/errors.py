@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FedltError", "NonFiniteLossError", "PluginError", "ScenarioError"]
+__all__ = ["FedltError", "NonFiniteLossError", "PluginError", "ScenarioError", "readable_constraint"]
 
 
 class FedltError(Exception):
@@ -63,7 +63,9 @@ class PluginError(FedltError):
         self.round = round
         where = f"Plugin {plugin!r}" + (f" in hook {hook!r}" if hook else "")
         if client is not None:
-            where += f" on client {client} in round {round}"
+            where += f" on client {client}"
+        if round is not None:
+            where += f" in round {round}"
         super().__init__(f"{where}: {message}")
 
     @property
@@ -103,6 +105,56 @@ class NonFiniteLossError(FedltError):
 
     def __reduce__(self):
         return (NonFiniteLossError, self._init_args)
+
+
+#: Pydantic error types and the phrase (following "must be") that says what is allowed.
+_PHRASES: dict[str, str] = {
+    "greater_than": "a number greater than {gt}",
+    "greater_than_equal": "a number >= {ge}",
+    "less_than": "a number less than {lt}",
+    "less_than_equal": "a number <= {le}",
+    "too_short": "a list of at least {min_length} items",
+    "too_long": "a list of at most {max_length} items",
+    "literal_error": "one of {expected}",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a table",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+    "missing": "set (the key is required)",
+    "finite_number": "a finite number",
+}
+
+
+def readable_constraint(error: dict[str, Any]) -> str:
+    """What a pydantic validation error allows, phrased to follow "must be".
+
+    ``{"type": "too_short", "ctx": {"min_length": 2}}`` -> ``"a list of at least 2 items"``.
+    """
+    kind, ctx = error.get("type", ""), error.get("ctx") or {}
+    if kind == "value_error":
+        return str(error.get("msg", "")).removeprefix("Value error, ")
+    phrase = _PHRASES.get(kind)
+    if phrase is not None:
+        # 0.0 reads as 0; one item is not "items".
+        values = {k: (f"{v:g}" if isinstance(v, float) else v) for k, v in ctx.items()}
+        try:
+            text = phrase.format(**values)
+        except (KeyError, IndexError):
+            text = None
+        if text is not None:
+            return text.replace(" 1 items", " 1 item")
+    msg = str(error.get("msg", "valid"))
+    for prefix in ("Input should be ", "Value should be "):
+        msg = msg.removeprefix(prefix)
+    return msg[:1].lower() + msg[1:]
 
 
 def _rebuild(cls: type[Exception], init_args: tuple, args: tuple) -> Exception:

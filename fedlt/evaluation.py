@@ -2,12 +2,14 @@
 anytime evaluation of continual runs (test samples of the classes exposed so far).
 
 One forward pass over the test set serves every measurement of a round; personalised evaluation
-reuses it unless a plugin personalises the model itself (``client_personalize``).
+reuses it unless a plugin personalises the model itself (``client_personalize``). Plugins add
+their own metrics through ``eval_metrics``.
 """
 
 from __future__ import annotations
 
 import copy
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -16,10 +18,12 @@ from torch import nn
 
 from fedlt.client import ClientTask
 from fedlt.context import EvalContext
+from fedlt.data.clients import ClientViews
 from fedlt.data.federated import FederatedData
+from fedlt.dispatch import HookSet
 from fedlt.errors import NonFiniteLossError
-from fedlt.metrics import classification_metrics, personalized_accuracy
-from fedlt.pluginmanager import HookSet
+from fedlt.metrics import classification_metrics, personalized_accuracy, shot_groups
+from fedlt.recipe import LocalTraining
 from fedlt.worker import client_context
 
 __all__ = ["Evaluator"]
@@ -50,33 +54,43 @@ def _masked_accuracy(logits: torch.Tensor, y: torch.Tensor, allowed: torch.Tenso
 class Evaluator:
     """Measures a model after a round."""
 
-    def __init__(self, scenario: Any, data: FederatedData, hooks: HookSet) -> None:
+    def __init__(self, scenario: Any, data: FederatedData, hooks: HookSet, views: ClientViews) -> None:
         self.scenario = scenario
         self.data = data
         self.hooks = hooks
+        self.views = views
+        self.recipe = LocalTraining.from_scenario(scenario)
         self._scratch: nn.Module | None = None
+        ev = scenario.eval
+        self.shot_groups = shot_groups(data.train_class_counts, ev.shot_rule, ev.shot_thresholds)
 
-    def _ctx(self, round: int, client_id: int | None) -> EvalContext:
+    def _ctx(self, round: int, client_id: int | None, labels: torch.Tensor) -> EvalContext:
         d = self.data
         return EvalContext(
             round=round,
+            n_rounds=self.scenario.federation.rounds,
             num_classes=d.num_classes,
             client_id=client_id,
-            local_class_counts=None if client_id is None else d.client_counts[client_id],
+            local_class_counts=None if client_id is None else self.views.seen_counts(client_id),
             global_class_counts=d.train_class_counts,
+            test_class_counts=np.bincount(labels.cpu().numpy(), minlength=d.num_classes),
+            shot_groups=self.shot_groups,
         )
 
-    def _adjust(self, logits, features, model, round, client_id, states) -> torch.Tensor:
+    def _adjust(self, logits, features, model, ctx: EvalContext, states) -> torch.Tensor:
         if not self.hooks.eval_logits:
             return logits
-        return self.hooks.eval_logits.chain(
-            "logits",
-            logits=logits,
-            features=features,
-            model=model,
-            ctx=self._ctx(round, client_id),
-            states=states,
+        return self.hooks.eval_logits(logits=logits, features=features, model=model, ctx=ctx, states=states)
+
+    def _plugin_metrics(self, model, features, logits, labels, ctx: EvalContext, states) -> dict[str, Any]:
+        if not self.hooks.eval_metrics:
+            return {}
+        found = self.hooks.eval_metrics(
+            model=model, features=features, logits=logits, labels=labels, ctx=ctx, states=states
         )
+        return {
+            f"{plugin}.{name}": value for plugin, values in found.items() for name, value in values.items()
+        }
 
     @torch.no_grad()
     def evaluate(
@@ -85,15 +99,17 @@ class Evaluator:
         round: int,
         client_states: dict[int, dict[str, dict]],
         full: bool = True,
-        exposed: np.ndarray | None = None,
-        client_seen: list[np.ndarray] | None = None,
+        anytime: bool = False,
+        per_client_classes: bool = False,
     ) -> dict[str, Any]:
         """Metrics for ``model`` after ``round`` as plain JSON-ready values.
 
         ``full``: the imbalance metrics on the whole test set (and personalised accuracy).
-        ``exposed`` (continual runs): also the anytime accuracy on test samples of the exposed
-        classes, logits of unexposed classes masked; ``client_seen`` gives each client's seen
-        classes for the personalised anytime accuracy.
+        ``anytime`` (continual runs): the accuracy on test samples of the classes exposed so far
+        (logits of unexposed classes masked), and the personalised anytime accuracy on each
+        client's view restricted to the classes it has read; with ``per_client_classes`` also
+        each client's per-class accuracy there (``anytime_client_per_class``, for per-client
+        forgetting).
         """
         d, ev = self.data, self.scenario.eval
         was_training = model.training
@@ -101,7 +117,8 @@ class Evaluator:
         feats, raw = _forward(model, d.x_test, ev.batch_size)
         if not bool(torch.isfinite(raw).all()):
             raise NonFiniteLossError(round, None, self.hooks.names, float(raw[~torch.isfinite(raw)][0]))
-        logits = self._adjust(raw, feats, model, round, None, {})
+        gctx = self._ctx(round, None, d.y_test)
+        logits = self._adjust(raw, feats, model, gctx, {})
         out: dict[str, Any] = {}
         if full:
             out.update(
@@ -109,20 +126,28 @@ class Evaluator:
                     logits, d.y_test, d.num_classes, d.train_class_counts, ev.shot_rule, ev.shot_thresholds
                 )
             )
-        personal = self._personal_logits(model, feats, raw, round, client_states) if ev.personalized else None
+            out.update(self._plugin_metrics(model, feats, logits, d.y_test, gctx, {}))
+        personal = self._personal(model, feats, raw, round, client_states, full) if ev.personalized else None
         if full:
             out["personalized_accuracy"] = None
             if personal is not None:
-                correct, total = zip(*(self._client_correct(z, k, None) for k, z in personal), strict=True)
+                correct, total = zip(*(self._client_correct(z, k, None) for k, z, _ in personal), strict=True)
                 out["personalized_accuracy"] = personalized_accuracy(correct, total)
                 out["personalized_client_accuracy"] = [
                     c / t if t else None for c, t in zip(correct, total, strict=True)
                 ]
-        if exposed is not None:
+                out.update(self._client_metric_summary(personal))
+        if anytime:
+            exposed = self.views.exposed_classes()
             out.update(self._anytime(logits, exposed))
-            if personal is not None and client_seen is not None:
-                pairs = [self._client_correct(z, k, client_seen[k]) for k, z in personal]
+            if personal is not None:
+                seen = {k: self.views.seen_counts(k) > 0 for k, _, _ in personal}
+                pairs = [self._client_correct(z, k, seen[k]) for k, z, _ in personal]
                 out["anytime_personalized_accuracy"] = personalized_accuracy(*zip(*pairs, strict=True))
+                if per_client_classes:
+                    out["anytime_client_per_class"] = {
+                        str(k): self._client_per_class(z, k, seen[k]) for k, z, _ in personal
+                    }
         model.train(was_training)
         return out
 
@@ -131,8 +156,7 @@ class Evaluator:
         allowed = torch.as_tensor(exposed, device=logits.device)
         correct, total = _masked_accuracy(logits, d.y_test, allowed)
         per_class: list[float | None] = []
-        z = logits.masked_fill(~allowed, MASKED)
-        pred = z.argmax(1)
+        pred = logits.masked_fill(~allowed, MASKED).argmax(1)
         for c in range(d.num_classes):
             mask = d.y_test == c
             per_class.append(
@@ -146,44 +170,88 @@ class Evaluator:
 
     # ------------------------------------------------------------------ personalised
 
-    def _client_correct(self, logits: torch.Tensor, k: int, seen: np.ndarray | None) -> tuple[int, int]:
+    def _view_labels(self, k: int) -> torch.Tensor:
         view = self.data.test_views[k]
-        if len(view) == 0:
+        return self.data.y_test[torch.as_tensor(view, device=self.data.y_test.device)]
+
+    def _client_correct(self, logits: torch.Tensor, k: int, seen: np.ndarray | None) -> tuple[int, int]:
+        y = self._view_labels(k)
+        if y.numel() == 0:
             return 0, 0
-        y = self.data.y_test[torch.as_tensor(view, device=self.data.y_test.device)]
         if seen is None:
-            return int((logits.argmax(1) == y).sum()), len(view)
+            return int((logits.argmax(1) == y).sum()), int(y.numel())
         return _masked_accuracy(logits, y, torch.as_tensor(seen, device=logits.device))
 
-    def _personal_logits(self, model, feats, raw, round, client_states) -> list[tuple[int, torch.Tensor]]:
-        """(client, logits on its local view) for every client with a non-empty view."""
+    def _client_per_class(self, logits: torch.Tensor, k: int, seen: np.ndarray) -> list[float | None]:
+        """Per-class accuracy on client ``k``'s view, unseen classes masked (``None``: class not in
+        the view or not yet seen)."""
+        y = self._view_labels(k)
+        allowed = torch.as_tensor(seen, device=logits.device)
+        pred = logits.masked_fill(~allowed, MASKED).argmax(1)
+        out: list[float | None] = []
+        for c in range(self.data.num_classes):
+            mask = y == c
+            out.append(float((pred[mask] == c).float().mean()) if seen[c] and bool(mask.any()) else None)
+        return out
+
+    def _personal(
+        self, model, feats, raw, round, client_states, full: bool
+    ) -> list[tuple[int, torch.Tensor, dict[str, Any]]]:
+        """(client, logits on its local view, its plugin metrics) for every client with a view."""
         d = self.data
-        personalize = self.hooks.client_personalize
+        personalize = self.hooks.implements("client_personalize")
         out = []
         for k, view in enumerate(d.test_views):
             if len(view) == 0:
                 continue
             idx = torch.as_tensor(view, device=d.y_test.device)
+            labels = d.y_test.index_select(0, idx)
+            ctx = self._ctx(round, k, labels)
             # Plugins may read but not change a client's state during evaluation.
             states = copy.deepcopy(client_states.get(k, {}))
             if personalize:
                 local = self._personal_model(model, k, round, states)
-                h, z = _forward(local, d.x_test[idx], self.scenario.eval.batch_size)
-                z = self._adjust(z, h, local, round, k, states)
+                h, z = _forward(local, d.x_test.index_select(0, idx), self.scenario.eval.batch_size)
             else:
-                z = self._adjust(raw[idx], feats[idx], model, round, k, states)
-            out.append((k, z))
+                local, h, z = model, feats.index_select(0, idx), raw.index_select(0, idx)
+            z = self._adjust(z, h, local, ctx, states)
+            metrics = self._plugin_metrics(local, h, z, labels, ctx, states) if full else {}
+            out.append((k, z, metrics))
         return out
 
     def _personal_model(self, model: nn.Module, client_id: int, round: int, states) -> nn.Module:
+        """A scratch copy of ``model`` personalised by the plugins for ``client_id``, on the data
+        the client has read so far."""
         if self._scratch is None:
             self._scratch = copy.deepcopy(model)
         scratch = self._scratch
         scratch.load_state_dict(model.state_dict())
-        ctx = client_context(
-            self.scenario, self.data, ClientTask(client_id, round, {}), self.data.x_train.device
+        task = ClientTask(
+            client_id,
+            round,
+            {},
+            indices=self.views.seen_indices(client_id),
+            seen_counts=self.views.seen_counts(client_id),
         )
+        ctx = client_context(
+            self.scenario, self.data, task, self.data.x_train.device, self.recipe, streaming=False
+        )
+        hooks = self.hooks.for_client(client_id, round, states)
         with torch.enable_grad():
-            self.hooks.client_personalize.all(model=scratch, ctx=ctx, states=states)
+            hooks.client_personalize(model=scratch, ctx=ctx)
         scratch.eval()
         return scratch
+
+    @staticmethod
+    def _client_metric_summary(personal: list[tuple[int, torch.Tensor, dict[str, Any]]]) -> dict[str, Any]:
+        """Plugin metrics of the client views: lists by client, and the mean of numeric ones."""
+        names = sorted({name for _, _, m in personal for name in m})
+        if not names:
+            return {}
+        by_client = {name: [m.get(name) for _, _, m in personal] for name in names}
+        out: dict[str, Any] = {"client_metrics": {"clients": [k for k, _, _ in personal], **by_client}}
+        for name, values in by_client.items():
+            numeric = [v for v in values if isinstance(v, Real) and not isinstance(v, bool)]
+            if numeric:
+                out[f"personalized.{name}"] = float(np.mean(numeric))
+        return out

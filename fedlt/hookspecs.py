@@ -1,52 +1,64 @@
 """The hook contract: every point where a plugin can act, in the order a run calls them.
 
-This module is the whole contract between fedlt and its plugins. It declares hooks and nothing
-that runs; types live under ``TYPE_CHECKING`` so it creates no import cycles.
+This module is the whole contract between fedlt and its plugins. Each hook is declared once, by
+``@hookspec(...)``: its signature, how results combine, where it runs, how often, since when.
+The dispatcher combines results by that declaration and the docs are generated from it. Types
+live under ``TYPE_CHECKING`` so the contract imports no part of the engine.
 
 The protocol of one run
 -----------------------
-1. ``configure_model`` — once wherever a model is built (server and every worker).
-2. ``server_setup`` — once when a run starts (then checkpointed state is restored on resume).
+1. ``configure_model`` — once wherever a model is built (the driver and every worker).
+2. ``server_setup`` — once when a run starts (on resume, before checkpointed state is restored).
 3. Per round ``r``:
 
-   a. clients are selected (seeded by (seed, r)); ``server_configure_round`` adds per-round config;
-   b. ``server_make_aggregator`` picks how updates combine (FedAvg by default);
-   c. per selected client, wherever the engine runs it:
-      ``client_start`` → ``client_trainable_parameters`` → ``client_select_indices`` (offline) →
-      per step [``client_replay_indices`` (streams) → ``client_forward`` →
+   a. clients are selected (seeded by (seed, r)); ``server_configure_round`` adds config for
+      every selected client, ``server_configure_client`` config for one client;
+   b. per selected client, wherever the engine trains it, on a **fresh plugin instance**:
+      ``client_start`` → ``client_configure_training`` → ``client_trainable_parameters`` →
+      ``client_select_indices`` (offline) → per step [``client_stream_batch`` (streams, when a
+      new batch arrives) → ``client_replay_indices`` (streams) → ``client_forward`` →
       ``client_transform_logits`` → ``client_loss`` × ``client_sample_weights`` +
       ``client_extra_losses`` → backward → ``client_after_backward`` → optimizer step] →
       ``client_update_memory`` after each stream batch's steps (streams) → ``client_end``
       (payload for the server);
-   d. updates are aggregated; the new global weights are loaded; ``server_after_aggregate``;
-   e. every ``eval_every`` rounds: ``eval_logits`` on the global test set; per client
-      ``client_personalize`` (if any plugin implements it) then ``eval_logits`` on its local view;
-   f. checkpoint (plugin ``state_dict`` and every client's per-plugin state).
+   c. ``server_make_aggregator`` (or FedAvg) combines the updates; the new global weights are
+      loaded; ``server_after_aggregate``;
+   d. evaluation rounds: ``eval_logits`` and ``eval_metrics`` on the global test set; per client
+      ``client_personalize`` (if implemented, on a fresh instance) then ``eval_logits`` and
+      ``eval_metrics`` on its local view; ``server_log_metrics`` with the round's record;
+   e. checkpoint (every plugin's ``state_dict`` and each client's per-plugin ``state``).
+4. ``server_end`` with the run's summary.
+
+Instances
+---------
+A plugin's server side (``server_*``, ``eval_*`` hooks, ``state_dict``) is one instance that
+lives in the driver for the whole run. Its client side (``client_*`` hooks) runs on a **fresh
+instance made for each client-round** from the same parameters, on every engine, the serial one
+included. Attributes a client hook sets on ``self`` are the client-round's scratch space (compute
+a per-round constant in ``client_start``, use it per batch); attributes set by server hooks are
+never visible there. What a client needs from the server travels in ``ctx.config`` (see
+``server_configure_round`` / ``server_configure_client``); what the server needs from a client
+travels back as the ``client_end`` payload; what a client keeps between its rounds lives in
+``state``.
 
 Calling convention
 ------------------
 Hooks take keyword arguments only and an implementation declares just the ones it needs, so a
 hook can gain arguments without breaking plugins. Implementations run in the order plugins are
-listed in the scenario (never registration order). How results combine is part of each hook:
-*first result* (the first non-``None`` wins), *all* (a list), *chain* (each receives the previous
-one's output), *product*, *sum* or *concat* (tensors joined).
+listed in the scenario. Results are checked where fedlt receives them (shapes, types, plain
+data), and a mistake raises :class:`fedlt.PluginError` naming plugin, hook, client and round.
 
 ``state`` is special: it is the calling plugin's own per-client state, a ``dict`` for this
-client that fedlt keeps between rounds, checkpoints, and ships with the task to whichever worker
-trains the client. Keep it to tensors, numbers and plain containers. A plugin's global state is
-its ``state_dict()`` / ``load_state_dict()``.
-
-Where hooks run: ``server_*`` and ``eval_*`` hooks run in the driver process; ``client_*`` hooks
-run wherever the engine trains the client (the same process for the serial engine, a worker for
-Ray or Flower), so they must not rely on anything but their arguments, ``state`` and the plugin's
-parameters.
+client that fedlt keeps between rounds, checkpoints and ships with the task to whichever worker
+trains the client. It must hold only plain data (tensors, numbers, strings, bytes, None, and
+lists / tuples / dicts of them): it is checked at the end of every client-round.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import pluggy
+from fedlt.spec import HookSpec, hookspec
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -55,53 +67,31 @@ if TYPE_CHECKING:
     from torch import nn
 
     from fedlt.aggregation import Aggregator
-    from fedlt.context import ClientContext, EvalContext, RoundContext, SetupContext
-
-hookspec = pluggy.HookspecMarker("fedlt")
-
-#: Hooks whose first non-None result wins; the rest are called in full.
-FIRSTRESULT = frozenset({"server_make_aggregator", "client_select_indices", "client_forward", "client_loss"})
-
-#: How each hook's results combine (documentation and dispatch both read this table).
-COMBINE: dict[str, str] = {
-    "configure_model": "all",
-    "server_setup": "all",
-    "server_configure_round": "all",
-    "server_make_aggregator": "first",
-    "server_after_aggregate": "all",
-    "client_start": "all",
-    "client_trainable_parameters": "all",
-    "client_select_indices": "first",
-    "client_replay_indices": "concat",
-    "client_update_memory": "all",
-    "client_forward": "first",
-    "client_transform_logits": "chain",
-    "client_loss": "first",
-    "client_sample_weights": "product",
-    "client_extra_losses": "sum",
-    "client_after_backward": "all",
-    "client_end": "all",
-    "client_personalize": "all",
-    "eval_logits": "chain",
-}
+    from fedlt.context import (
+        ClientContext,
+        EvalContext,
+        Forward,
+        LogContext,
+        RoundContext,
+        SetupContext,
+    )
+    from fedlt.recipe import LocalTraining
 
 # =========================================================================== model
 
 
-@hookspec
+@hookspec(combine="all", side="model", when="once per model build, right after construction")
 def configure_model(model: nn.Module, ctx: SetupContext) -> None:
     """Change the freshly built model in place: swap or freeze the head, add modules.
 
-    Called once wherever a model is built (the server and every worker), right after
-    construction and before any weights are loaded, so it must be deterministic: draw only from
-    ``ctx.generator``. Parameters set to ``requires_grad=False`` are neither trained nor
-    aggregated (they stay bit-identical); submodules added here are trained and aggregated like
-    the rest of the model.
+    Called wherever a model is built (the driver and every worker), right after construction and
+    before any weights are loaded, so it must be deterministic: draw only from ``ctx.generator``.
+    Parameters set to ``requires_grad=False`` are neither trained nor aggregated (they stay
+    bit-identical); submodules added here are trained and aggregated like the rest of the model.
 
     :param model: the model, with ``features(x)`` and a ``head`` linear layer.
-    :param ctx: run-level facts (seed, number of classes, device, global class counts).
-
-    Combine: all, in scenario order. Return value ignored.
+    :param ctx: run-level facts (seed, classes, rounds, device, global class counts).
+    :return: ignored.
 
     .. versionadded:: 0.1
     """
@@ -110,63 +100,83 @@ def configure_model(model: nn.Module, ctx: SetupContext) -> None:
 # =========================================================================== server round
 
 
-@hookspec
+@hookspec(
+    combine="all",
+    side="server",
+    when="once per process start, before the first round (on resume: before state is loaded)",
+)
 def server_setup(model: nn.Module, ctx: SetupContext) -> None:
-    """Prepare global plugin state when a run starts (before round 0, and on resume before the
-    checkpointed ``state_dict`` is loaded back).
+    """Prepare the plugin's global (server-side) state when a run starts.
+
+    On resume it runs first, then ``load_state_dict`` restores the checkpointed state.
 
     :param model: the server's model, holding the initial global weights.
-    :param ctx: run-level facts.
-
-    Combine: all. Return value ignored. Runs in the driver, once per process start.
+    :param ctx: run-level facts; ``ctx.run_dir`` is the run folder (loggers write there).
+    :return: ignored.
 
     .. versionadded:: 0.1
     """
 
 
-@hookspec
+@hookspec(combine="merge", side="server", when="once per round, after client selection")
 def server_configure_round(ctx: RoundContext) -> Mapping[str, Any] | None:
-    """Per-round configuration sent to every selected client (schedules such as Cooldown).
+    """Configuration sent to every client selected this round (schedules such as Cooldown).
 
-    :param ctx: the round: index, selected clients, the config built so far (read-only).
-    :return: entries to merge into the round config (``ctx.config`` of each client), or ``None``.
-        Name entries after the plugin (``"temperature.tau"``) to avoid clashes; later plugins
-        override earlier ones on equal keys.
-
-    Combine: all, merged in scenario order. Runs in the driver, once per round.
+    :param ctx: the round: index, selected clients, the config built so far (read-only), a
+        seeded ``ctx.generator(purpose)``.
+    :return: entries merged into every selected client's ``ctx.config``, or ``None``. Plain data
+        only (tensors, numbers, strings, lists, dicts). Name entries after the plugin
+        (``"temperature.tau"``); later plugins override earlier ones on equal keys.
 
     .. versionadded:: 0.1
     """
 
 
-@hookspec(firstresult=True)
-def server_make_aggregator(ctx: RoundContext) -> Aggregator | None:
+@hookspec(combine="merge", side="server", when="once per selected client per round", since="0.2")
+def server_configure_client(client_id: int, ctx: RoundContext) -> Mapping[str, Any] | None:
+    """Configuration for one selected client only: the per-client channel from server to client.
+
+    Per-client learning rates, staleness, a model version to start from: whatever differs by
+    client. Merged over the round's config for that client.
+
+    :param client_id: the selected client.
+    :param ctx: the round (``ctx.config`` is the round config, shared by all clients).
+    :return: entries merged into this client's ``ctx.config``, or ``None``. Plain data only.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec(combine="first", side="server", when="once per round, before updates arrive")
+def server_make_aggregator(
+    global_weights: Mapping[str, torch.Tensor], ctx: RoundContext
+) -> Aggregator | None:
     """Build the object that combines this round's client updates.
 
+    :param global_weights: the current global weights of the entries clients train (read-only:
+        copy what you keep).
     :param ctx: the round.
     :return: an :class:`~fedlt.aggregation.Aggregator` (``add(weights, n_samples, client_id)``
-        as updates arrive, then ``result()``), or ``None`` to leave the choice to later plugins
-        and finally to streaming FedAvg weighted by client sample counts.
-
-    Combine: first result. Runs in the driver, once per round.
+        per update in task order, then ``result()``: new values for some or all of the
+        ``global_weights`` keys, same shapes, or ``None`` to keep the model), or ``None`` to
+        leave the choice to later plugins and finally to streaming FedAvg.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2 receives ``global_weights``.
     """
 
 
-@hookspec
+@hookspec(combine="all", side="server", when="once per round, after the aggregated weights are loaded")
 def server_after_aggregate(model: nn.Module, ctx: RoundContext, payloads: Mapping[int, Any]) -> None:
     """Act on the new global model: realign heads, re-train a classifier, update estimates.
 
-    Called after aggregation, with the aggregated weights already loaded into ``model``; changes
-    made to ``model`` in place become the global model sent next round.
+    Changes made to ``model`` in place become the global model sent next round.
 
     :param model: the server's model, holding the new global weights.
     :param ctx: the round.
     :param payloads: what *this* plugin's ``client_end`` returned, by client id, for the clients
         trained this round (clients whose ``client_end`` returned ``None`` are absent).
-
-    Combine: all. Runs in the driver, once per round.
+    :return: ignored.
 
     .. versionadded:: 0.1
     """
@@ -175,107 +185,130 @@ def server_after_aggregate(model: nn.Module, ctx: RoundContext, payloads: Mappin
 # =========================================================================== client round
 
 
-@hookspec
+@hookspec(combine="all", side="client", when="once per client-round, the model holds the global weights")
 def client_start(model: nn.Module, ctx: ClientContext, state: dict[str, Any]) -> None:
-    """A selected client begins local training; ``model`` holds the global weights.
+    """A selected client begins local training.
+
+    The place to compute per-round constants on ``self`` (a fresh instance for this client-round)
+    for the per-batch hooks to use.
 
     :param model: the worker's resident model, loaded with the global weights.
-    :param ctx: the client and round: id, round config, local/global class counts, data.
+    :param ctx: the client and round: id, config, class counts, data, seeded generator.
     :param state: this plugin's per-client state (empty on the client's first round).
-
-    Combine: all. Runs where the client is trained, once per client-round.
+    :return: ignored.
 
     .. versionadded:: 0.1
     """
 
 
-@hookspec
+@hookspec(
+    combine="chain",
+    side="client",
+    when="once per client-round, before the optimizer is built",
+    since="0.2",
+    chain_arg="recipe",
+)
+def client_configure_training(
+    recipe: LocalTraining, ctx: ClientContext, state: dict[str, Any]
+) -> LocalTraining:
+    """The local training recipe of this client-round (per-client learning rate, epochs, ...).
+
+    :param recipe: the recipe so far (the scenario's ``[train]``, then earlier plugins').
+    :return: the recipe to use: ``recipe`` itself or ``recipe.replace(lr=...)``.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec(combine="extend", side="client", when="once per client-round, before the optimizer is built")
 def client_trainable_parameters(
     model: nn.Module, ctx: ClientContext, state: dict[str, Any]
 ) -> Iterable[torch.Tensor] | None:
-    """Extra tensors the local optimizer should update besides the model's trainable ones.
+    """Extra tensors the local optimizer updates besides the model's trainable parameters.
 
-    For parameters that live in ``state`` (a per-client head that never leaves the client).
+    For parameters that live with the client (a local head kept in ``state``).
 
     :return: tensors with ``requires_grad=True``, or ``None``.
-
-    Combine: all, concatenated in scenario order. Once per client-round.
 
     .. versionadded:: 0.1
     """
 
 
-@hookspec(firstresult=True)
+@hookspec(combine="first", side="client", when="once per client-round, offline scenarios")
 def client_select_indices(ctx: ClientContext, state: dict[str, Any]) -> torch.Tensor | None:
     """The sequence of training samples for this client-round (a sampler).
 
     :param ctx: the client; ``ctx.indices`` are its dataset indices, ``ctx.labels`` their labels,
         ``ctx.generator`` the seeded generator to draw from.
-    :return: a 1-D long tensor of dataset indices (repeats allowed), consumed in consecutive
-        batches of ``ctx.batch_size``; or ``None`` for the default (a fresh permutation of the
-        client's indices per local epoch).
-
-    Combine: first result. Once per client-round.
+    :return: a 1-D integer tensor of indices drawn from ``ctx.indices`` (repeats allowed),
+        consumed in consecutive batches of ``ctx.batch_size``; or ``None`` for the default (a
+        fresh permutation per local epoch).
 
     .. versionadded:: 0.1
     """
 
 
-@hookspec
+@hookspec(
+    combine="all",
+    side="client",
+    when="once per incoming stream batch, before its first step; continual scenarios only",
+    since="0.2",
+)
+def client_stream_batch(
+    batch: torch.Tensor, model: nn.Module, ctx: ClientContext, state: dict[str, Any]
+) -> None:
+    """A new stream batch arrives; ``ctx.local_class_counts`` already count it.
+
+    Per-batch bookkeeping of a stream: the classes seen so far change here (``seen-class-mask``
+    updates its mask, prior-based losses their class counts), before the first step trains on
+    the batch.
+
+    :param batch: the dataset indices of the incoming stream batch.
+    :return: ignored.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec(combine="concat", side="client", when="per optimizer step, continual scenarios only")
 def client_replay_indices(
     batch: torch.Tensor, ctx: ClientContext, state: dict[str, Any]
 ) -> torch.Tensor | None:
     """Extra samples to train on together with an incoming stream batch (replay memory).
 
-    Only called in continual scenarios (a ``[stream]``), once per optimizer step, so each of
-    ``online_iter`` steps on the same stream batch may replay different samples.
+    Called once per optimizer step, so each of ``online_iter`` steps on the same stream batch may
+    replay different samples.
 
     :param batch: the dataset indices of the incoming stream batch.
-    :return: dataset indices to append (the replayed rows follow the stream rows in the batch
-        that the per-batch hooks see; ``ctx.extra`` is the place to note how many you added), or
-        ``None``.
-
-    Combine: concatenated in scenario order. Per step.
+    :return: a 1-D integer tensor of dataset indices to append (the replayed rows follow the
+        stream rows in the batch the per-batch hooks see), or ``None``.
 
     .. versionadded:: 0.1
     """
 
 
-@hookspec
-def client_update_memory(batch: torch.Tensor, ctx: ClientContext, state: dict[str, Any]) -> None:
-    """An incoming stream batch has been trained on; update the client's memory from it.
-
-    Memories store dataset *indices* (in ``state``), never copies of samples. Draw from
-    ``ctx.generator`` (reservoir, class-balanced reservoir, GDumb).
-
-    :param batch: the dataset indices of the stream batch just consumed.
-
-    Combine: all. Once per stream batch (after its ``online_iter`` steps).
-
-    .. versionadded:: 0.1
-    """
-
-
-@hookspec(firstresult=True)
+@hookspec(combine="first", side="client", when="per batch")
 def client_forward(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: ClientContext, state: dict[str, Any]
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Compute ``(features, logits)`` for a training batch (e.g. adaptive feature scaling).
+) -> Forward | tuple[torch.Tensor, torch.Tensor] | None:
+    """Compute features and logits of a training batch (e.g. adaptive feature scaling).
 
     :param y: the batch labels (training-time forwards may use them).
-
-    :return: the pair, or ``None`` for the default ``h = model.features(x); z = model.head(h)``.
-
-    Combine: first result. Per batch.
+    :return: a :class:`~fedlt.context.Forward` ``(features, logits, head_input)`` where
+        ``head_input`` is what the linear head actually received (when it differs from the
+        features, e.g. rescaled), or a pair ``(features, logits)``; or ``None`` for the default
+        ``h = model.features(x); z = model.head(h)``. Logits must be ``(B, C)``.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2 may return a ``Forward`` with ``head_input``.
     """
 
 
-@hookspec
+@hookspec(combine="chain", side="client", when="per batch, after the forward pass", chain_arg="logits")
 def client_transform_logits(
     logits: torch.Tensor,
     features: torch.Tensor,
+    head_input: torch.Tensor,
     y: torch.Tensor,
     model: nn.Module,
     ctx: ClientContext,
@@ -284,82 +317,112 @@ def client_transform_logits(
     """Rewrite training logits (masking unseen classes, instance-wise masks).
 
     :param logits: the logits so far (the previous plugin's output).
+    :param head_input: what the head received (``features`` unless ``client_forward`` says).
     :return: the new logits, same shape.
-
-    Combine: chain, in scenario order. Per batch.
 
     .. versionadded:: 0.1
     """
 
 
-@hookspec(firstresult=True)
+@hookspec(combine="first", side="client", when="per batch")
 def client_loss(
-    logits: torch.Tensor, y: torch.Tensor, features: torch.Tensor, ctx: ClientContext, state: dict[str, Any]
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    features: torch.Tensor,
+    head_input: torch.Tensor,
+    model: nn.Module,
+    ctx: ClientContext,
+    state: dict[str, Any],
 ) -> torch.Tensor | None:
     """The per-sample training loss (focal, class-balanced, LDAM, balanced softmax, ...).
 
     :return: a ``(B,)`` tensor of per-sample losses (``reduction="none"``), or ``None`` for
-        cross-entropy. The batch loss is ``mean(loss * weights)`` with the product of
-        ``client_sample_weights``, plus the sum of ``client_extra_losses``.
-
-    Combine: first result. Per batch.
+        cross-entropy. The batch loss is ``sum(loss * c * s) / sum(c)`` where ``c`` is the
+        product of the *class weights* (``client_sample_weights`` of plugins that declare
+        ``class_weighting = True``; weighted cross-entropy normalises by their sum) and ``s`` the
+        product of the other sample weights; without class weights ``c = 1`` and it is the mean.
+        ``client_extra_losses`` are added.
 
     .. versionadded:: 0.1
     """
 
 
-@hookspec
+@hookspec(combine="product", side="client", when="per batch")
 def client_sample_weights(
-    logits: torch.Tensor, y: torch.Tensor, features: torch.Tensor, ctx: ClientContext, state: dict[str, Any]
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    features: torch.Tensor,
+    head_input: torch.Tensor,
+    model: nn.Module,
+    ctx: ClientContext,
+    state: dict[str, Any],
 ) -> torch.Tensor | None:
-    """Per-sample weights on the loss (gradient-similarity focal, replay re-weighting).
+    """Per-sample weights on the loss (class weights, gradient-similarity focal, replay).
+
+    A plugin whose weights are class weights ``w_{y_i}`` (class-balanced, DRW) sets the class
+    attribute ``class_weighting = True``: the batch loss is then normalised by the sum of those
+    weights, as weighted cross-entropy is (see ``client_loss``), so re-weighting does not shrink
+    the effective learning rate.
 
     :return: a ``(B,)`` tensor, or ``None``.
 
-    Combine: product of all returned tensors. Per batch.
-
     .. versionadded:: 0.1
     """
 
 
-@hookspec
+@hookspec(combine="sum", side="client", when="per batch")
 def client_extra_losses(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     features: torch.Tensor,
+    head_input: torch.Tensor,
     logits: torch.Tensor,
     ctx: ClientContext,
     state: dict[str, Any],
 ) -> torch.Tensor | None:
-    """Additional scalar losses (auxiliary heads on detached features, prompt losses).
+    """Additional scalar losses (auxiliary heads on detached features, proximal terms).
 
-    :return: a scalar tensor, or ``None``.
-
-    Combine: sum. Per batch.
+    :return: a 0-dimensional tensor, or ``None``.
 
     .. versionadded:: 0.1
     """
 
 
-@hookspec
+@hookspec(combine="all", side="client", when="per batch, after backward(), before clipping and the step")
 def client_after_backward(model: nn.Module, ctx: ClientContext, state: dict[str, Any]) -> None:
-    """Gradients are computed and not yet applied (gradient surgery, accumulation of statistics).
+    """Gradients are computed and not yet applied (gradient surgery, statistics).
 
-    Combine: all. Per batch.
+    :return: ignored.
 
     .. versionadded:: 0.1
     """
 
 
-@hookspec
+@hookspec(
+    combine="all",
+    side="client",
+    when="once per stream batch, after its online_iter steps; continual scenarios only",
+)
+def client_update_memory(batch: torch.Tensor, ctx: ClientContext, state: dict[str, Any]) -> None:
+    """An incoming stream batch has been trained on; update the client's memory from it.
+
+    Memories store dataset *indices* (in ``state``), never copies of samples. Draw from
+    ``ctx.generator`` (reservoir, class-balanced reservoir, GDumb).
+
+    :param batch: the dataset indices of the stream batch just consumed.
+    :return: ignored.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec(combine="per-plugin", side="client", when="once per client-round, after the last step")
 def client_end(model: nn.Module, ctx: ClientContext, state: dict[str, Any]) -> Any:
     """Local training finished; return what the server half of this plugin needs.
 
-    :return: a picklable payload (class counts, per-class gradients), or ``None``. It reaches
-        this plugin's ``server_after_aggregate`` as ``payloads[client_id]``.
-
-    Combine: all, each plugin's result kept apart. Once per client-round.
+    :return: a plain-data payload (tensors, numbers, strings, lists, dicts), or ``None``. It
+        reaches this plugin's ``server_after_aggregate`` as ``payloads[client_id]``.
 
     .. versionadded:: 0.1
     """
@@ -368,34 +431,104 @@ def client_end(model: nn.Module, ctx: ClientContext, state: dict[str, Any]) -> A
 # =========================================================================== evaluation
 
 
-@hookspec
+@hookspec(
+    combine="all",
+    side="client",
+    when="per client per evaluation, in the driver, on a scratch copy of the global model",
+)
 def client_personalize(model: nn.Module, ctx: ClientContext, state: dict[str, Any]) -> None:
     """Turn a copy of the global model into client ``ctx.client_id``'s personalised model in place
     (fine-tune the head, restore a local head) before its local test view is evaluated.
 
-    Only called when personalised evaluation runs; ``model`` is a scratch copy, so changes never
-    reach the global model. ``state`` may be read but changes are discarded.
+    Only called when personalised evaluation runs. ``ctx.indices`` are the samples the client
+    has *read so far* (its whole data offline; in a stream, what it consumed up to this round).
+    ``model`` is a scratch copy, so changes never reach the global model; ``state`` may be read
+    but changes are discarded. Runs on a fresh plugin instance, like the other client hooks.
 
-    Combine: all. Runs in the driver, once per client per evaluation.
+    :return: ignored.
 
     .. versionadded:: 0.1
     """
 
 
-@hookspec
+@hookspec(
+    combine="chain",
+    side="eval",
+    when="per evaluation: the global test set, then each client's local view",
+    chain_arg="logits",
+)
 def eval_logits(
     logits: torch.Tensor, features: torch.Tensor, model: nn.Module, ctx: EvalContext, state: dict[str, Any]
 ) -> torch.Tensor:
     """Rewrite evaluation logits (post-hoc logit adjustment, realigned heads, class masks).
 
     Called for the global test set (``ctx.client_id is None``, ``state`` empty) and for each
-    client's local view (``ctx.client_id`` set, ``state`` that client's state for this plugin).
+    client's local view (``ctx.client_id`` set, ``state`` that client's state, read-only).
 
     :param logits: the logits so far (the previous plugin's output).
     :param features: the model's features for the same samples.
-    :return: the new logits.
-
-    Combine: chain, in scenario order. Runs in the driver, per evaluation.
+    :return: the new logits, same shape.
 
     .. versionadded:: 0.1
     """
+
+
+@hookspec(
+    combine="per-plugin",
+    side="eval",
+    when="per evaluation: the global test set, then each client's local view",
+    since="0.2",
+)
+def eval_metrics(
+    model: nn.Module,
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ctx: EvalContext,
+    state: dict[str, Any],
+) -> Mapping[str, Any] | None:
+    """Named metrics of the evaluated model (neural collapse, calibration, ...).
+
+    :param features: the evaluated model's features of the evaluated samples.
+    :param logits: its logits after every ``eval_logits`` adjustment.
+    :param labels: the true classes.
+    :param ctx: which evaluation: the global test set (``ctx.client_id is None``) or a client's
+        local view.
+    :return: ``{name: value}`` with JSON-ready values (numbers, strings, None, lists of them), or
+        ``None``. Global-view metrics appear in metrics.jsonl and summary.json as
+        ``"<plugin>.<name>"``; client-view metrics as ``"<plugin>.<name>"`` lists by client under
+        ``"client_metrics"``, with the mean of numeric ones as ``"personalized.<plugin>.<name>"``.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec(combine="all", side="server", when="after every evaluation, in the driver", since="0.2")
+def server_log_metrics(record: Mapping[str, Any], ctx: LogContext) -> None:
+    """An evaluation's record is ready (the line just written to metrics.jsonl): log it.
+
+    The hook loggers (CSV, TensorBoard, Weights & Biases, your own) implement.
+
+    :param record: the round's metrics (read-only; JSON-ready values, ``None`` for undefined).
+    :param ctx: the run folder, the round, the scenario's name.
+    :return: ignored.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec(combine="all", side="server", when="once, when the run has finished (summary written)", since="0.2")
+def server_end(summary: Mapping[str, Any], ctx: LogContext) -> None:
+    """The run finished and summary.json is written: close files, flush loggers.
+
+    Not called when a run stops on an error or is interrupted.
+
+    :param summary: what summary.json holds.
+    :return: ignored.
+
+    .. versionadded:: 0.2
+    """
+
+
+#: Every hook by name, in protocol order: what the dispatcher, the validator and the docs read.
+SPECS: dict[str, HookSpec] = {name: obj for name, obj in dict(globals()).items() if isinstance(obj, HookSpec)}

@@ -1,8 +1,8 @@
-"""The server side of one round, shared by fedlt's runner and Flower's strategy.
+"""The server side of one round: select, configure, aggregate. fedlt's one round loop uses it.
 
-Configuring a round (``server_configure_round``) and combining its results
-(``server_make_aggregator`` or FedAvg, then ``server_after_aggregate``) must be the same code
-whoever drives the rounds, or the engines would drift apart.
+Selecting clients, configuring them (``server_configure_round`` / ``server_configure_client``)
+and combining their results (``server_make_aggregator`` or FedAvg, then
+``server_after_aggregate``) happen here and only here, whatever engine trains the clients.
 """
 
 from __future__ import annotations
@@ -19,18 +19,35 @@ from fedlt.aggregation import FedAvg
 from fedlt.client import ClientResult
 from fedlt.context import RoundContext, frozen_config
 from fedlt.data.federated import FederatedData
-from fedlt.errors import NonFiniteLossError
-from fedlt.pluginmanager import HookSet
+from fedlt.dispatch import HookSet
+from fedlt.errors import NonFiniteLossError, PluginError
+from fedlt.safe import describe_type
+from fedlt.seeding import numpy_rng
 
-__all__ = ["aggregate_round", "configure_round", "round_context"]
+__all__ = ["aggregate_round", "configure_round", "round_context", "select_clients"]
+
+
+def select_clients(seed: int, round: int, n_clients: int, fraction: float) -> list[int]:
+    """The round's participants: ``max(1, floor(n * fraction))`` clients drawn from (seed, round)."""
+    k = max(1, int(n_clients * fraction + 1e-9))
+    if k >= n_clients:
+        return list(range(n_clients))
+    chosen = numpy_rng(seed, "select", round).choice(n_clients, size=k, replace=False)
+    return sorted(int(c) for c in chosen)
 
 
 def round_context(
-    seed: int, data: FederatedData, round: int, selected: Sequence[int], config: Mapping[str, Any]
+    seed: int,
+    data: FederatedData,
+    round: int,
+    n_rounds: int,
+    selected: Sequence[int],
+    config: Mapping[str, Any],
 ) -> RoundContext:
     """What the server hooks of one round see."""
     return RoundContext(
         round,
+        n_rounds,
         seed,
         data.num_classes,
         tuple(selected),
@@ -45,17 +62,54 @@ def configure_round(
     seed: int,
     data: FederatedData,
     round: int,
+    n_rounds: int,
     selected: Sequence[int],
-    extra: Mapping[str, Any] | None = None,
-) -> RoundContext:
-    """The round's context; its ``config`` holds ``round``, ``extra`` and what plugins add."""
-    config: dict[str, Any] = {**(extra or {}), "round": round}
-    ctx = round_context(seed, data, round, selected, config)
-    if not hooks.server_configure_round:
-        return ctx
-    for _, more in hooks.server_configure_round.all(ctx=ctx, states=None):
-        config.update(more or {})
-    return round_context(seed, data, round, selected, config)
+) -> tuple[RoundContext, dict[int, Mapping[str, Any]]]:
+    """The round's context and each selected client's config (round config + per-client config)."""
+    config: dict[str, Any] = {"round": round}
+    ctx = round_context(seed, data, round, n_rounds, selected, config)
+    if hooks.server_configure_round:
+        config.update(hooks.server_configure_round(ctx=ctx))
+        ctx = round_context(seed, data, round, n_rounds, selected, config)
+    per_client: dict[int, Mapping[str, Any]] = {}
+    for client in selected:
+        own = (
+            hooks.server_configure_client(client_id=client, ctx=ctx)
+            if hooks.server_configure_client
+            else None
+        )
+        per_client[client] = frozen_config({**config, **own}) if own else ctx.config
+    return ctx, per_client
+
+
+def _check_update(
+    new: Any, state: Mapping[str, torch.Tensor], keys: Sequence[str], plugin: str, round: int
+) -> Mapping[str, torch.Tensor]:
+    """The aggregator's result holds known keys with the model's shapes, or a PluginError."""
+
+    def fail(message: str) -> PluginError:
+        return PluginError(
+            plugin, "server_make_aggregator", f"the aggregator's result() {message}", round=round
+        )
+
+    if not isinstance(new, Mapping):
+        raise fail(f"returned {describe_type(new)}; expected a mapping of weight names to tensors (or None)")
+    allowed = set(keys)
+    for key, value in new.items():
+        if key not in allowed:
+            raise fail(
+                f"returned an unknown key {key!r}; it may only return the trained entries it was given "
+                f"(global_weights keys, e.g. {sorted(allowed)[:3]})"
+            )
+        if not isinstance(value, torch.Tensor):
+            raise fail(f"returned {describe_type(value)} for {key!r}; expected a tensor")
+        if value.shape != state[key].shape:
+            raise fail(
+                f"returned shape {tuple(value.shape)} for {key!r}; the model's is {tuple(state[key].shape)}"
+            )
+        if not bool(torch.isfinite(value).all()) and state[key].is_floating_point():
+            raise fail(f"returned non-finite values for {key!r}")
+    return new
 
 
 def aggregate_round(
@@ -72,16 +126,30 @@ def aggregate_round(
     A non-finite client loss stops the round naming round, client and plugins.
     """
     state = model.state_dict()
-    make = hooks.server_make_aggregator
-    aggregator = make.first(ctx=ctx, states=None) if make else None
+    global_weights = {k: state[k] for k in keys}
+    maker = "fedlt"
+    aggregator = None
+    if hooks.server_make_aggregator:
+        aggregator = hooks.server_make_aggregator(global_weights=global_weights, ctx=ctx)
+        maker = hooks.server_make_aggregator.winner or maker
     if aggregator is None:
-        aggregator = FedAvg({k: state[k] for k in keys})
+        aggregator = FedAvg(global_weights)
     payloads: dict[str, dict[int, Any]] = {name: {} for name in hooks.names}
     losses, total = [], 0
     for result in results:
         if not math.isfinite(result.loss):
             raise NonFiniteLossError(ctx.round, result.client_id, hooks.names, result.loss)
-        aggregator.add(result.weights, result.n_samples, result.client_id)
+        try:
+            aggregator.add(result.weights, result.n_samples, result.client_id)
+        except Exception as exc:
+            if maker == "fedlt":
+                raise
+            raise PluginError(
+                maker,
+                "server_make_aggregator",
+                f"the aggregator's add() raised {type(exc).__name__}: {exc}",
+                round=ctx.round,
+            ) from exc
         client_states[result.client_id] = result.states
         for name, payload in result.payloads.items():
             payloads[name][result.client_id] = payload
@@ -90,10 +158,11 @@ def aggregate_round(
         total += result.n_samples
     new = aggregator.result()
     if new is not None:
+        new = _check_update(new, state, keys, maker, ctx.round) if maker != "fedlt" else new
         with torch.no_grad():
             for k, v in new.items():
                 state[k].copy_(v)
     if hooks.server_after_aggregate:
         per_plugin = {name: {"payloads": p} for name, p in payloads.items()}
-        hooks.server_after_aggregate.all(per_plugin=per_plugin, model=model, ctx=ctx, states=None)
+        hooks.server_after_aggregate(per_plugin=per_plugin, model=model, ctx=ctx)
     return (float(np.mean(losses)) if losses else float("nan")), total

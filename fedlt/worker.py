@@ -1,54 +1,74 @@
 """A client trainer with a resident model: what every engine runs, in-process or on a worker.
 
 The model is built once and reused for every client: the global weights are copied into it in
-place, never re-constructed, and the weights it returns are its live tensors.
+place, never re-constructed, and the weights it returns are its live tensors. The plugins' client
+side is a fresh instance per client-round (:meth:`HookSet.for_client`), so a client trained here
+behaves exactly as one trained on any other engine.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from fedlt.client import ClientResult, ClientTask, LocalTraining, train_client
+from fedlt.client import ClientResult, ClientTask, train_client
 from fedlt.context import ClientContext, SetupContext
 from fedlt.data.federated import FederatedData
-from fedlt.errors import PluginError
+from fedlt.dispatch import HookSet
 from fedlt.models import build_model
-from fedlt.pluginmanager import HookSet
+from fedlt.recipe import LocalTraining
 from fedlt.seeding import seed_torch, torch_generator
 
 __all__ = ["ClientTrainer", "aggregated_keys", "build_run_model", "client_context", "setup_context"]
 
 
-def setup_context(scenario: Any, data: FederatedData, device: torch.device) -> SetupContext:
+def setup_context(
+    scenario: Any, data: FederatedData, device: torch.device, run_dir: Path | None = None
+) -> SetupContext:
     return SetupContext(
         seed=scenario.seed,
         num_classes=data.num_classes,
         input_shape=data.input_shape,
         n_clients=data.n_clients,
+        n_rounds=scenario.federation.rounds,
         device=device,
         global_class_counts=data.train_class_counts,
         generator=torch_generator(scenario.seed, "configure-model"),
+        run_dir=run_dir,
     )
 
 
 def client_context(
-    scenario: Any, data: FederatedData, task: ClientTask, device: torch.device
+    scenario: Any,
+    data: FederatedData,
+    task: ClientTask,
+    device: torch.device,
+    recipe: LocalTraining,
+    streaming: bool | None = None,
 ) -> ClientContext:
-    """The context of one client-round; its generator is seeded from (seed, round, client)."""
-    streaming = task.indices is not None
-    if streaming:
+    """The context of one client-round; its generator is seeded from (seed, round, client).
+
+    ``task.indices`` (a stream slice, or what a client has read so far for personalisation)
+    replaces the client's full index set when given; ``streaming`` says whether the round reads
+    a stream (default: when ``task.indices`` is given and the scenario has a stream).
+    """
+    if task.indices is not None:
         idx = torch.as_tensor(task.indices, dtype=torch.long, device=data.x_train.device)
-        counts = task.seen_counts
+        counts = np.array(task.seen_counts, dtype=np.int64, copy=True)
     else:
         idx = data.client_tensor(task.client_id)
-        counts = data.client_counts[task.client_id]
+        counts = data.client_counts[task.client_id].copy()
+    if streaming is None:
+        streaming = task.indices is not None and scenario.stream.kind != "none"
     return ClientContext(
         client_id=task.client_id,
         round=task.round,
+        n_rounds=scenario.federation.rounds,
         seed=scenario.seed,
         num_classes=data.num_classes,
         config=task.config,
@@ -58,9 +78,9 @@ def client_context(
         labels=data.y_train.index_select(0, idx),
         x_train=data.x_train,
         y_train=data.y_train,
-        batch_size=scenario.train.batch_size,
-        local_epochs=scenario.train.local_epochs,
-        local_steps=scenario.train.local_steps,
+        batch_size=recipe.batch_size,
+        local_epochs=recipe.local_epochs,
+        local_steps=recipe.local_steps,
         device=device,
         generator=torch_generator(scenario.seed, "client", task.round, task.client_id),
         online_iter=scenario.stream.online_iter if streaming else None,
@@ -76,7 +96,7 @@ def build_run_model(scenario: Any, data: FederatedData, hooks: HookSet, device: 
     model = build_model(scenario.model.name, data.input_shape, data.num_classes, **scenario.model.params())
     model.to(device)
     if hooks.configure_model:
-        hooks.configure_model.all(model=model, ctx=setup_context(scenario, data, device), states=None)
+        hooks.configure_model(model=model, ctx=setup_context(scenario, data, device))
     return model
 
 
@@ -110,13 +130,12 @@ class ClientTrainer:
         """Train one client from the global weights; the returned weights are live tensors."""
         self.load_global(global_state)
         seed_torch(self.scenario.seed, "torch", task.round, task.client_id)
-        ctx = client_context(self.scenario, self.data, task, self.device)
-        try:
-            total, n_steps, payloads = train_client(
-                self.model, ctx, self.hooks, self.recipe, task.states, self._trainable
-            )
-        except PluginError as exc:
-            raise exc.located(task.client_id, task.round) from exc.__cause__
+        ctx = client_context(self.scenario, self.data, task, self.device, self.recipe)
+        hooks = self.hooks.for_client(task.client_id, task.round, task.states)
+        stream_labels = self.data.y_train_np[task.indices] if ctx.online_iter is not None else None
+        total, n_steps, payloads = train_client(
+            self.model, ctx, hooks, self.recipe, self._trainable, stream_labels
+        )
         # One host sync per client-round. Adding 0 * (sum of the new weights) makes the loss
         # non-finite when the weights diverged after the last step, so the run stops either way.
         weight_sum = torch.stack([t.sum() for t in self._targets]).sum()

@@ -25,12 +25,16 @@ class BalancedSoftmax(Plugin):
     """Balanced softmax loss with local or global class counts."""
 
     Params = BalancedSoftmaxParams
+    vectorized = True
 
     @hookimpl
     def client_start(self, model: nn.Module, ctx: ClientContext) -> None:
         counts = prior_counts(self.params.prior, ctx.local_class_counts, ctx.global_class_counts, model)
-        ctx.extra["balanced-softmax.log_prior"] = log_prior_tensor(counts, ctx.device)
+        self.log_prior = log_prior_tensor(counts, ctx.device)
+
+    # In a stream the local counts grow as batches arrive: refresh the prior with them.
+    client_stream_batch = hookimpl(client_start)
 
     @hookimpl
-    def client_loss(self, logits: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> torch.Tensor:
-        return F.cross_entropy(logits + ctx.extra["balanced-softmax.log_prior"], y, reduction="none")
+    def client_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits + self.log_prior, y, reduction="none")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from fedlt import ClientContext, Plugin, hookimpl
+from fedlt import ClientContext, Forward, Plugin, hookimpl
 
 __all__ = [
     "AFS",
@@ -37,10 +37,6 @@ __all__ = [
 
 #: Floor on the product of norms in a cosine, so a zero vector gives cos = 0 instead of NaN.
 COSINE_EPS = 1e-12
-
-#: ``ctx.extra`` key where ``afs`` publishes this step's scale r (as ``(ctx.step, r)``) so that
-#: ``gsf`` can use the head's true input h / r.
-AFS_SCALE_KEY = "afs.scale"
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -69,35 +65,45 @@ class SeenClassMask(Plugin):
     ``z'_c = z_c`` if class c was seen, else ``-inf``. Unseen classes then get no gradient, so
     the head rows of classes still to come are not pushed down before their first sample; CE
     stays finite because every target class has been seen (a replayed sample was seen earlier).
-    In a stream, "seen" is ``ctx.local_class_counts > 0`` (counts so far, this round's slice
-    included); offline it is the client's local classes, so this is a local-class mask.
-    Evaluation logits are not touched.
+    In a stream, "seen" is ``ctx.local_class_counts > 0`` and is updated when each stream batch
+    arrives, before training on it (``client_stream_batch``), as the official code updates its
+    exposed classes per incoming batch: a class first met in the third batch of a round's slice
+    stays masked during the first two. Offline it is the client's local classes, so this is a
+    local-class mask. Evaluation logits are not touched.
     """
 
     Params = SeenClassMaskParams
+    vectorized = True
+
+    def _update(self, ctx: ClientContext) -> None:
+        self.unseen = torch.as_tensor(np.asarray(ctx.local_class_counts) == 0, device=ctx.device)
 
     @hookimpl
     def client_start(self, ctx: ClientContext) -> None:
-        unseen = np.asarray(ctx.local_class_counts) == 0
-        ctx.extra["seen-class-mask.unseen"] = torch.as_tensor(unseen, device=ctx.device)
+        self._update(ctx)
 
     @hookimpl
-    def client_transform_logits(self, logits: torch.Tensor, ctx: ClientContext) -> torch.Tensor:
-        unseen = ctx.extra["seen-class-mask.unseen"]
-        return logits.masked_fill(unseen, self.params.mask_value)
+    def client_stream_batch(self, ctx: ClientContext) -> None:
+        self._update(ctx)
+
+    @hookimpl
+    def client_transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.masked_fill(self.unseen, self.params.mask_value)
 
 
 # =========================================================================== gsf
 
 
 def head_row_gradients(
-    logits: torch.Tensor, features: torch.Tensor, y: torch.Tensor
+    logits: torch.Tensor, features: torch.Tensor, y: torch.Tensor, factors: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample and batch-mean CE gradients w.r.t. each sample's own class row of a linear head.
 
     For ``z = W h + b`` and ``l_i = CE(z_i, y_i)``, ``dl_i/dW_c = (p_ic - 1[y_i = c]) h_i``, so no
     autograd is needed. Masking or additive logit transforms (constant in W) leave this exact,
-    with ``p`` the softmax of the transformed logits.
+    with ``p`` the softmax of the transformed logits. A head whose logits are scaled per sample
+    and class, ``z_ic = m_ic (W h_i + b)_c`` (MVP's instance-wise mask, ``factors = m``), has
+    ``dl_i/dW_c = (p_ic - 1[y_i = c]) m_ic h_i``.
 
     Parameters
     ----------
@@ -118,19 +124,27 @@ def head_row_gradients(
     logits, h = logits.detach(), features.detach().to(logits.dtype)
     coef = torch.softmax(logits, dim=1)
     coef[torch.arange(len(y), device=y.device), y] -= 1.0  # p - onehot
+    if factors is not None:
+        coef = coef * factors.detach().to(coef.dtype)
     g = coef.gather(1, y[:, None]) * h
     g_bar = (coef.T @ h / len(y))[y]
     return g, g_bar
 
 
 def gsf_weights(
-    logits: torch.Tensor, features: torch.Tensor, y: torch.Tensor, alpha: float, gamma: float
+    logits: torch.Tensor,
+    features: torch.Tensor,
+    y: torch.Tensor,
+    alpha: float,
+    gamma: float,
+    factors: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample GSF weights ``w_i = (1 - alpha) + alpha s_i^gamma``, ``s_i = 1 - cos(g_i, g_bar_{y_i})``.
 
     ``s`` is clamped at 0 so rounding (cos slightly above 1) cannot give NaN for fractional gamma.
+    ``factors`` are per-sample logit scales of the head (see :func:`head_row_gradients`).
     """
-    g, g_bar = head_row_gradients(logits, features, y)
+    g, g_bar = head_row_gradients(logits, features, y, factors)
     s = 1.0 - _cosine(g, g_bar)
     return (1.0 - alpha) + alpha * s.clamp_min(0.0) ** gamma
 
@@ -161,26 +175,26 @@ class GSF(Plugin):
     ``(1 - alpha) + alpha mean(s^gamma)``; this plugin follows the formula instead.
 
     The gradients are computed in closed form, ``dl_i/dW_c = (p_ic - 1[y_i = c]) h_i``, from the
-    logits and features the hook receives (no autograd, no copy of the head). This assumes the
-    logits are the linear head's output up to transforms that are constant in W (additive
-    shifts, masks such as ``seen-class-mask``): then the row gradient is still
-    ``(p - onehot) h`` with p the softmax of the transformed logits. With ``afs`` in the same
-    scenario the head's input is ``h / r``; ``afs`` publishes r in ``ctx.extra`` and this plugin
-    divides by it, so the gradients stay exact (the official code uses the unscaled h here).
+    logits and the head's input the hook receives (no autograd, no copy of the head). This holds
+    for the linear head's output up to transforms that are constant in W (additive shifts, masks
+    such as ``seen-class-mask``), with p the softmax of the transformed logits. The head's input
+    is ``head_input`` (``h / r`` with ``afs``; the official code uses the unscaled h there). A head
+    that scales its logits per sample (``mvp-mask``'s ``z * 2 sigmoid(M[k*])``) exposes the factors
+    as ``head.logit_factors()``, and the gradient goes through them, as in the official code:
+    ``(p - onehot) * m * h``.
     """
 
     Params = GSFParams
+    vectorized = True
     requires = frozenset({"head"})
 
     @hookimpl
     def client_sample_weights(
-        self, logits: torch.Tensor, y: torch.Tensor, features: torch.Tensor, ctx: ClientContext
+        self, logits: torch.Tensor, y: torch.Tensor, head_input: torch.Tensor, model: nn.Module
     ) -> torch.Tensor:
-        h = features
-        scaled = ctx.extra.get(AFS_SCALE_KEY)
-        if scaled is not None and scaled[0] == ctx.step and scaled[1].shape[0] == h.shape[0]:
-            h = h.detach() / scaled[1][:, None]
-        return gsf_weights(logits, h, y, self.params.alpha, self.params.gamma)
+        factors_fn = getattr(model.head, "logit_factors", None)
+        factors = factors_fn() if callable(factors_fn) else None
+        return gsf_weights(logits, head_input, y, self.params.alpha, self.params.gamma, factors)
 
 
 # =========================================================================== afs
@@ -212,21 +226,20 @@ class AFS(Plugin):
     MVP code does the same (it computes the score from ``feature.detach()`` and a detached copy
     of the head row), and it keeps AFS a pure temperature: a gradient through r would add an
     extra, unstated term pulling ``h`` toward ``W_y``. The returned features are the unscaled
-    ``h = model.features(x)``; this step's r is published in ``ctx.extra["afs.scale"]`` as
-    ``(ctx.step, r)`` for plugins that need the head's true input (``gsf`` uses it).
+    ``h = model.features(x)`` and the head's input ``h / r`` is returned as ``head_input`` for
+    plugins that need it (``gsf``).
     """
 
     Params = AFSParams
+    vectorized = True
     requires = frozenset({"head"})
 
     @hookimpl
-    def client_forward(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: ClientContext
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def client_forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Forward:
         h = model.features(x)
         r = afs_scale(model.head.weight[y], h, self.params.margin)
-        ctx.extra[AFS_SCALE_KEY] = (ctx.step, r)
-        return h, model.head(h / r[:, None])
+        scaled = h / r[:, None]
+        return Forward(h, model.head(scaled), scaled)
 
 
 # =========================================================================== glfc compensation
@@ -241,8 +254,10 @@ def glfc_weights(logits: torch.Tensor, y: torch.Tensor, is_old: torch.Tensor) ->
     z_y = logits.detach().gather(1, y[:, None]).squeeze(1)
     g = (torch.sigmoid(z_y) - 1.0).abs()
     group = is_old[y].long()
-    sums = torch.zeros(2, dtype=g.dtype, device=g.device).index_add_(0, group, g)
-    means = sums / torch.bincount(group, minlength=2).clamp_min(1).to(g.dtype)
+    # index_add (not bincount or in-place index_add_) so the weights also batch under vmap.
+    sums = torch.zeros(2, dtype=g.dtype, device=g.device).index_add(0, group, g)
+    counts = torch.zeros(2, dtype=g.dtype, device=g.device).index_add(0, group, torch.ones_like(g))
+    means = sums / counts.clamp_min(1)
     mean = means[group]
     return torch.where(mean > 0, g / mean.clamp_min(torch.finfo(g.dtype).tiny), torch.ones_like(g))
 
@@ -275,32 +290,29 @@ class GLFCCompensation(Plugin):
     group's weights average 1 within the batch: old classes' few, hard samples are not drowned
     by the new classes' many, and vice versa. Weights are detached (``client_sample_weights``).
 
-    Old classes are those with ``ctx.local_class_counts`` minus this slice's own label counts
-    ``> 0``; offline (no stream) every class is new, so the weights are ``g_i / mean(g)`` over the
-    batch. ``loss = "bce"`` also makes ``client_loss`` return GLFC's per-sample
+    Old classes are those the client had seen before this round's slice (``ctx.local_class_counts
+    > 0`` when the round starts); offline (no stream) every class is new, so the weights are
+    ``g_i / mean(g)`` over the batch. ``loss = "bce"`` also makes ``client_loss`` return GLFC's per-sample
     ``sum_c BCE(sigma(z_c), onehot_c)``; GLFC's code averages over the N x C entries instead,
     which is the same loss divided by C (a learning-rate factor). The official code also sets
     ``w = 1`` while no class is old; here the new group is normalised as the formula says.
     """
 
     Params = GLFCCompensationParams
+    vectorized = True
 
     @hookimpl
     def client_start(self, ctx: ClientContext) -> None:
-        slice_counts = torch.bincount(ctx.labels, minlength=ctx.num_classes).cpu().numpy()
-        ctx.extra["glfc-compensation.slice_counts"] = slice_counts
         if ctx.online_iter is None:
             is_old = np.zeros(ctx.num_classes, dtype=bool)
         else:
-            is_old = (np.asarray(ctx.local_class_counts) - slice_counts) > 0
-        ctx.extra["glfc-compensation.is_old"] = torch.as_tensor(is_old, device=ctx.device)
+            is_old = np.asarray(ctx.local_class_counts) > 0  # counts before this round's slice
+        self.is_old = torch.as_tensor(is_old, device=ctx.device)
 
     @hookimpl
     def client_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         return multilabel_bce(logits, y) if self.params.loss == "bce" else None
 
     @hookimpl
-    def client_sample_weights(
-        self, logits: torch.Tensor, y: torch.Tensor, ctx: ClientContext
-    ) -> torch.Tensor:
-        return glfc_weights(logits, y, ctx.extra["glfc-compensation.is_old"])
+    def client_sample_weights(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return glfc_weights(logits, y, self.is_old)

@@ -48,9 +48,10 @@ class CReFFParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     n_features: int = Field(
-        20,
+        100,
         ge=1,
-        description="Federated features learnt per class (the paper uses 100; server cost is linear in it).",
+        description="Federated features learnt per class (100 as in the official code; server cost is "
+        "linear in it).",
     )
     n_match_steps: int = Field(
         100, ge=0, description="SGD steps per round matching the features' gradients to the clients'."
@@ -455,7 +456,7 @@ class CReFF(Plugin):
 
     def _upload(self, model: nn.Module, ctx: ClientContext) -> None:
         p = self.params
-        ctx.extra[GRADS_KEY] = client_class_gradients(
+        self.grads = client_class_gradients(
             model,
             ctx,
             ctx.config[WEIGHT_KEY],
@@ -477,7 +478,7 @@ class CReFF(Plugin):
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         if self.params.client_features == "local":
             self._upload(model, ctx)
-        return ctx.extra.pop(GRADS_KEY)
+        return self.grads
 
     # ------------------------------------------------------------------ evaluation
 

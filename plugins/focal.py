@@ -35,6 +35,7 @@ class Focal(Plugin):
     """Focal loss with ``gamma`` and ``alpha``."""
 
     Params = FocalParams
+    vectorized = True
 
     @hookimpl
     def configure_model(self, ctx: SetupContext) -> None:
@@ -47,10 +48,14 @@ class Focal(Plugin):
             )
 
     @hookimpl
-    def client_loss(self, logits: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> torch.Tensor:
-        alpha = ctx.extra.get("focal.alpha")
-        if alpha is None and self.params.alpha is not None:
-            a = self.params.alpha
+    def client_start(self, ctx: ClientContext) -> None:
+        a = self.params.alpha
+        self.alpha = None
+        if a is not None:
             values = a if isinstance(a, list) else [a] * ctx.num_classes
-            alpha = ctx.extra["focal.alpha"] = torch.tensor(values, dtype=logits.dtype, device=logits.device)
+            self.alpha = torch.tensor(values, dtype=torch.float32, device=ctx.device)
+
+    @hookimpl
+    def client_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        alpha = None if self.alpha is None else self.alpha.to(logits.dtype)
         return focal_loss(logits, y, self.params.gamma, alpha)

@@ -24,7 +24,7 @@ stream ``torch_generator(seed, "gla-fr-local-head", client_id)``, so the client'
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -49,8 +49,6 @@ AUX_NAME = "gla_aux"
 
 #: Logit given to classes a client has no training samples of (finite, so metrics stay finite).
 MASK_VALUE = -1e9
-
-_EXTRA = "gla-fr.local_head"
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -84,6 +82,26 @@ def mask_absent_classes(logits: torch.Tensor, counts: np.ndarray) -> torch.Tenso
     return logits.masked_fill(absent, MASK_VALUE)
 
 
+def head_metrics(pred: torch.Tensor, labels: torch.Tensor, ctx: EvalContext) -> dict[str, float | None]:
+    """Accuracy, balanced accuracy and head/medium/tail accuracy (the run's split, from
+    ``ctx.shot_groups``) of predictions: mean per-class recall over the classes present."""
+    correct = (pred == labels).double()
+    recall = {}
+    for c in range(ctx.num_classes):
+        mask = labels == c
+        if bool(mask.any()):
+            recall[c] = float(correct[mask].mean())
+
+    def mean(classes: Any) -> float | None:
+        values = [recall[c] for c in classes if c in recall]
+        return float(np.mean(values)) if values else None
+
+    out = {"accuracy": float(correct.mean()) if len(labels) else None, "balanced_accuracy": mean(recall)}
+    for group in ("head", "medium", "tail"):
+        out[f"{group}_accuracy"] = mean(ctx.shot_groups.get(group, ()))
+    return out
+
+
 # --------------------------------------------------------------------------- plugin
 
 
@@ -91,12 +109,24 @@ class GLAFRParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     gamma: float = Field(1.7, gt=0, description="Row norm of the globally realigned aux head (FedLoGe: 1.7).")
-    mask_absent: bool = Field(
-        True,
-        description=(
-            "Personalised evaluation: give the classes a client has no training samples of a logit "
-            "of -1e9 (FedLoGe does; it uses each client's class set at test time)."
-        ),
+    global_head: Literal["realigned", "sse-c", "both"] = Field(
+        "both",
+        description="Which head the global evaluation reports: 'realigned' (the auxiliary head with rows "
+        "rescaled to gamma, the paper's generic model), 'sse-c' (the model's own head, e.g. the frozen "
+        "SSE-C; what the authors' logs measure), or 'both' (realigned as the main metrics, the model "
+        "head's as gla-fr.sse_c_*).",
+    )
+    personal_head: Literal["norm-transfer", "local+aux"] = Field(
+        "norm-transfer",
+        description="Personalised logits: 'norm-transfer' = l_k(h) + W_k h + b_aux with w_{k,c} = "
+        "w_c^aux ||l_{k,c}|| (the paper's GLA-FR), 'local+aux' = l_k(h) + aux(h) (the authors' code "
+        "for their logged local accuracy).",
+    )
+    mask: Literal["train", "test", "none"] = Field(
+        "train",
+        description="Personalised evaluation: logit -1e9 for the classes the client has no training "
+        "samples of ('train'), or that are absent from its local test view ('test', the authors' "
+        "code), or no mask.",
     )
 
 
@@ -106,11 +136,17 @@ class GLAFR(Plugin):
     Training adds CE(gla_aux(h.detach()), y) + CE(l_k(h.detach()), y): an aggregated auxiliary
     head and a per-client local head l_k (kept in the client's state, never sent). Evaluation:
     generic logits = W^G h + b^aux with w_c^G = gamma * w_c^aux / ||w_c^aux||; client k's logits =
-    l_k(h) + W_k h + b^aux with w_{k,c} = w_c^aux * ||l_{k,c}||, absent classes masked. Both
-    *replace* the model head's logits. FedLoGe = ``sse-c`` + ``gla-fr``.
+    l_k(h) + W_k h + b^aux with w_{k,c} = w_c^aux * ||l_{k,c}|| (or the authors' l_k(h) + aux(h)),
+    absent classes masked. Both *replace* the model head's logits. FedLoGe = ``sse-c`` + ``gla-fr``.
+
+    The authors' logged global accuracy is that of the frozen SSE-C head (the model's own head),
+    not of the realigned one: with ``global_head = "both"`` every evaluation reports the realigned
+    head as the main metrics and the model head's as ``gla-fr.sse_c_accuracy``,
+    ``gla-fr.sse_c_balanced_accuracy`` and ``gla-fr.sse_c_{head,medium,tail}_accuracy``.
     """
 
     Params = GLAFRParams
+    vectorized = True
     requires = frozenset({"head"})
 
     # ------------------------------------------------------------------ model
@@ -141,24 +177,22 @@ class GLAFR(Plugin):
         # Fresh leaves on the training device; the optimizer updates them in place.
         weight = state["local_weight"].detach().to(ctx.device, copy=True).requires_grad_(True)
         bias = state["local_bias"].detach().to(ctx.device, copy=True).requires_grad_(True)
-        ctx.extra[_EXTRA] = (weight, bias)
+        self.local_head = (weight, bias)
 
     @hookimpl
-    def client_trainable_parameters(self, ctx: ClientContext) -> list[torch.Tensor]:
-        return list(ctx.extra[_EXTRA])
+    def client_trainable_parameters(self) -> list[torch.Tensor]:
+        return list(self.local_head)
 
     @hookimpl
-    def client_extra_losses(
-        self, model: nn.Module, y: torch.Tensor, features: torch.Tensor, ctx: ClientContext
-    ) -> torch.Tensor:
+    def client_extra_losses(self, model: nn.Module, y: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         h = features.detach()  # these heads must not train the backbone
-        weight, bias = ctx.extra[_EXTRA]
+        weight, bias = self.local_head
         aux = getattr(model, AUX_NAME)
         return F.cross_entropy(aux(h), y) + F.cross_entropy(F.linear(h, weight, bias), y)
 
     @hookimpl
-    def client_end(self, ctx: ClientContext, state: dict[str, Any]) -> None:
-        weight, bias = ctx.extra.pop(_EXTRA)
+    def client_end(self, state: dict[str, Any]) -> None:
+        weight, bias = self.local_head
         state["local_weight"], state["local_bias"] = weight.detach(), bias.detach()
         # Nothing for the server: the local head never leaves the client.
         return None
@@ -174,17 +208,39 @@ class GLAFR(Plugin):
         ctx: EvalContext,
         state: dict[str, Any],
     ) -> torch.Tensor:
+        p = self.params
         aux = getattr(model, AUX_NAME)
         h = features.to(aux.weight.dtype)
         if ctx.client_id is None:
-            return F.linear(h, global_realign(aux.weight, self.params.gamma), aux.bias)
+            if p.global_head == "sse-c":
+                return logits
+            return F.linear(h, global_realign(aux.weight, p.gamma), aux.bias)
         if "local_weight" in state:
             local_w = state["local_weight"].to(h.device)
             local_b = state["local_bias"].to(h.device)
-            out = F.linear(h, local_w, local_b) + F.linear(h, local_realign(aux.weight, local_w), aux.bias)
+            if p.personal_head == "local+aux":
+                out = F.linear(h, local_w, local_b) + aux(h)
+            else:
+                out = F.linear(h, local_w, local_b) + F.linear(
+                    h, local_realign(aux.weight, local_w), aux.bias
+                )
         else:
             # Never trained, so no local head yet: fall back to the generic (realigned) model.
-            out = F.linear(h, global_realign(aux.weight, self.params.gamma), aux.bias)
-        if self.params.mask_absent and ctx.local_class_counts is not None:
+            out = F.linear(h, global_realign(aux.weight, p.gamma), aux.bias)
+        if p.mask == "train" and ctx.local_class_counts is not None:
             out = mask_absent_classes(out, ctx.local_class_counts)
+        elif p.mask == "test":
+            out = mask_absent_classes(out, ctx.test_class_counts)
         return out
+
+    @hookimpl
+    def eval_metrics(
+        self, model: nn.Module, features: torch.Tensor, labels: torch.Tensor, ctx: EvalContext
+    ) -> dict[str, Any] | None:
+        """The other global head's metrics when ``global_head = "both"``: the model's own head
+        (SSE-C in FedLoGe), as the authors log it."""
+        if ctx.client_id is not None or self.params.global_head != "both":
+            return None
+        with torch.no_grad():
+            pred = model.head(features).argmax(1)
+        return {f"sse_c_{k}": v for k, v in head_metrics(pred, labels, ctx).items()}

@@ -1,17 +1,22 @@
 """Long-tail training losses that use class counts: class-balanced weights, LDAM, logit adjustment.
 
 Each plugin reads its counts through :mod:`fedlt_plugins.priors` (``prior = "local" | "global" |
-"estimated"``) once per client-round in ``client_start`` and keeps the per-class tensors in
-``ctx.extra``, so the per-batch hooks only index them.
+"estimated"``) once per client-round in ``client_start`` and keeps the per-class tensors on its
+client instance, so the per-batch hooks only index them.
 
 Classes with a zero count are treated as having one sample (as FedETF and
-:func:`~fedlt_plugins.priors.log_prior_tensor` do), so every formula stays finite. With
-``prior = "local"`` on a non-IID client those classes never occur as labels, but they still take
-part in the normalisations below (class-balanced weights summing to C, the LDAM margin constant),
-which is stated on each plugin.
+:func:`~fedlt_plugins.priors.log_prior_tensor` do), so every formula stays finite.
+
+Class weights (``class-balanced``, LDAM's DRW) are declared ``class_weighting``: the batch loss
+is ``sum_i w_{y_i} l_i / sum_i w_{y_i}``, as weighted cross-entropy (``F.cross_entropy(weight=)``)
+defines it, so re-weighting changes the balance between classes but not the effective learning
+rate.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,31 +25,47 @@ from fedlt_plugins.priors import PRIOR_DOC, Prior, prior_counts
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
-from fedlt import ClientContext, Plugin, hookimpl
+from fedlt import ClientContext, Plugin, SetupContext, hookimpl
+from fedlt.models import use_cosine_head
 
 __all__ = [
     "LDAM",
     "ClassBalanced",
     "LogitAdjust",
     "class_balanced_weights",
+    "drw_start",
     "ldam_margins",
     "log_class_prior",
 ]
 
+#: DRW starts after this share of the rounds (LDAM-DRW: epoch 160 of 200).
+DRW_FRACTION = 0.8
 
 # --------------------------------------------------------------------------- pure helpers
 
 
-def class_balanced_weights(counts: np.ndarray, beta: float) -> np.ndarray:
-    """Cui et al.'s weights ``w_c = (1 - beta) / (1 - beta^{n_c})``, scaled so ``sum_c w_c = C``.
+def class_balanced_weights(counts: np.ndarray, beta: float, present_only: bool = False) -> np.ndarray:
+    """Cui et al.'s weights ``w_c = (1 - beta) / (1 - beta^{n_c})``, normalised to mean 1.
 
     ``1 / w_c`` is the effective number of samples ``E_n = (1 - beta^n) / (1 - beta)``: the
     expected volume covered by ``n`` samples when each new one overlaps the previous ones with
     probability ``beta``. Counts below 1 (absent classes) are treated as 1.
+
+    The weights sum to the number of classes normalised over: all ``C`` classes, or with
+    ``present_only`` only the classes with ``n_c > 0`` (a client's own classes), which then sum
+    to their number; absent classes keep the raw weight of a one-sample class on that scale.
     """
-    n = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
+    counts = np.asarray(counts, dtype=np.float64)
+    n = np.maximum(counts, 1.0)
     raw = (1.0 - beta) / (1.0 - np.power(beta, n))
-    return raw * (len(n) / raw.sum())
+    over = counts > 0 if present_only and (counts > 0).any() else np.ones(len(n), dtype=bool)
+    return raw * (int(over.sum()) / raw[over].sum())
+
+
+def drw_start(start_round: int | None, n_rounds: int) -> int:
+    """The first DRW round: ``start_round``, or by default the first round of the last 20%
+    (``floor(0.8 R) + 1``; LDAM-DRW re-weights from epoch 160 of 200)."""
+    return start_round if start_round is not None else math.floor(DRW_FRACTION * n_rounds) + 1
 
 
 def ldam_margins(counts: np.ndarray, max_margin: float) -> np.ndarray:
@@ -65,8 +86,11 @@ def log_class_prior(counts: np.ndarray, device: torch.device | str) -> torch.Ten
     return torch.as_tensor(np.log(n / n.sum()), dtype=torch.float32, device=device)
 
 
-def _weights_tensor(counts: np.ndarray, beta: float, device: torch.device | str) -> torch.Tensor:
-    return torch.as_tensor(class_balanced_weights(counts, beta), dtype=torch.float32, device=device)
+def _weights_tensor(
+    counts: np.ndarray, beta: float, device: torch.device | str, present_only: bool
+) -> torch.Tensor:
+    weights = class_balanced_weights(counts, beta, present_only)
+    return torch.as_tensor(weights, dtype=torch.float32, device=device)
 
 
 def _counts(prior: Prior, model: nn.Module | None, ctx: ClientContext) -> np.ndarray:
@@ -98,20 +122,23 @@ class ClassBalancedParams(BaseModel):
 class ClassBalanced(Plugin):
     """Class-balanced re-weighting (Cui et al., CVPR 2019), optionally deferred (DRW, Cao et al. 2019).
 
-    Each sample's loss is multiplied by its class weight ``w_y`` with
-    ``w_c = (1 - beta) / (1 - beta^{n_c})`` normalised so that ``sum_c w_c = C``. The weights are
-    returned from ``client_sample_weights``, so they multiply whatever ``client_loss`` is active:
-    alone they weight cross-entropy, together with ``focal`` they give class-balanced focal loss.
+    Each sample's loss is weighted by its class weight ``w_y`` with
+    ``w_c = (1 - beta) / (1 - beta^{n_c})``, and the batch loss is the weighted mean
+    ``sum_i w_{y_i} l_i / sum_i w_{y_i}`` (weighted cross-entropy; the plugin declares
+    ``class_weighting``). The weights multiply whatever ``client_loss`` is active: alone they
+    weight cross-entropy, together with ``focal`` they give class-balanced focal loss.
 
     With ``drw_start_round`` the weights are all 1 before that round (plain training learns the
     features) and class-balanced from it on, the DRW schedule of LDAM-DRW.
 
-    Classes with ``n_c = 0`` are weighted as if ``n_c = 1``. They do take part in the
-    normalisation: with ``prior = "local"``, every class a client lacks has the largest raw weight,
-    so the weights of the classes it does hold are scaled down accordingly.
+    Normalisation: with ``prior = "local"`` the weights are normalised over the classes the
+    client holds (they average 1 over them); with ``global`` or ``estimated`` over all C classes.
+    Classes with ``n_c = 0`` are weighted as if ``n_c = 1``.
     """
 
     Params = ClassBalancedParams
+    vectorized = True
+    class_weighting = True
 
     def _active(self, round: int) -> bool:
         start = self.params.drw_start_round
@@ -119,14 +146,18 @@ class ClassBalanced(Plugin):
 
     @hookimpl
     def client_start(self, model: nn.Module, ctx: ClientContext) -> None:
+        self.weights = None
         if self._active(ctx.round):
-            counts = _counts(self.params.prior, model, ctx)
-            ctx.extra["class-balanced.weights"] = _weights_tensor(counts, self.params.beta, ctx.device)
+            p = self.params
+            counts = _counts(p.prior, model, ctx)
+            self.weights = _weights_tensor(counts, p.beta, ctx.device, present_only=p.prior == "local")
+
+    # In a stream the local counts grow as batches arrive: refresh the weights with them.
+    client_stream_batch = hookimpl(client_start)
 
     @hookimpl
-    def client_sample_weights(self, y: torch.Tensor, ctx: ClientContext) -> torch.Tensor | None:
-        w = ctx.extra.get("class-balanced.weights")
-        return None if w is None else w[y]
+    def client_sample_weights(self, y: torch.Tensor) -> torch.Tensor | None:
+        return None if self.weights is None else self.weights[y]
 
 
 # --------------------------------------------------------------------------- LDAM
@@ -139,31 +170,42 @@ class LDAMParams(BaseModel):
     max_margin: float = Field(
         0.5, gt=0, description="Margin of the rarest class (the constant K is set by it)."
     )
-    scale: float = Field(
-        1.0,
+    head: Literal["cosine", "linear"] = Field(
+        "cosine",
+        description="The classifier LDAM trains: 'cosine' replaces the model's head by a cosine-normalised "
+        "one (logits in [-1, 1], no bias), as the official LDAM-DRW code does; 'linear' keeps the "
+        "model's linear head (margins on unbounded logits, which do little).",
+    )
+    scale: float | None = Field(
+        None,
         gt=0,
-        description="Logit scale s. The paper's s = 30 goes with its normalised (cosine) classifier; "
-        "fedlt's heads are plain linear layers whose logits are already unnormalised, where s = 30 "
-        "diverged in our tests, so the default is 1. Set 30 with a cosine head.",
+        validate_default=True,
+        description="Logit scale s of the loss CE(s (z - Delta_y onehot)); unset = 30 with the cosine head "
+        "(the paper's value) and 1 with the linear head.",
     )
     drw: bool = Field(
-        False, description="Deferred re-weighting: class-balanced sample weights from drw_start_round."
+        False, description="Deferred re-weighting: class-balanced class weights from drw_start_round on."
     )
     drw_start_round: int | None = Field(
         None,
         ge=1,
         validate_default=True,
-        description="First round of deferred re-weighting (required when drw is true).",
+        description="First round of deferred re-weighting; unset = floor(0.8 x rounds) + 1 (the paper "
+        "re-weights from epoch 160 of 200). Only with drw = true.",
     )
     drw_beta: float = Field(0.9999, gt=0, lt=1, description="beta of the class-balanced weights used by DRW.")
 
+    @field_validator("scale")
+    @classmethod
+    def _default_scale(cls, value: float | None, info: ValidationInfo) -> float:
+        if value is not None:
+            return value
+        return 30.0 if info.data.get("head", "cosine") == "cosine" else 1.0
+
     @field_validator("drw_start_round")
     @classmethod
-    def _start_matches_drw(cls, value: int | None, info: ValidationInfo) -> int | None:
-        drw = info.data.get("drw", False)
-        if drw and value is None:
-            raise ValueError("a round >= 1 when drw is true (the plugin does not know the run's length)")
-        if not drw and value is not None:
+    def _start_needs_drw(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if not info.data.get("drw", False) and value is not None:
             raise ValueError("unset when drw is false (set drw = true to use deferred re-weighting)")
         return value
 
@@ -173,39 +215,51 @@ class LDAM(Plugin):
 
     ``L = CE(s * (z - Delta_y * onehot(y)), y)`` with ``Delta_c = K / n_c^{1/4}`` and ``K`` chosen so
     that ``max_c Delta_c = max_margin``: the true class must win by a margin that grows as its
-    class gets rarer. Classes with ``n_c = 0`` are treated as ``n_c = 1``; with ``prior = "local"``
-    a client lacking some class therefore has ``K = max_margin`` and smaller margins for the
-    classes it holds than a client holding every class.
+    class gets rarer. As in the official code, ``z`` are the logits of a cosine-normalised
+    classifier (``head = "cosine"``: ``configure_model`` installs it) and ``s = 30``; margins of
+    0.5 on bounded cosines are large, while on raw linear logits of size 10-30 they barely
+    matter (``head = "linear"`` keeps that variant, with ``s = 1``). Classes with ``n_c = 0`` are
+    treated as ``n_c = 1``.
 
     With ``drw = true`` (deferred re-weighting, the LDAM-DRW schedule), from ``drw_start_round``
-    on each sample's loss is also weighted by the class-balanced weight of its class
-    (``beta = drw_beta``, see ``class-balanced``) through ``client_sample_weights``.
+    (default: the first round of the last 20%) each sample is weighted by the class-balanced
+    weight of its class (``beta = drw_beta``) and the batch loss is the weighted mean
+    ``sum w_y l / sum w_y``, as ``F.cross_entropy(weight=...)`` computes it.
     """
 
     Params = LDAMParams
+    vectorized = True
+    requires = frozenset({"head"})
+    class_weighting = True
 
-    def _drw_active(self, round: int) -> bool:
-        p = self.params
-        return p.drw and p.drw_start_round is not None and round >= p.drw_start_round
+    @hookimpl
+    def configure_model(self, model: nn.Module, ctx: SetupContext) -> None:
+        if self.params.head == "cosine":
+            use_cosine_head(model, ctx.generator)
 
     @hookimpl
     def client_start(self, model: nn.Module, ctx: ClientContext) -> None:
-        counts = _counts(self.params.prior, model, ctx)
-        margins = ldam_margins(counts, self.params.max_margin)
-        ctx.extra["ldam.margins"] = torch.as_tensor(margins, dtype=torch.float32, device=ctx.device)
-        if self._drw_active(ctx.round):
-            ctx.extra["ldam.weights"] = _weights_tensor(counts, self.params.drw_beta, ctx.device)
+        p = self.params
+        counts = _counts(p.prior, model, ctx)
+        self.margins = torch.as_tensor(
+            ldam_margins(counts, p.max_margin), dtype=torch.float32, device=ctx.device
+        )
+        self.weights = None
+        if p.drw and ctx.round >= drw_start(p.drw_start_round, ctx.n_rounds):
+            self.weights = _weights_tensor(counts, p.drw_beta, ctx.device, present_only=p.prior == "local")
+
+    # In a stream the local counts grow as batches arrive: refresh margins and weights with them.
+    client_stream_batch = hookimpl(client_start)
 
     @hookimpl
-    def client_loss(self, logits: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> torch.Tensor:
-        margin = ctx.extra["ldam.margins"].to(logits.dtype)[y]
+    def client_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        margin = self.margins.to(logits.dtype)[y]
         shifted = logits - F.one_hot(y, logits.shape[1]).to(logits.dtype) * margin[:, None]
         return F.cross_entropy(self.params.scale * shifted, y, reduction="none")
 
     @hookimpl
-    def client_sample_weights(self, y: torch.Tensor, ctx: ClientContext) -> torch.Tensor | None:
-        w = ctx.extra.get("ldam.weights")
-        return None if w is None else w[y]
+    def client_sample_weights(self, y: torch.Tensor) -> torch.Tensor | None:
+        return None if self.weights is None else self.weights[y]
 
 
 # --------------------------------------------------------------------------- logit adjustment
@@ -228,13 +282,16 @@ class LogitAdjust(Plugin):
     """
 
     Params = LogitAdjustParams
+    vectorized = True
 
     @hookimpl
     def client_start(self, model: nn.Module, ctx: ClientContext) -> None:
         log_pi = log_class_prior(_counts(self.params.prior, model, ctx), ctx.device)
-        ctx.extra["logit-adjust.shift"] = self.params.tau * log_pi
+        self.shift = self.params.tau * log_pi
+
+    # In a stream the local counts grow as batches arrive: refresh the prior with them.
+    client_stream_batch = hookimpl(client_start)
 
     @hookimpl
-    def client_loss(self, logits: torch.Tensor, y: torch.Tensor, ctx: ClientContext) -> torch.Tensor:
-        shift = ctx.extra["logit-adjust.shift"].to(logits.dtype)
-        return F.cross_entropy(logits + shift, y, reduction="none")
+    def client_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits + self.shift.to(logits.dtype), y, reduction="none")

@@ -294,6 +294,14 @@ class MaskedHead(nn.Linear):
         )
         self.__dict__["pool"] = pool
 
+    def logit_factors(self) -> torch.Tensor:
+        """``(B, C)`` factors ``2 sigmoid(M[k*])`` the last forward multiplied the logits by
+        (detached): per-sample, per-class scales of ``W h + b`` for closed-form head gradients."""
+        selected = self.pool.selected
+        if selected is None:
+            raise RuntimeError("mvp-mask's head has not run a forward pass yet")
+        return (2.0 * torch.sigmoid(self.class_mask[selected])).detach()
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         logits = F.linear(features, self.weight, self.bias)
         selected = self.pool.selected

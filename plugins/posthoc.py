@@ -29,10 +29,11 @@ class PosthocAdjustParams(BaseModel):
         1.0, ge=0, description="Strength of the adjustment; 1 = thresholding by priors, 0 = no change."
     )
     apply_to: Literal["global", "personalized", "both"] = Field(
-        "both",
+        "global",
         validate_default=True,
-        description="Which evaluations are adjusted: the global model on the balanced test set, "
-        "each client's local view, or both.",
+        description="Which evaluations are adjusted: the global model on the balanced test set "
+        "(default: the correction targets a balanced test distribution), each client's local view "
+        "(imbalanced like its training data, where the correction lowers accuracy), or both.",
     )
 
     @field_validator("apply_to")

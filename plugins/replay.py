@@ -19,11 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedlt import ClientContext, Plugin, hookimpl
 
-_MEMORY = "replay.memory"
-_VIEW = "replay.view"
-_N_ROWS = "replay.n_rows"
-_WEIGHTS = "replay.weights"
-
 
 class ReplayParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -80,53 +75,52 @@ class Replay(Plugin):
 
     Params = ReplayParams
 
-    def _memory(self, ctx: ClientContext, state: dict[str, Any]) -> ClassMemory:
+    def _memory(self, state: dict[str, Any]) -> ClassMemory:
         """The client's memory, wrapped once per client-round (class counts derived once)."""
-        memory = ctx.extra.get(_MEMORY)
+        memory = getattr(self, "memory", None)
         if memory is None or memory.state is not state:
-            memory = ctx.extra[_MEMORY] = ClassMemory(self.params.memory_size, self.params.policy, state)
-            ctx.extra.pop(_VIEW, None)
+            memory = self.memory = ClassMemory(self.params.memory_size, self.params.policy, state)
+            self.view = None
         return memory
 
     @hookimpl
     def client_replay_indices(
         self, batch: torch.Tensor, ctx: ClientContext, state: dict[str, Any]
     ) -> torch.Tensor | None:
-        ctx.extra[_N_ROWS] = 0
+        self.n_rows = 0
         if ctx.online_iter is None:
             return None
-        memory = self._memory(ctx, state)
+        memory = self._memory(state)
         n_r = min(math.floor(self.params.replay_ratio * batch.numel() + 0.5), len(memory))
         if n_r <= 0:
             return None
         # Tensors of the memory, rebuilt only after the memory changes (once per stream batch).
-        view = ctx.extra.get(_VIEW)
-        if view is None:
-            view = ctx.extra[_VIEW] = (
+        if self.view is None:
+            self.view = (
                 torch.tensor(memory.indices, dtype=torch.long),
                 torch.tensor(memory.labels, dtype=torch.long),
             )
         slots = draw_replay(memory.labels, n_r, self.params.sampling, ctx.generator)
-        ctx.extra[_N_ROWS] = n_r
+        self.n_rows = n_r
         if self.params.reweight == "inverse-frequency":
-            ctx.extra[_WEIGHTS] = inverse_frequency_weights(view[1][slots].tolist(), memory.labels)
-        return view[0][slots]
+            self.replay_weights = inverse_frequency_weights(self.view[1][slots].tolist(), memory.labels)
+        return self.view[0][slots]
 
     @hookimpl
-    def client_sample_weights(self, logits: torch.Tensor, ctx: ClientContext) -> torch.Tensor | None:
-        n_r = ctx.extra.get(_N_ROWS, 0)
+    def client_sample_weights(self, logits: torch.Tensor) -> torch.Tensor | None:
+        n_r = getattr(self, "n_rows", 0)
         if self.params.reweight == "none" or not n_r:
             return None
         w = torch.ones(logits.shape[0], dtype=logits.dtype, device=logits.device)
-        w[-n_r:] = ctx.extra[_WEIGHTS].to(device=logits.device, dtype=logits.dtype)
+        w[-n_r:] = self.replay_weights.to(device=logits.device, dtype=logits.dtype)
         return w
 
     @hookimpl
     def client_update_memory(self, batch: torch.Tensor, ctx: ClientContext, state: dict[str, Any]) -> None:
         if ctx.online_iter is None or not batch.numel():
             return
-        memory = self._memory(ctx, state)
+        memory = self._memory(state)
         # One host sync per stream batch (not per step): the policy is sequential Python.
         indices, labels = torch.stack([batch, ctx.y_train[batch].to(batch.dtype)]).tolist()
         memory.extend(indices, labels, ctx.generator)
-        ctx.extra.pop(_VIEW, None)
+        self.view = None

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.scenarios import TINY
 
-TINY: dict[str, Any] = {
-    "name": "tiny",
-    "seed": 3,
-    "data": {"dataset": "digits"},
-    "long_tail": {"profile": "exponential", "imbalance_factor": 10},
-    "partition": {"kind": "dirichlet", "n_clients": 4, "alpha": 0.5},
-    "model": {"name": "mlp", "hidden": [32]},
-    "train": {"local_epochs": 1, "batch_size": 32, "lr": 0.1},
-    "federation": {"rounds": 3, "fraction_clients": 0.5, "eval_every": 1},
-    "eval": {"shot_rule": "count", "shot_thresholds": [60, 20]},
-}
+# Runs compared for equality must use the same torch thread count (BLAS sums in a thread-count-
+# dependent order): pin engine.threads = "auto" to one thread, whatever the machine's load.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture
@@ -95,3 +89,22 @@ def one_thread(restore_threads: None) -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def install_plugins(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """``install_plugins(name=Class, ...)``: make inline plugin classes discoverable, as if a
+    distribution registered them (next to the installed ones)."""
+    from fedlt import discovery
+
+    real = discovery.discover_plugins
+
+    def install(**classes: Any) -> None:
+        fake = {
+            name: discovery.PluginInfo(name, f"tests:{cls.__name__}", "tests", cls)
+            for name, cls in classes.items()
+        }
+        found = real()
+        monkeypatch.setattr(discovery, "discover_plugins", lambda: {**found, **fake})
+
+    return install

@@ -17,13 +17,13 @@ from fedlt_plugins.creff import (
     match_objective,
     retrain_classifier,
 )
-from support.contexts import client_ctx
+from support.contexts import client_ctx, client_hooks, eval_ctx, round_ctx, setup_ctx
 from torch import nn
 
 import fedlt
 from fedlt.checkpoint import load_checkpoint
-from fedlt.context import ClientContext, EvalContext, RoundContext, SetupContext
-from fedlt.pluginmanager import build_hooks
+from fedlt.context import ClientContext, RoundContext
+from fedlt.dispatch import build_hooks
 from fedlt.seeding import torch_generator
 
 # Small enough that a tiny run's server work takes milliseconds.
@@ -54,12 +54,11 @@ def _client_ctx(x, y, config=None) -> ClientContext:
 
 
 def _setup(plugin, d: int, c: int) -> None:
-    ctx = SetupContext(0, c, (d,), 1, torch.device("cpu"), np.ones(c), torch.Generator())
-    plugin.server_setup(model=Identity(d, c), ctx=ctx)
+    plugin.server_setup(model=Identity(d, c), ctx=setup_ctx(c, input_shape=(d,)))
 
 
 def _round_ctx(c: int) -> RoundContext:
-    return RoundContext(1, 0, c, (0,), {}, np.ones(c), np.ones((1, c)))
+    return round_ctx(1, global_counts=np.ones(c))
 
 
 # --------------------------------------------------------------------------- maths
@@ -220,7 +219,7 @@ def test_server_matches_uploaded_classes_and_eval_uses_retrained_classifier():
         7: {0: _grads_for(feats[1], 0, w, b), 1: _grads_for(feats[2], 1, w, b)},
     }
     h, raw = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)
-    glob, local = (EvalContext(1, 3, k, None, np.ones(3)) for k in (None, 2))
+    glob, local = (eval_ctx(k, global_counts=np.ones(3)) for k in (None, 2))
     # Before any re-training the logits are left alone.
     assert torch.equal(plugin.eval_logits(logits=raw, features=h, ctx=glob), raw)
     # Execute
@@ -243,7 +242,7 @@ def test_server_matches_uploaded_classes_and_eval_uses_retrained_classifier():
     expected = h @ state["weight"].T + state["bias"]
     torch.testing.assert_close(plugin.eval_logits(logits=raw, features=h, ctx=glob), expected)
     assert torch.equal(plugin.eval_logits(logits=raw, features=h, ctx=local), raw)
-    on = _plugin(**SMALL)
+    on = _plugin(**SMALL, personalized=True)
     _setup(on, d=4, c=3)
     on.load_state_dict(state)
     torch.testing.assert_close(on.eval_logits(logits=raw, features=h, ctx=local), expected)
@@ -255,12 +254,12 @@ def test_server_matches_uploaded_classes_and_eval_uses_retrained_classifier():
 
 @pytest.mark.parametrize("where", ["global", "local"])
 def test_client_uploads_gradients_against_the_round_classifier(where):
-    plugin = _plugin(**SMALL, client_features=where)
+    hooks = client_hooks({"name": "creff", **SMALL, "client_features": where})
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
     config = {"creff.weight": torch.eye(2), "creff.bias": torch.tensor([0.5, -0.5])}
     ctx, model = _client_ctx(x, [0, 0, 1], config), Identity(2, 2)
-    plugin.client_start(model=model, ctx=ctx)
-    payload = plugin.client_end(model=model, ctx=ctx)
+    hooks.client_start(model=model, ctx=ctx)
+    payload = hooks.client_end(model=model, ctx=ctx)["creff"]
     assert sorted(payload) == [0, 1]
     for c, rows in ((0, x[:2]), (1, x[2:])):
         exp_w, exp_b = _grads_for(rows, c, config["creff.weight"], config["creff.bias"])

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from fedlt_plugins.etf import refit_sparse_etf, simplex_etf, sparse_etf_loss, sparsify
+from support.contexts import setup_ctx
 
 import fedlt
 from fedlt.context import SetupContext
+from fedlt.dispatch import build_hooks
 from fedlt.models import build_model
-from fedlt.pluginmanager import build_hooks
 from fedlt.runner import Run
 from fedlt.seeding import torch_generator
 from fedlt.worker import aggregated_keys
@@ -23,15 +23,7 @@ def _plugin(name, **params):
 
 
 def _ctx(num_classes: int, seed: int = 0) -> SetupContext:
-    return SetupContext(
-        seed=seed,
-        num_classes=num_classes,
-        input_shape=(8,),
-        n_clients=1,
-        device=torch.device("cpu"),
-        global_class_counts=np.ones(num_classes, dtype=np.int64),
-        generator=torch_generator(seed, "configure-model"),
-    )
+    return setup_ctx(num_classes, seed=seed, generator=torch_generator(seed, "configure-model"))
 
 
 def _model(feature_dim: int, num_classes: int) -> torch.nn.Module:

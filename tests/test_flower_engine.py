@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import pickle
 import shutil
 import socket
 import subprocess
@@ -24,21 +23,18 @@ import torch
 flwr = pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
-from conftest import TINY  # noqa: E402
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, Message, RecordDict  # noqa: E402
+from support.scenarios import TINY  # noqa: E402
 
 import fedlt  # noqa: E402
-import fedlt.flower_app as flower_app  # noqa: E402
 from fedlt.cli import main as cli_main  # noqa: E402
-from fedlt.client import ClientTask  # noqa: E402
-from fedlt.data.federated import build_federated_data  # noqa: E402
-from fedlt.engines.flower_engine import FlowerSimulation  # noqa: E402
+from fedlt.client import ClientResult, ClientTask  # noqa: E402
+from fedlt.engines import flower_engine  # noqa: E402
 from fedlt.errors import PluginError, ScenarioError  # noqa: E402
-from fedlt.export import export_flower  # noqa: E402
-from fedlt.flower_app import FedltStrategy, decode_config, encode_config  # noqa: E402
-from fedlt.pluginmanager import build_hooks  # noqa: E402
-from fedlt.runner import Run, select_clients  # noqa: E402
-from fedlt.worker import build_run_model  # noqa: E402
+from fedlt.flower import wire  # noqa: E402
+from fedlt.flower.export import export_flower  # noqa: E402
+from fedlt.flower.simulation import FlowerSimulation  # noqa: E402
+from fedlt.runner import Run  # noqa: E402
 
 SUPPORT = Path(__file__).parent / "support"
 STATEFUL = [
@@ -68,7 +64,7 @@ def _stateful() -> dict[str, Any]:
 
 
 def _ckpt(run_dir: Path) -> dict[str, Any]:
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)
 
 
 def _assert_same_tensors(a: Any, b: Any, where: str = "") -> None:
@@ -133,64 +129,82 @@ def serial_stateful(tmp_path_factory, support_plugins):
 # --------------------------------------------------------------------------- wire format (no Flower run)
 
 
-def test_round_config_survives_the_wire_with_types_and_order():
+def _task() -> ClientTask:
     import numpy as np
 
-    config = {"round": 3, "lr": 0.5, "name": "x", "flag": True, "blob": b"\x00", "np": np.float32(2.5)}
-    config |= {"pair": (1, 2), "table": {"a": [1, 2]}, "none": None}
-    record, pickled = encode_config(config)
-    assert set(record) == {"round", "lr", "name", "flag", "blob"}  # the plain scalars travel as they are
-    back = decode_config(record, pickled)
-    assert list(back) == list(config)
-    assert all(back[k] == config[k] and type(back[k]) is type(config[k]) for k in config)
+    config = {"round": 3, "lr": 0.5, "name": "x", "flag": True, "blob": b"\x00", "none": None}
+    config |= {"pair": (1, 2), "table": {"a": [1, 2], 7: 1.5}, "w": torch.arange(4.0), "inf": float("inf")}
+    states = {"gla-fr": {"local_weight": torch.randn(3, 2)}, "counter": {"rounds": 2, "hist": [1, 2]}}
+    return ClientTask(5, 3, config, states, np.array([4, 9, 2]), np.array([0, 1, 2]))
 
 
-def test_aggregate_train_is_fedavg_in_task_order_by_hand(tiny, monkeypatch):
-    # Prepare: 4 clients, fraction 0.5 -> fedlt's seeded selection picks two of them. Messages
-    # take their run id from the process's Flower task identity, which a run would set.
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return type(b) is dict and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def test_task_survives_the_wire_as_records_with_types_and_order():
+    task = _task()
+    content = wire.encode_task(task, ArrayRecord({}), "name = 'x'", "tok", send_state=True)
+    # Only Flower records of plain values travel: no pickles in either direction.
+    for record in content.config_records.values():
+        assert all(isinstance(v, str | int | float | bool) for v in record.values())
+    back = wire.decode_task(content, stored_states=None)
+    assert (back.client_id, back.round) == (5, 3)
+    assert _same(back.config, task.config) and _same(back.states, task.states)
+    assert back.indices.tolist() == [4, 9, 2] and back.seen_counts.tolist() == [0, 1, 2]
+    # Without state, the node's stored state is used, or the node asks for it (None).
+    content = wire.encode_task(task, ArrayRecord({}), "name = 'x'", "tok", send_state=False)
+    assert wire.decode_task(content, stored_states=None) is None
+    assert wire.decode_task(content, stored_states={"p": {}}).states == {"p": {}}
+
+
+def test_forged_tree_is_refused_without_running_anything():
+    from fedlt.safe import decode_tree
+
+    with pytest.raises(ValueError, match="unknown tag"):
+        decode_tree('{"py": "os.system"}', [])
+    with pytest.raises(ValueError, match="bad dict key"):
+        decode_tree('{"d": [[[1], 2]]}', [])
+
+
+def test_result_and_errors_survive_the_wire(monkeypatch):
+    # Messages take their run id from the process's Flower task identity, which a run would set.
     from flwr.supercore.task_identity import TaskIdentity
 
     for name in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, name, getattr(TaskIdentity, name) or 1)
-    scenario = fedlt.load_scenario(tiny)
-    data = build_federated_data(scenario)
-    strategy = FedltStrategy(scenario, data, build_hooks([]))
-    strategy.node_of = {c: 100 + c for c in range(data.n_clients)}  # as if connected
-    keys = strategy.keys
-    start = {k: torch.zeros_like(v) for k, v in strategy._server_model().state_dict().items()}
-    messages = list(strategy.configure_train(1, strategy.global_arrays(start), ConfigRecord(), grid=None))
-    a, b = (int(m.content["fedlt"]["client-id"]) for m in messages)
-    assert [a, b] == [t.client_id for t in strategy._tasks]
-    assert all("states" in m.content["fedlt"] for m in messages)  # first contact carries the state
+    result = ClientResult(
+        2, {"w": torch.ones(2)}, 10, 0.5, 3, {"creff": {1: (torch.ones(2), torch.zeros(1))}}, {"p": {"n": 1}}
+    )
+    msg = Message(wire.encode_result(result), reply_to=_fake_message())
+    back = wire.decode_result(msg)
+    assert (back.client_id, back.n_samples, back.loss, back.n_steps) == (2, 10, 0.5, 3)
+    assert _same(back.payloads, result.payloads) and _same(back.states, result.states)
+    assert torch.equal(back.weights["w"], torch.ones(2))
+    error = PluginError("focal", "client_loss", "boom", 2, 4)
+    msg = Message(wire.encode_error(error, 2, 4), reply_to=_fake_message())
+    got = wire.decode_error(msg, 2, 4)
+    assert isinstance(got, PluginError) and (got.plugin, got.hook, got.client, got.round) == (
+        "focal",
+        "client_loss",
+        2,
+        4,
+    )
+    assert str(got) == str(error)
+    msg = Message(wire.encode_error(KeyError("x"), 2, 4), reply_to=_fake_message())
+    assert "KeyError" in str(wire.decode_error(msg, 2, 4))
 
-    def reply(msg: Message, value: float, n: int) -> Message:
-        weights = {k: torch.full_like(start[k], value) for k in keys}
-        meta = {
-            "client-id": msg.content["fedlt"]["client-id"],
-            "states": pickle.dumps({"p": {"seen": value}}),
-            "payloads": pickle.dumps({}),
-        }
-        content = {
-            "arrays": ArrayRecord(weights),
-            "metrics": MetricRecord({"num-examples": n, "loss": value, "n-steps": 1}),
-            "fedlt": ConfigRecord(meta),
-        }
-        return Message(RecordDict(content), reply_to=msg)
 
-    # Execute: replies arrive in reverse order.
-    arrays, metrics = strategy.aggregate_train(1, [reply(messages[1], 3.0, 3), reply(messages[0], 1.0, 1)])
+def _fake_message() -> Message:
+    from flwr.app import MessageType
 
-    # Assert: (1 * 1 + 3 * 3) / (1 + 3) = 2.5 everywhere; states kept per client; loss mean.
-    new = arrays.to_torch_state_dict()
-    assert list(new) == keys
-    assert all(torch.equal(new[k], torch.full_like(start[k], 2.5)) for k in keys)
-    assert strategy.client_states == {a: {"p": {"seen": 1.0}}, b: {"p": {"seen": 3.0}}}
-    assert metrics["num-examples"] == 4 and metrics["train-loss"] == 2.0
-    # The nodes now hold the state: the next message to them carries none.
-    strategy.plan([ClientTask(c, 2, {"round": 2}, {}) for c in select_clients(3, 2, 4, 0.5)])
-    again = list(strategy.configure_train(2, arrays, ConfigRecord(), grid=None))
-    for m in again:
-        assert ("states" in m.content["fedlt"]) == (int(m.content["fedlt"]["client-id"]) not in (a, b))
+    return Message(RecordDict({}), 1, MessageType.TRAIN)
 
 
 # --------------------------------------------------------------------------- on Flower's simulation
@@ -208,13 +222,13 @@ def test_identical_to_serial_engine(simulation, serial_plain, tmp_path):
 
 def test_stateful_plugins_identical_and_state_sent_once(simulation, serial_stateful, tmp_path, monkeypatch):
     sent: list[tuple[int, int, bool]] = []
-    real = flower_app.train_content
+    real = flower_engine.encode_task
 
     def spy(task, arrays, scenario_toml, token, send_state):
         sent.append((task.round, task.client_id, send_state))
         return real(task, arrays, scenario_toml, token, send_state)
 
-    monkeypatch.setattr(flower_app, "train_content", spy)
+    monkeypatch.setattr(flower_engine, "encode_task", spy)
     serial, serial_ckpt = serial_stateful
     summary = fedlt.run(_flower(_stateful()), out=tmp_path / "flower")
     assert summary["final"] == serial["final"]
@@ -271,19 +285,6 @@ def test_plugin_error_is_retried_then_names_client_round_plugin(simulation, tiny
     assert err.round == 1 and err.client is not None
     assert "deliberate failure" in str(err) and f"client {err.client} in round 1" in str(err)
     assert run.engine.retried >= 1  # re-sent (with its state) before giving up
-
-
-def test_strategy_alone_with_flower_start_matches_fedlt(simulation, serial_plain):
-    """FedltStrategy driven by Flower's own ``Strategy.start`` trains the same global model."""
-    scenario = fedlt.load_scenario(_flower(TINY))
-    data, hooks = build_federated_data(scenario), build_hooks([])
-    strategy = FedltStrategy(scenario, data, hooks)
-    initial = strategy.global_arrays(build_run_model(scenario, data, hooks, torch.device("cpu")).state_dict())
-    result = strategy.start(simulation.grid, initial, num_rounds=TINY["federation"]["rounds"])
-    _, serial_ckpt = serial_plain
-    trained = result.arrays.to_torch_state_dict()
-    _assert_same_tensors({k: serial_ckpt["global"][k] for k in trained}, dict(trained), "global")
-    assert strategy.rounds_done == TINY["federation"]["rounds"]
 
 
 def test_more_clients_than_the_shared_simulation_has_nodes(simulation, tiny, tmp_path):

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 from fedlt_plugins.gla_fr import MASK_VALUE
+from support.contexts import eval_ctx
 
 import fedlt
 from fedlt.client import ClientTask
 from fedlt.context import EvalContext
 from fedlt.data.federated import build_federated_data
-from fedlt.pluginmanager import build_hooks
+from fedlt.dispatch import build_hooks
 from fedlt.runner import Run
 from fedlt.worker import ClientTrainer, aggregated_keys, build_run_model
 
@@ -24,14 +25,8 @@ def _plugin(name, **params):
     return build_hooks(fedlt.load_scenario({"plugins": [{"name": name, **params}]}).plugins).plugins[0]
 
 
-def _eval_ctx(client_id, counts=None) -> EvalContext:
-    return EvalContext(
-        round=1,
-        num_classes=2,
-        client_id=client_id,
-        local_class_counts=None if counts is None else np.array(counts),
-        global_class_counts=np.array([10, 10]),
-    )
+def _eval_ctx(client_id, counts=None, test_counts=(4, 4)) -> EvalContext:
+    return eval_ctx(client_id, local_counts=counts, global_counts=[10, 10], test_counts=test_counts)
 
 
 def _hand_model() -> torch.nn.Module:
@@ -56,25 +51,46 @@ def test_global_realignment_matches_hand_computation():
     # gamma = 2: w^G_1 = 2 * [3, 0, 4] / 5 = [1.2, 0, 1.6]; w^G_2 = 2 * [0, 1, 0] / 1 = [0, 2, 0].
     # h = [1, 2, 3]: z_1 = 1.2 + 0 + 4.8 + 0.5 = 6.5; z_2 = 0 + 4 + 0 - 0.5 = 3.5.
     # The incoming head logits are replaced, whatever they were.
-    out = _plugin("gla-fr", gamma=2.0).eval_logits(
-        logits=torch.full((1, 2), 99.0), features=H, model=_hand_model(), ctx=_eval_ctx(None), state={}
+    incoming = torch.full((1, 2), 99.0)
+    for head in ("realigned", "both"):
+        out = _plugin("gla-fr", gamma=2.0, global_head=head).eval_logits(
+            logits=incoming, features=H, model=_hand_model(), ctx=_eval_ctx(None), state={}
+        )
+        torch.testing.assert_close(out, torch.tensor([[6.5, 3.5]]))
+    # global_head "sse-c" reports the model's own head: its logits pass through.
+    out = _plugin("gla-fr", gamma=2.0, global_head="sse-c").eval_logits(
+        logits=incoming, features=H, model=_hand_model(), ctx=_eval_ctx(None), state={}
     )
-    torch.testing.assert_close(out, torch.tensor([[6.5, 3.5]]))
+    assert torch.equal(out, incoming)
 
 
-@pytest.mark.parametrize(("mask_absent", "expected"), [(False, [36.6, 2.7]), (True, [36.6, MASK_VALUE])])
-def test_local_realignment_matches_hand_computation(mask_absent, expected):
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"mask": "none"}, [36.6, 2.7]),
+        ({"mask": "train"}, [36.6, MASK_VALUE]),
+        ({"mask": "test"}, [MASK_VALUE, 2.7]),
+        ({"mask": "none", "personal_head": "local+aux"}, [21.6, 2.7]),
+    ],
+)
+def test_local_realignment_matches_hand_computation(params, expected):
     # Norm transfer: w_k1 = [3, 0, 4] * ||[0, 0, 2]|| = [6, 0, 8]; w_k2 = [0, 1, 0] * 1 = [0, 1, 0].
     # l_k(h) = [2 * 3 + 0.1, 1 * 1 + 0.2] = [6.1, 1.2]; W_k h + b^aux = [6 + 24 + 0.5, 2 - 0.5] = [30.5, 1.5].
-    # Sum: [36.6, 2.7]; the client has no sample of class 2, so masking sets it to -1e9.
-    out = _plugin("gla-fr", gamma=2.0, mask_absent=mask_absent).eval_logits(
-        logits=torch.zeros(1, 2), features=H, model=_hand_model(), ctx=_eval_ctx(0, [5, 0]), state=dict(LOCAL)
+    # Sum: [36.6, 2.7]. The client has no training sample of class 2 (mask "train" sets it to
+    # -1e9); its local test view [0, 3] has no sample of class 1 (mask "test" masks that one).
+    # personal_head "local+aux": l_k(h) + aux(h) = [6.1, 1.2] + [3 + 12 + 0.5, 2 - 0.5] = [21.6, 2.7].
+    out = _plugin("gla-fr", gamma=2.0, **params).eval_logits(
+        logits=torch.zeros(1, 2),
+        features=H,
+        model=_hand_model(),
+        ctx=_eval_ctx(0, [5, 0], test_counts=[0, 3]),
+        state=dict(LOCAL),
     )
     torch.testing.assert_close(out, torch.tensor([expected]))
 
 
 def test_untrained_client_falls_back_to_the_realigned_global_head_with_mask():
-    plugin = _plugin("gla-fr", gamma=2.0)
+    plugin = _plugin("gla-fr", gamma=2.0, mask="train")
     model = _hand_model()
     present = plugin.eval_logits(
         logits=torch.zeros(1, 2), features=H, model=model, ctx=_eval_ctx(3, [0, 7]), state={}
@@ -116,14 +132,17 @@ def test_local_head_is_trained_but_never_sent(tiny):
     # Both extra heads trained; the aux head is a model entry the server averages.
     assert not torch.equal(result.weights["gla_aux.weight"], global_state["gla_aux.weight"])
     fresh: dict = {}
-    trainer.hooks.plugins[0].client_start(model=trainer.model, ctx=_client_ctx(trainer, 0), state=fresh)
+    hooks = trainer.hooks.for_client(0, 1, {"gla-fr": fresh})  # a fresh instance, client 0's first round
+    hooks.client_start(model=trainer.model, ctx=_client_ctx(trainer, 0))
     assert not torch.equal(fresh["local_weight"], w)  # moved away from its initialisation
 
 
 def _client_ctx(trainer, client_id):
     from fedlt.worker import client_context
 
-    return client_context(trainer.scenario, trainer.data, ClientTask(client_id, 1, {}), torch.device("cpu"))
+    return client_context(
+        trainer.scenario, trainer.data, ClientTask(client_id, 1, {}), torch.device("cpu"), trainer.recipe
+    )
 
 
 def test_local_head_persists_in_state_across_rounds(tiny):
@@ -141,7 +160,7 @@ def test_local_heads_survive_checkpoint_and_resume(tiny, tmp_path):
     tiny["plugins"] = [{"name": "gla-fr"}]
     tiny["federation"].update(rounds=4, eval_every=1)
     full = fedlt.run(tiny, out=tmp_path / "full")
-    ckpt = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     trained = [c for c, s in ckpt["client_states"].items() if "gla-fr" in s]
     assert trained and all(
         ckpt["client_states"][c]["gla-fr"]["local_weight"].shape == (10, 32) for c in trained
@@ -170,7 +189,7 @@ def test_local_heads_survive_checkpoint_and_resume(tiny, tmp_path):
 
 def test_fedloge_runs_and_only_the_frozen_sse_c_head_drives_the_backbone(tiny, tmp_path):
     tiny["federation"].update(rounds=2, eval_every=1)
-    tiny["plugins"] = [{"name": "sse-c", "n_refit_steps": 100}, {"name": "gla-fr"}]
+    tiny["plugins"] = [{"name": "sse-c", "n_refit_steps": 100}, {"name": "gla-fr", "mask": "train"}]
     run = Run.create(fedlt.load_scenario(tiny), tmp_path / "fedloge")
     start = {k: v.clone() for k, v in run.model.state_dict().items()}
     summary = run.execute()
@@ -203,7 +222,17 @@ def test_fedloge_runs_and_only_the_frozen_sse_c_head_drives_the_backbone(tiny, t
                 logits=run.model.head(h),
                 features=h,
                 model=run.model,
-                ctx=EvalContext(2, data.num_classes, k, counts, data.train_class_counts),
+                ctx=EvalContext(
+                    round=2,
+                    n_rounds=2,
+                    num_classes=data.num_classes,
+                    client_id=k,
+                    local_class_counts=counts,
+                    global_class_counts=data.train_class_counts,
+                    test_class_counts=np.bincount(
+                        data.y_test[view].cpu().numpy(), minlength=data.num_classes
+                    ),
+                ),
                 state=run.client_states.get(k, {}).get("gla-fr", {}),
             )
         assert bool((z[:, counts == 0] == MASK_VALUE).all())

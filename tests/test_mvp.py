@@ -8,17 +8,18 @@ import copy
 import math
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from fedlt_plugins.mvp import MaskedHead, PromptPool, cvpt_loss, key_distances, select_keys
+from support.contexts import client_hooks, setup_ctx
 from torch import nn
 
 import fedlt
 from fedlt.checkpoint import load_checkpoint
 from fedlt.context import SetupContext
+from fedlt.discovery import discover_plugins
+from fedlt.dispatch import build_hooks
 from fedlt.models import build_model
-from fedlt.pluginmanager import build_hooks, discover_plugins
 from fedlt.seeding import torch_generator
 
 VIT = {"name": "vit", "dim": 16, "depth": 2, "heads": 2}
@@ -33,15 +34,7 @@ def _plugins(*specs: dict) -> list:
 
 
 def _setup(num_classes: int = 4) -> SetupContext:
-    return SetupContext(
-        seed=0,
-        num_classes=num_classes,
-        input_shape=(64,),
-        n_clients=1,
-        device=torch.device("cpu"),
-        global_class_counts=np.ones(num_classes),
-        generator=torch.Generator().manual_seed(0),
-    )
+    return setup_ctx(num_classes, input_shape=(64,), generator=torch.Generator().manual_seed(0))
 
 
 def _pool(keys, counts, frequency_penalty: bool = True) -> PromptPool:
@@ -56,8 +49,8 @@ def _pool(keys, counts, frequency_penalty: bool = True) -> PromptPool:
 
 def test_each_plugin_implements_exactly_its_hooks():
     found = discover_plugins()
-    assert found["mvp-prompts"].hooks == ["client_extra_losses", "configure_model"]
-    assert found["mvp-mask"].hooks == ["configure_model"]
+    assert set(found["mvp-prompts"].hooks) == {"client_extra_losses", "configure_model"}
+    assert set(found["mvp-mask"].hooks) == {"configure_model"}
 
 
 # --------------------------------------------------------------------------- selection
@@ -129,9 +122,9 @@ def test_cvpt_loss_equals_the_hand_worked_formula():
     neg = ((math.exp(1 / 2) + math.exp(2 / 2)) / 2 + (math.exp(1 / 1) + math.exp(1 / 1)) / 2) / 2
     expected = -math.log(neg / (pos + neg) + 1e-6)
 
-    # Execute: through the plugin hook, with its weight.
-    plugin = _plugins({"name": "mvp-prompts", "lambda_cvpt": 0.5})[0]
-    loss = plugin.client_extra_losses(model=SimpleNamespace(prompter=pool))
+    # Execute: through the plugin hook (one client-round's instance), with its weight.
+    hooks = client_hooks({"name": "mvp-prompts", "lambda_cvpt": 0.5})
+    loss = hooks.client_extra_losses(model=SimpleNamespace(prompter=pool))
     pull = cvpt_loss(pool.query, pool.keys, pool.selected, pool.mass, contrastive=False)
 
     # Assert
@@ -140,7 +133,6 @@ def test_cvpt_loss_equals_the_hand_worked_formula():
     loss.backward()
     assert pool.keys.grad is not None and pool.keys.grad.abs().sum() > 0
     assert pool.query.grad_fn is None  # the query is a constant
-    assert plugin.params.lambda_cvpt == 0.5
 
 
 def test_cvpt_loss_pulls_queries_and_pushes_keys():
@@ -158,7 +150,7 @@ def test_cvpt_loss_pulls_queries_and_pushes_keys():
 
 
 def test_lambda_zero_adds_no_loss_and_contrastive_needs_two_keys():
-    assert _plugins({"name": "mvp-prompts", "lambda_cvpt": 0.0})[0].client_extra_losses(model=None) is None
+    assert client_hooks({"name": "mvp-prompts", "lambda_cvpt": 0.0}).client_extra_losses(model=None) is None
     with pytest.raises(fedlt.ScenarioError, match="pool_size >= 2"):
         _plugins({"name": "mvp-prompts", "pool_size": 1})
     _plugins({"name": "mvp-prompts", "pool_size": 1, "contrastive": False})  # the pull is fine

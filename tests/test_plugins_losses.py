@@ -7,19 +7,21 @@ import math
 import numpy as np
 import pytest
 import torch
-from support.contexts import client_ctx
+from support.contexts import client_ctx, client_hooks, per_batch
 
 import fedlt
 from fedlt.context import ClientContext
-from fedlt.pluginmanager import build_hooks
 
 
 def _ctx(local, global_) -> ClientContext:
     return client_ctx(local_counts=local, global_counts=global_, batch_size=1)
 
 
-def _plugin(name, **params):
-    return build_hooks(fedlt.load_scenario({"plugins": [{"name": name, **params}]}).plugins).plugins[0]
+def _loss(ctx: ClientContext, logits: torch.Tensor, y: torch.Tensor, name: str, **params) -> torch.Tensor:
+    """One client-round of plugin ``name``: ``client_start``, then ``client_loss`` on the batch."""
+    hooks = client_hooks({"name": name, **params})
+    hooks.client_start(model=None, ctx=ctx)
+    return hooks.client_loss(**per_batch(ctx, logits, y))
 
 
 def test_focal_matches_formula():
@@ -31,13 +33,13 @@ def test_focal_matches_formula():
         [-((1 - p0) ** 2) * math.log(p0), -(0.5**2) * math.log(0.5)]
     )  # [0.0018034, 0.1732868]
     # Execute / Assert
-    out = _plugin("focal", gamma=2.0).client_loss(logits=logits, y=y, ctx=_ctx([1, 1], [1, 1]))
+    out = _loss(_ctx([1, 1], [1, 1]), logits, y, "focal", gamma=2.0)
     torch.testing.assert_close(out, expected)
-    alpha = _plugin("focal", gamma=2.0, alpha=[0.25, 0.75]).client_loss(
-        logits=logits, y=y, ctx=_ctx([1, 1], [1, 1])
-    )
+    alpha = _loss(_ctx([1, 1], [1, 1]), logits, y, "focal", gamma=2.0, alpha=[0.25, 0.75])
     torch.testing.assert_close(alpha, expected * torch.tensor([0.25, 0.75]))
-    ce = _plugin("focal", gamma=0.0).client_loss(logits=logits, y=y, ctx=_ctx([1, 1], [1, 1]))
+    one_alpha = _loss(_ctx([1, 1], [1, 1]), logits, y, "focal", gamma=2.0, alpha=0.25)
+    torch.testing.assert_close(one_alpha, expected * 0.25)
+    ce = _loss(_ctx([1, 1], [1, 1]), logits, y, "focal", gamma=0.0)
     torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logits, y, reduction="none"))
 
 
@@ -50,18 +52,14 @@ def test_focal_alpha_length_checked_before_training(tiny, tmp_path):
 @pytest.mark.parametrize(("prior", "counts"), [("local", [3, 1]), ("global", [30, 10])])
 def test_balanced_softmax_matches_formula(prior, counts):
     # Prepare: equal logits, so the loss is -log(n_y / sum n): -log(3/4), -log(1/4).
-    plugin = _plugin("balanced-softmax", prior=prior)
     ctx = _ctx([3, 1], [30, 10]) if prior == "local" else _ctx([1, 1], [30, 10])
-    plugin.client_start(model=None, ctx=ctx)
-    out = plugin.client_loss(logits=torch.zeros(2, 2), y=torch.tensor([0, 1]), ctx=ctx)
+    out = _loss(ctx, torch.zeros(2, 2), torch.tensor([0, 1]), "balanced-softmax", prior=prior)
     torch.testing.assert_close(out, torch.tensor([-math.log(0.75), -math.log(0.25)]))
 
 
 def test_balanced_softmax_zero_counts_stay_finite():
-    plugin = _plugin("balanced-softmax")
     ctx = _ctx([5, 0, 2], [5, 0, 2])
-    plugin.client_start(model=None, ctx=ctx)
-    out = plugin.client_loss(logits=torch.zeros(1, 3), y=torch.tensor([1]), ctx=ctx)
+    out = _loss(ctx, torch.zeros(1, 3), torch.tensor([1]), "balanced-softmax")
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, torch.tensor([-math.log(1 / 8)]))
 

@@ -4,30 +4,35 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
+from support.contexts import eval_ctx, hook_set
 
 import fedlt
 from fedlt.context import EvalContext
-from fedlt.pluginmanager import build_hooks
+from fedlt.dispatch import HookSet
 
 LOG_PI = torch.tensor([math.log(0.75), math.log(0.25)])  # counts [3, 1]: [-0.287682, -1.386294]
 
 
 def _ectx(client_id=None, local=None, global_=(3, 1)) -> EvalContext:
-    return EvalContext(
-        round=1,
-        num_classes=2,
-        client_id=client_id,
-        local_class_counts=None if local is None else np.array(local),
-        global_class_counts=np.array(global_),
-    )
+    return eval_ctx(client_id, local_counts=local, global_counts=global_)
+
+
+class _Adjust:
+    """posthoc-adjust's eval_logits through the dispatcher, as an evaluation calls it."""
+
+    def __init__(self, hooks: HookSet) -> None:
+        self.hooks = hooks
+
+    def eval_logits(self, logits, model, ctx):
+        return self.hooks.eval_logits(logits=logits, features=None, model=model, ctx=ctx, states={})
 
 
 def _plugin(**params):
-    spec = {"plugins": [{"name": "posthoc-adjust", **params}]}
-    return build_hooks(fedlt.load_scenario(spec).plugins).plugins[0]
+    """posthoc-adjust with ``params``; prior and apply_to are always explicit (not the defaults,
+    which the tests do not pin): prior "global", applied to both evaluations unless given."""
+    return _Adjust(hook_set({"name": "posthoc-adjust", "prior": "global", "apply_to": "both", **params}))
 
 
 Z = torch.tensor([[2.0, 1.5], [3.0, 1.0], [2.0, 1.0]])

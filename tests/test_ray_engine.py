@@ -64,8 +64,8 @@ def test_identical_metrics_to_serial_with_stateful_plugins(tiny, tmp_path):
     assert distributed["final"] == serial["final"]
     import torch
 
-    a = torch.load(tmp_path / "serial" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "ray" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "serial" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "ray" / "checkpoint.pt", weights_only=True)
     assert a["client_states"].keys() == b["client_states"].keys()
     for c in a["client_states"]:
         sa, sb = a["client_states"][c], b["client_states"][c]

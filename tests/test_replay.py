@@ -16,11 +16,12 @@ import pytest
 import torch
 from fedlt_plugins.memory import POLICIES, ClassMemory, draw_replay, inverse_frequency_weights
 from fedlt_plugins.replay import Replay
+from support.contexts import client_hooks, hook_set, per_batch
 
 import fedlt
 from fedlt.checkpoint import load_checkpoint
 from fedlt.context import ClientContext
-from fedlt.pluginmanager import build_hooks
+from fedlt.dispatch import ClientHooks
 from fedlt.runner import Run
 
 
@@ -37,7 +38,17 @@ def long_tail_stream(counts: list[int], seed: int) -> list[int]:
 
 
 def _plugin(**params) -> Replay:
-    return build_hooks(fedlt.load_scenario({"plugins": [{"name": "replay", **params}]}).plugins).plugins[0]
+    return hook_set({"name": "replay", **params}).plugins[0]
+
+
+def _client(state: dict, **params) -> ClientHooks:
+    """One client-round of ``replay`` whose per-client state is ``state`` (updated in place)."""
+    return client_hooks({"name": "replay", **params}, states={"replay": state})
+
+
+def _weights(hooks: ClientHooks, ctx: ClientContext, idx: torch.Tensor) -> torch.Tensor | None:
+    """The per-sample weights of the rows ``idx`` (stream rows, then replayed rows)."""
+    return hooks.client_sample_weights(**per_batch(ctx, torch.zeros(len(idx), 2), ctx.y_train[idx]))
 
 
 def _ctx(y_train: list[int], online_iter: int | None = 1, seed: int = 0) -> ClientContext:
@@ -46,6 +57,7 @@ def _ctx(y_train: list[int], online_iter: int | None = 1, seed: int = 0) -> Clie
     return ClientContext(
         client_id=0,
         round=1,
+        n_rounds=10,
         seed=0,
         num_classes=int(y.max()) + 1,
         config={},
@@ -247,21 +259,21 @@ def test_replay_hooks_append_memory_rows_and_weight_them():
     y_train = [0] * 10 + [0, 0, 0, 1] + [1] * 6
     ctx = _ctx(y_train)
     state = {"indices": [10, 11, 12, 13], "labels": [0, 0, 0, 1], "n_seen": 4, "class_seen": {0: 3, 1: 1}}
-    plugin = _plugin(replay_ratio=1.0, reweight="inverse-frequency")
+    hooks = _client(state, replay_ratio=1.0, reweight="inverse-frequency")
     batch = torch.tensor([14, 15, 16, 17])
     # Execute: 4 stream rows, ratio 1 -> 4 replayed rows (all of memory, no repeats).
-    extra = plugin.client_replay_indices(batch=batch, ctx=ctx, state=state)
+    extra = hooks.client_replay_indices(batch=batch, ctx=ctx)
     assert sorted(extra.tolist()) == [10, 11, 12, 13]
-    logits = torch.zeros(8, 2)
-    w = plugin.client_sample_weights(logits=logits, ctx=ctx)
+    w = _weights(hooks, ctx, torch.cat([batch, extra]))
     # Assert: stream rows weigh 1; replayed rows 2/3 (class 0) and 2 (class 1), mean 1.
     expected = [1.0] * 4 + [2.0 if i == 13 else 2 / 3 for i in extra.tolist()]
     torch.testing.assert_close(w, torch.tensor(expected))
     assert w[4:].mean().item() == pytest.approx(1.0)
     # Without reweighting no weights are returned; rows are still appended.
-    plain = _plugin(replay_ratio=1.0)
-    assert plain.client_replay_indices(batch=batch, ctx=ctx, state=state).numel() == 4
-    assert plain.client_sample_weights(logits=logits, ctx=ctx) is None
+    plain = _client(state, replay_ratio=1.0)
+    extra = plain.client_replay_indices(batch=batch, ctx=ctx)
+    assert extra.numel() == 4
+    assert _weights(plain, ctx, torch.cat([batch, extra])) is None
 
 
 @pytest.mark.parametrize(
@@ -269,29 +281,38 @@ def test_replay_hooks_append_memory_rows_and_weight_them():
     [(0.5, 4, 2), (0.5, 5, 3), (0.5, 3, 2), (0.5, 1, 1), (0.25, 1, 0), (1.0, 10, 4), (0.0, 4, 0)],
 )
 def test_replay_count_is_rounded_ratio_capped_by_memory(ratio, batch_len, n_expected):
-    ctx = _ctx([0, 0, 1, 1] + [0] * 10)
-    state = {"indices": [0, 1, 2, 3], "labels": [0, 0, 1, 1]}
-    plugin = _plugin(replay_ratio=ratio, reweight="inverse-frequency")
-    extra = plugin.client_replay_indices(batch=torch.arange(4, 4 + batch_len), ctx=ctx, state=state)
+    # Memory slots 0..3 hold classes [0, 0, 0, 1]: inverse-frequency raw weights 1/3 and 1.
+    ctx = _ctx([0, 0, 0, 1] + [0] * 10)
+    state = {"indices": [0, 1, 2, 3], "labels": [0, 0, 0, 1]}
+    hooks = _client(state, replay_ratio=ratio, reweight="inverse-frequency")
+    batch = torch.arange(4, 4 + batch_len)
+    extra = hooks.client_replay_indices(batch=batch, ctx=ctx)
     n = 0 if extra is None else extra.numel()
-    assert n == n_expected == ctx.extra["replay.n_rows"]
+    assert n == n_expected
     if n:
         assert len(set(extra.tolist())) == n and set(extra.tolist()) <= {0, 1, 2, 3}
-    w = plugin.client_sample_weights(logits=torch.zeros(batch_len + n, 2), ctx=ctx)
+    w = _weights(hooks, ctx, batch if extra is None else torch.cat([batch, extra]))
     assert (w is None) == (n == 0)
+    if n:
+        # The weights cover exactly the replayed rows (the last n): 1 on the stream rows, and
+        # (1 / n_mem[y]) / mean over the replayed rows, with n_mem = [3, 1].
+        raw = 1.0 / torch.tensor([3.0, 1.0])[ctx.y_train[extra]]
+        torch.testing.assert_close(w, torch.cat([torch.ones(batch_len), raw / raw.mean()]))
 
 
 def test_empty_memory_and_offline_scenarios_replay_nothing():
-    plugin = _plugin(reweight="inverse-frequency")
+    spec = {"reweight": "inverse-frequency"}
     online, state = _ctx([0, 1, 0, 1]), {}
-    assert plugin.client_replay_indices(batch=torch.arange(4), ctx=online, state=state) is None
-    assert plugin.client_sample_weights(logits=torch.zeros(4, 2), ctx=online) is None
+    hooks = _client(state, **spec)
+    assert hooks.client_replay_indices(batch=torch.arange(4), ctx=online) is None
+    assert _weights(hooks, online, torch.arange(4)) is None
     # Offline (no stream): nothing is drawn, stored or weighted, and the state stays empty.
     offline, state = _ctx([0, 1, 0, 1], online_iter=None), {}
+    hooks = _client(state, **spec)
     before = offline.generator.get_state()
-    assert plugin.client_replay_indices(batch=torch.arange(4), ctx=offline, state=state) is None
-    plugin.client_update_memory(batch=torch.arange(4), ctx=offline, state=state)
-    assert plugin.client_sample_weights(logits=torch.zeros(4, 2), ctx=offline) is None
+    assert hooks.client_replay_indices(batch=torch.arange(4), ctx=offline) is None
+    hooks.client_update_memory(batch=torch.arange(4), ctx=offline)
+    assert _weights(hooks, offline, torch.arange(4)) is None
     assert state == {}
     assert torch.equal(offline.generator.get_state(), before)
 
@@ -313,10 +334,10 @@ def test_inverse_frequency_sampling_draws_each_class_equally_often():
 
 def test_update_memory_hook_applies_the_policy_in_stream_order():
     y_train = long_tail_stream([60, 20, 5], seed=4)
-    plugin = _plugin(memory_size=12, policy="cbrs")
     ctx, state = _ctx(y_train, seed=9), {}
+    hooks = _client(state, memory_size=12, policy="cbrs")
     for start in range(0, 85, 4):
-        plugin.client_update_memory(batch=torch.arange(start, min(start + 4, 85)), ctx=ctx, state=state)
+        hooks.client_update_memory(batch=torch.arange(start, min(start + 4, 85)), ctx=ctx)
     reference = ClassMemory(12, "cbrs")
     reference.extend(range(85), y_train, _gen(9))
     assert state == reference.state
@@ -356,7 +377,7 @@ def test_stream_run_memory_state_checkpoint_and_resume(tiny, tmp_path, monkeypat
     assert run.client_states
     for client, states in run.client_states.items():
         mem = states["replay"]
-        consumed = run.data.streams[client].indices[: run.stream_pos[client]]
+        consumed = run.views.seen_indices(client)  # what the client has read of its stream
         assert mem["n_seen"] == len(consumed) > 0
         assert 0 < len(mem["indices"]) <= 24
         assert set(mem["indices"]) <= set(consumed.tolist())

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from support.contexts import client_hooks, hook_set, round_ctx
 
 import fedlt
-from fedlt.context import ClientContext, RoundContext
-from fedlt.pluginmanager import build_hooks
+from fedlt.context import ClientContext
 
 COUNTS = [400, 100, 20]
 
@@ -32,6 +32,7 @@ def _ctx(counts=COUNTS, local_epochs: int = 1, local_steps: int | None = None, c
     return ClientContext(
         client_id=0,
         round=1,
+        n_rounds=10,
         seed=seed,
         num_classes=len(counts),
         config=config or {},
@@ -50,7 +51,8 @@ def _ctx(counts=COUNTS, local_epochs: int = 1, local_steps: int | None = None, c
 
 
 def _plugin(name, **params):
-    return build_hooks(fedlt.load_scenario({"plugins": [{"name": name, **params}]}).plugins).plugins[0]
+    """The client-side hooks of one client-round of the sampler ``name`` (a fresh instance)."""
+    return client_hooks({"name": name, **params})
 
 
 def _class_counts(ctx, out) -> np.ndarray:
@@ -204,18 +206,21 @@ def test_cooldown_schedule_at_boundaries():
 
 
 def test_temperature_server_sends_the_scheduled_tau():
-    plugin = _plugin("temperature", tau=5.0, tau_end=1.0, cooldown_start_round=3, cooldown_rounds=4)
+    hooks = hook_set(
+        {"name": "temperature", "tau": 5.0, "tau_end": 1.0, "cooldown_start_round": 3, "cooldown_rounds": 4}
+    )
 
     def rctx(r):
-        return RoundContext(r, 0, 3, (0,), {"round": r}, np.array(COUNTS), np.array([COUNTS]))
+        return round_ctx(r, global_counts=COUNTS)
 
-    assert [plugin.server_configure_round(ctx=rctx(r)) for r in (2, 5, 7)] == [
+    assert [hooks.server_configure_round(ctx=rctx(r)) for r in (2, 5, 7)] == [
         {"temperature.tau": 5.0},
         {"temperature.tau": 3.0},
         {"temperature.tau": 1.0},
     ]
     # Without a cooldown, tau is constant.
-    assert _plugin("temperature", tau=2.0).server_configure_round(ctx=rctx(9)) == {"temperature.tau": 2.0}
+    constant = hook_set({"name": "temperature", "tau": 2.0})
+    assert constant.server_configure_round(ctx=rctx(9)) == {"temperature.tau": 2.0}
 
 
 @pytest.mark.parametrize(
@@ -234,12 +239,11 @@ def test_temperature_cooldown_parameters_must_agree(params, match):
 
 
 def test_first_listed_sampler_wins():
-    hooks = build_hooks(
-        fedlt.load_scenario({"plugins": [{"name": "undersample"}, {"name": "oversample"}]}).plugins
-    )
+    hooks = client_hooks("undersample", "oversample")
     ctx = _ctx()
-    out = hooks.client_select_indices.first(ctx=ctx, states={})
+    out = hooks.client_select_indices(ctx=ctx)
     np.testing.assert_array_equal(_class_counts(ctx, out), [20, 20, 20])
+    assert hooks.client_select_indices.winner == "undersample"
 
 
 @pytest.mark.parametrize(

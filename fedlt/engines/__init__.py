@@ -3,7 +3,8 @@
 Only the serial engine is imported here; Ray and Flower engines load when a scenario asks.
 """
 
-from fedlt.engines.base import Engine, check_engine_available, make_engine
+from fedlt.engines.base import Engine
+from fedlt.engines.factory import check_engine_available, make_engine
 from fedlt.engines.serial import SerialEngine
 
 __all__ = ["Engine", "SerialEngine", "check_engine_available", "make_engine"]

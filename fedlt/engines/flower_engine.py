@@ -1,18 +1,11 @@
-"""The Flower engine: the scenario's clients trained by Flower ClientApps (Message API).
+"""The Flower engine: a round's clients trained by Flower ClientApps (Message API).
 
-fedlt's runner keeps the round loop (selection, aggregation, evaluation, checkpoints); this
-engine hands each round's tasks to :class:`~fedlt.flower_app.FedltStrategy`, which turns them
-into one train message per client, pushes them through a Flower ``Grid`` and turns the replies
-back into ``ClientResult``s, yielded in task order so the numbers match the serial engine.
-
-Where the Grid comes from:
-
-- inside a Flower ServerApp (``flwr run`` on a project written by ``fedlt export-flower``): the
-  ServerApp's main runs fedlt's ``Run`` under :func:`attach_grid`;
-- inside ``with FlowerSimulation(...)``: one Simulation Runtime shared by several runs (Ray
-  starts once);
-- otherwise the engine starts its own :class:`FlowerSimulation` (Flower's ``run_simulation``
-  in a background thread, one SuperNode per client) and stops it on ``close``.
+It only moves tasks and results: fedlt's runner keeps the round loop (selection, aggregation,
+evaluation, checkpoints). Each task becomes one train message to the client's SuperNode
+(:mod:`fedlt.flower.wire`, records only, no pickles), replies become ``ClientResult``s, yielded
+in task order so the numbers match the serial engine. The Grid comes from a ServerApp
+(``flwr run``), a shared ``FlowerSimulation``, or a simulation of its own
+(:mod:`fedlt.flower.simulation`).
 
 Faults: a client that fails (its error comes back in the reply) or that Flower cannot reach is
 re-sent, with its state, up to ``engine.max_retries`` times; then the run stops with the
@@ -21,200 +14,28 @@ client's error (a ``PluginError`` names plugin, hook, client and round).
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import math
-import os
-import queue
-import threading
 import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from fedlt.client import ClientResult, ClientTask
+from fedlt.config import scenario_to_toml
 from fedlt.data.federated import FederatedData
+from fedlt.dispatch import HookSet
 from fedlt.engines.base import Engine
 from fedlt.errors import FedltError, ScenarioError
-from fedlt.flower_app import FedltStrategy, make_client_app, reply_needs_state
-from fedlt.pluginmanager import HookSet
+from fedlt.flower.nodes import map_clients_to_nodes
+from fedlt.flower.simulation import FlowerSimulation, Link, active_link
+from fedlt.flower.wire import decode_error, decode_result, encode_task, reply_needs_state
 
-__all__ = ["FlowerEngine", "FlowerSimulation", "attach_grid"]
+__all__ = ["FlowerEngine"]
 
 #: Seconds between polls for replies (Flower's own ``send_and_receive`` sleeps 0.1 s).
 POLL = 0.01
-
-#: Log lines that say nothing a fedlt user can act on.
-_SILENCED = (
-    "`run_simulation` function is deprecated",  # fedlt chose it knowingly; `flwr run` is supported too
-    "SIGTERM handler is not set",  # Ray started from a non-main thread
-    "Manually terminating ClientAppActor",
-)
-
-
-class _Quiet(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(s in message for s in _SILENCED)
-
-
-class _Link:
-    """A Grid to send through, a liveness check, and how many SuperNodes it has (if known)."""
-
-    def __init__(self, grid: Any, num_supernodes: int | None = None) -> None:
-        self.grid = grid
-        self.num_supernodes = num_supernodes
-
-    def check(self) -> None:
-        """Raise if the federation behind the Grid is gone (a plain Grid cannot tell)."""
-
-
-_ACTIVE: list[_Link] = []
-
-
-def _active_link() -> _Link | None:
-    return _ACTIVE[-1] if _ACTIVE else None
-
-
-@contextlib.contextmanager
-def attach_grid(grid: Any) -> Iterator[None]:
-    """Inside this block, Flower engines train through ``grid`` (a ServerApp's main uses it)."""
-    link = _Link(grid)
-    _ACTIVE.append(link)
-    try:
-        yield
-    finally:
-        _ACTIVE.remove(link)
-
-
-class FlowerSimulation(_Link):
-    """Flower's Simulation Runtime (``run_simulation``) in a background thread.
-
-    Its ServerApp only hands its Grid over and waits; fedlt's runner, in the caller's thread,
-    does the rounds. As a context manager it is shared: every Flower run started inside the
-    block uses it, so Ray and the ClientApp workers start once.
-
-    Parameters
-    ----------
-    num_supernodes : int
-        SuperNodes (one per fedlt client; more are allowed and stay idle).
-    num_workers : int, default=2
-        ClientApp workers (Ray actors) for a local Ray: Ray gets ``num_workers * num_cpus`` CPUs.
-    num_cpus, num_gpus : float
-        Resources of each ClientApp worker (Flower's ``client_resources``).
-    address : str, optional
-        Join this Ray cluster (``"auto"`` or host:port) instead of starting a local Ray.
-    start_timeout : float, default=600
-        Seconds to wait for the Grid.
-    """
-
-    def __init__(
-        self,
-        num_supernodes: int,
-        num_workers: int = 2,
-        num_cpus: float = 1.0,
-        num_gpus: float = 0.0,
-        address: str | None = None,
-        start_timeout: float = 600.0,
-    ) -> None:
-        super().__init__(None, num_supernodes)
-        import ray
-
-        if ray.is_initialized():
-            raise FedltError(
-                "Ray is already running in this process, and Flower's simulation shuts Ray down when it "
-                "ends. Call ray.shutdown() first, or use engine.kind = 'ray'."
-            )
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        init: dict[str, Any] = {
-            "include_dashboard": False,
-            "log_to_driver": False,
-            "configure_logging": False,
-        }
-        if address is not None:
-            init["address"] = address
-        else:
-            init["num_cpus"] = max(math.ceil(num_workers * num_cpus), 1)
-            if num_gpus > 0:
-                init["num_gpus"] = max(torch.cuda.device_count(), 1)
-        self.backend_config: dict[str, Any] = {
-            "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
-            "init_args": init,
-        }
-        self._grids: queue.Queue[Any] = queue.Queue()
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
-        # Flower's Ray backend rewrites PYTHONPATH for its workers; give it back on close.
-        self._pythonpath = os.environ.get("PYTHONPATH")
-        self._quiet = _Quiet()
-        for name in ("flwr", "ray._private.worker"):
-            logging.getLogger(name).addFilter(self._quiet)
-        self._thread = threading.Thread(target=self._simulate, name="fedlt-flower-simulation", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + start_timeout
-        try:
-            while self.grid is None:
-                try:
-                    self.grid = self._grids.get(timeout=0.05)
-                except queue.Empty:
-                    if not self._thread.is_alive() or time.monotonic() > deadline:
-                        raise FedltError(
-                            f"Flower's simulation did not start: {self._error!r}"
-                        ) from self._error
-        except BaseException:  # Ctrl-C included: stop the thread and Ray rather than leak them
-            self.close()
-            raise
-
-    @classmethod
-    def for_scenario(cls, scenario: Any) -> FlowerSimulation:
-        """A simulation sized by the scenario: one SuperNode per client, the engine's resources."""
-        cfg = scenario.engine
-        return cls(scenario.partition.n_clients, cfg.num_workers, cfg.num_cpus, cfg.num_gpus, cfg.address)
-
-    def _simulate(self) -> None:
-        from flwr.serverapp import Grid, ServerApp
-        from flwr.simulation import run_simulation
-
-        server_app = ServerApp()
-
-        @server_app.main()
-        def main(grid: Grid, context: Any) -> None:
-            self._grids.put(grid)
-            self._stop.wait()
-
-        try:
-            run_simulation(
-                server_app=server_app,
-                client_app=make_client_app(),
-                num_supernodes=self.num_supernodes,
-                backend_config=self.backend_config,
-            )
-        except BaseException as exc:  # reported by check(), in the runner's thread
-            self._error = exc
-
-    def check(self) -> None:
-        if not self._thread.is_alive() or self._error is not None:
-            raise FedltError(f"Flower's simulation stopped: {self._error!r}") from self._error
-
-    def close(self) -> None:
-        """Stop the ServerApp (which ends the simulation, its Ray actors and Ray)."""
-        self._stop.set()
-        self._thread.join(timeout=120)
-        for name in ("flwr", "ray._private.worker"):
-            logging.getLogger(name).removeFilter(self._quiet)
-        if self._pythonpath is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = self._pythonpath
-
-    def __enter__(self) -> FlowerSimulation:
-        _ACTIVE.append(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _ACTIVE.remove(self)
-        self.close()
 
 
 class FlowerEngine(Engine):
@@ -225,9 +46,13 @@ class FlowerEngine(Engine):
     def __init__(self, scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> None:
         super().__init__(scenario, data, hooks, device)
         self.max_retries = scenario.engine.max_retries
-        self.strategy = FedltStrategy(scenario, data, hooks, device)
+        self.scenario_toml = scenario_to_toml(scenario)
+        #: Names this run's state on nodes: a node holding another token's state (an earlier run
+        #: sharing the simulation) is sent the state again.
+        self.token = uuid.uuid4().hex
         self.retried = 0
-        link = _active_link()
+        self._synced: set[int] = set()  # clients whose node holds their current state
+        link = active_link()
         self._own: FlowerSimulation | None = None
         if link is None:
             link = self._own = FlowerSimulation.for_scenario(scenario)
@@ -237,24 +62,38 @@ class FlowerEngine(Engine):
                 data.n_clients,
                 f"at most the {link.num_supernodes} SuperNodes of the shared Flower simulation",
             )
-        self.link = link
+        self.link: Link = link
         try:
-            self.strategy.connect(link.grid, link.check)
+            self.node_of = map_clients_to_nodes(link.grid, data.n_clients, link.check)
         except BaseException:
             self.close()
             raise
+
+    def _message(self, task: ClientTask, arrays: Any, force_state: bool = False) -> Any:
+        from flwr.app import Message, MessageType
+
+        send_state = force_state or task.client_id not in self._synced
+        content = encode_task(task, arrays, self.scenario_toml, self.token, send_state)
+        return Message(content, self.node_of[task.client_id], MessageType.TRAIN, group_id=str(task.round))
+
+    def _result(self, task: ClientTask, reply: Any) -> ClientResult:
+        error = decode_error(reply, task.client_id, task.round)
+        if error is not None:
+            self._synced.discard(task.client_id)
+            raise error
+        result = decode_result(reply, self.device)
+        self._synced.add(task.client_id)
+        return result
 
     def train_round(
         self, tasks: Sequence[ClientTask], global_state: Mapping[str, torch.Tensor]
     ) -> Iterator[ClientResult]:
         if not tasks:
             return
-        from flwr.app import ConfigRecord
+        from flwr.app import ArrayRecord
 
-        grid, strategy = self.link.grid, self.strategy
-        strategy.plan(tasks)
-        arrays = strategy.global_arrays(global_state)
-        messages = list(strategy.configure_train(tasks[0].round, arrays, ConfigRecord(), grid))
+        grid = self.link.grid
+        arrays = ArrayRecord(OrderedDict((k, v.detach().cpu()) for k, v in global_state.items()))
         outstanding: dict[str, int] = {}  # message id -> task index
 
         def push(indexed: list[tuple[int, Any]]) -> None:
@@ -263,8 +102,7 @@ class FlowerEngine(Engine):
                 raise FedltError(f"Flower accepted {len(ids)} of {len(indexed)} messages")
             outstanding.update(zip(ids, (i for i, _ in indexed), strict=True))
 
-        push(list(enumerate(messages)))
-        del messages
+        push([(i, self._message(t, arrays)) for i, t in enumerate(tasks)])
         attempts = [0] * len(tasks)
         done: dict[int, ClientResult] = {}
         nxt = 0
@@ -284,10 +122,11 @@ class FlowerEngine(Engine):
                 if i is None:
                     continue
                 if reply_needs_state(reply):  # the node lost or never had the state: not a failure
+                    self._synced.discard(tasks[i].client_id)
                     resend.append(i)
                     continue
                 try:
-                    done[i] = strategy.result(i, reply)
+                    done[i] = self._result(tasks[i], reply)
                 except FedltError:
                     attempts[i] += 1
                     if attempts[i] > self.max_retries:
@@ -295,7 +134,7 @@ class FlowerEngine(Engine):
                     self.retried += 1
                     resend.append(i)
             if resend:
-                push([(i, strategy.message(i, arrays, force_state=True)) for i in resend])
+                push([(i, self._message(tasks[i], arrays, force_state=True)) for i in resend])
 
     def close(self) -> None:
         if self._own is not None:

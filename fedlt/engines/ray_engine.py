@@ -7,8 +7,12 @@ driver yields results in task order, so aggregation order, and the numbers, matc
 engine.
 
 Faults: a task that raises is re-run up to ``max_retries`` times, then the run fails naming the
-client, round and plugin; an actor that dies is replaced and its clients re-run. Because every
-draw derives from (seed, round, client), a re-run gives the same result.
+client, round and plugin; an actor that dies is replaced and its clients re-run, but a client
+whose worker died more than ``max_retries`` times fails the run. A worker that cannot build its
+model, data or plugins (an error the driver did not hit) reports that error on its first task,
+which then fails like any other task: the run stops with the worker's own error, naming the
+plugin, instead of replacing workers forever. Because every draw derives from (seed, round,
+client), a re-run gives the same result.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ import torch
 
 from fedlt.client import ClientResult, ClientTask
 from fedlt.data.federated import FederatedData
+from fedlt.dispatch import HookSet
 from fedlt.engines.base import Engine
 from fedlt.errors import FedltError
-from fedlt.pluginmanager import HookSet
 
 __all__ = ["RayEngine"]
 
@@ -35,7 +39,7 @@ class _Worker:
 
     def __init__(self, scenario: Any, shared: dict[str, Any], device: str, threads: int) -> None:
         from fedlt.allocator import keep_freed_memory
-        from fedlt.pluginmanager import build_hooks
+        from fedlt.dispatch import build_hooks
         from fedlt.worker import ClientTrainer
 
         keep_freed_memory()
@@ -85,7 +89,7 @@ class RayEngine(Engine):
             ray.init(**init)
             self._started_ray = True
         self._device = "cuda" if cfg.num_gpus > 0 else str(device)
-        self._threads = cfg.threads if cfg.threads is not None else max(int(cfg.num_cpus), 1)
+        self._threads = cfg.threads if isinstance(cfg.threads, int) else max(int(cfg.num_cpus), 1)
         self._actor_cls = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0)(_Worker)
         self._shared = ray.put(data.to_shared())
         self.workers = [self._spawn() for _ in range(cfg.num_workers)]
@@ -132,12 +136,20 @@ class RayEngine(Engine):
             try:
                 done[i] = ray.get(ready[0])
                 idle.append(slot)
-            except ray.exceptions.RayActorError:
-                # The worker process died: replace it (once per death) and re-run its client.
+            except ray.exceptions.RayActorError as exc:
+                # The worker process died: replace it (once per death) and re-run its client, at
+                # most max_retries times per client (a client that kills every worker fails).
                 if self.workers[slot] is actor:
                     self.workers[slot] = self._spawn()
                     self.replaced += 1
                     idle.append(slot)
+                attempts[i] += 1
+                if attempts[i] > self.max_retries:
+                    task = tasks[i]
+                    raise FedltError(
+                        f"Client {task.client_id} in round {task.round}: its Ray worker died "
+                        f"{attempts[i]} times (engine.max_retries = {self.max_retries}): {exc}"
+                    ) from None
                 queue.append(i)
             except ray.exceptions.RayTaskError as exc:
                 attempts[i] += 1

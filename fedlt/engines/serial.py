@@ -10,8 +10,8 @@ import torch
 from fedlt.allocator import keep_freed_memory
 from fedlt.client import ClientResult, ClientTask
 from fedlt.data.federated import FederatedData
+from fedlt.dispatch import HookSet
 from fedlt.engines.base import Engine
-from fedlt.pluginmanager import HookSet
 from fedlt.worker import ClientTrainer
 
 __all__ = ["SerialEngine"]
@@ -25,7 +25,7 @@ class SerialEngine(Engine):
     def __init__(self, scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> None:
         super().__init__(scenario, data, hooks, device)
         keep_freed_memory()
-        if scenario.engine.threads is not None:
+        if isinstance(scenario.engine.threads, int):
             torch.set_num_threads(scenario.engine.threads)
         self.trainer = ClientTrainer(scenario, data, hooks, device)
 

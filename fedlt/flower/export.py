@@ -2,7 +2,7 @@
 
 The project is small on purpose: the resolved scenario, a ``pyproject.toml`` naming the two
 components, and a module that builds them with fedlt's factories
-(:func:`fedlt.flower_app.make_server_app`, :func:`fedlt.flower_app.make_client_app`). The
+(:func:`fedlt.flower.server_app.make_server_app`, :func:`fedlt.flower.client_app.make_client_app`). The
 ServerApp runs fedlt's whole run (rounds, evaluation, checkpoints, metrics) and writes the run
 folder named by the run config's ``out-dir``.
 """
@@ -25,7 +25,8 @@ _MODULE = '''"""Flower App components for the fedlt scenario in scenario.toml (b
 
 from pathlib import Path
 
-from fedlt.flower_app import make_client_app, make_server_app
+from fedlt.flower.client_app import make_client_app
+from fedlt.flower.server_app import make_server_app
 
 # Flower installs the app into $FLWR_HOME/apps/...; scenario.toml travels with it.
 HERE = Path(__file__).resolve().parent
@@ -127,7 +128,7 @@ def export_flower(
         The run folder the ServerApp writes (default ``app_dir/runs/fedlt-<scenario name>``).
     """
     from fedlt.data.federated import check_data_feasible
-    from fedlt.pluginmanager import build_hooks
+    from fedlt.dispatch import build_hooks
 
     resolved = load_scenario(scenario, overrides)
     resolved.engine.kind = "flower"

@@ -1,0 +1,490 @@
+"""Calling hooks: scenario order, combined by each hook's declaration, results checked on arrival.
+
+:class:`HookSet` holds a run's plugins and dispatches the server-side hooks (``server_*``,
+``eval_*``, ``configure_model``) to their one server instance. :meth:`HookSet.for_client` makes
+a :class:`ClientHooks` for one client-round: fresh plugin instances (so nothing a server hook
+left on ``self`` is visible, on any engine), each bound to its own per-client ``state``.
+
+Every result is checked where fedlt receives it (per-sample shapes, scalar losses, plain-data
+payloads and configs, JSON-ready metrics), and a mistake raises a
+:class:`~fedlt.errors.PluginError` naming plugin, hook, client and round at the moment it
+happens. The checks are shape comparisons on results already in hand, so they cost nothing
+measurable per batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedlt.context import Forward
+from fedlt.errors import FedltError, PluginError
+from fedlt.hookspecs import SPECS
+from fedlt.plugin import Impl, Plugin, implementations
+from fedlt.recipe import LocalTraining
+from fedlt.safe import describe_type, find_unsafe
+from fedlt.spec import HookSpec
+
+__all__ = ["ClientHooks", "Hook", "HookSet", "build_hooks"]
+
+CLIENT_HOOKS = tuple(n for n, s in SPECS.items() if s.side == "client")
+SERVER_HOOKS = tuple(n for n, s in SPECS.items() if s.side != "client")
+
+# --------------------------------------------------------------------------- result checks
+# Each returns None when the result is acceptable, else a sentence saying what is wrong.
+
+
+def _tensor_problem(result: Any, expected: str) -> str | None:
+    if not isinstance(result, torch.Tensor):
+        return f"returned {describe_type(result)}; expected {expected}"
+    return None
+
+
+def _per_sample(what: str, hint_scalar: str) -> Callable[[Any, Mapping[str, Any]], str | None]:
+    def check(result: Any, kw: Mapping[str, Any]) -> str | None:
+        b = kw["y"].shape[0]
+        expected = f"{what} of shape (B,) = ({b},)"
+        problem = _tensor_problem(result, expected)
+        if problem or result.shape == (b,):
+            return problem
+        got = f"returned a tensor of shape {tuple(result.shape)}; expected {expected}"
+        if result.ndim == 0:
+            return f"{got}. {hint_scalar}"
+        if result.ndim == 2 and result.shape[0] == b and result.shape[1] == 1:
+            return f"{got}: a (B, 1) tensor would broadcast into a (B, B) loss. Squeeze the last dimension."
+        return got
+
+    return check
+
+
+def _like_logits(result: Any, kw: Mapping[str, Any]) -> str | None:
+    shape = tuple(kw["logits"].shape)
+    problem = _tensor_problem(result, f"logits of shape {shape}")
+    if problem is None and tuple(result.shape) != shape:
+        return f"returned a tensor of shape {tuple(result.shape)}; expected logits of the same shape {shape}"
+    return problem
+
+
+def _scalar(result: Any, kw: Mapping[str, Any]) -> str | None:
+    problem = _tensor_problem(result, "a 0-dimensional (scalar) tensor")
+    if problem is None and result.ndim != 0:
+        return (
+            f"returned a tensor of shape {tuple(result.shape)}; expected a 0-dimensional (scalar) tensor "
+            "(reduce it, e.g. with .mean() or .sum())"
+        )
+    return problem
+
+
+def _forward(result: Any, kw: Mapping[str, Any]) -> str | None:
+    if not isinstance(result, tuple) or len(result) not in (2, 3):
+        return f"returned {describe_type(result)}; expected a Forward or a (features, logits) pair"
+    if not all(isinstance(t, torch.Tensor) for t in result):
+        return "returned a tuple that holds something other than tensors"
+    b = kw["x"].shape[0]
+    logits = result[1]
+    if logits.ndim != 2 or logits.shape[0] != b or result[0].shape[0] != b:
+        return (
+            f"returned features of shape {tuple(result[0].shape)} and logits of shape {tuple(logits.shape)}; "
+            f"expected (B, d) and (B, C) with B = {b}"
+        )
+    return None
+
+
+def _indices(result: Any, kw: Mapping[str, Any]) -> str | None:
+    problem = _tensor_problem(result, "a 1-D integer tensor of dataset indices")
+    if problem is None and (result.ndim != 1 or result.dtype.is_floating_point or result.dtype == torch.bool):
+        shape = tuple(result.shape)
+        return f"returned a tensor of shape {shape} and dtype {result.dtype}; expected a 1-D integer tensor"
+    return problem
+
+
+def _parameters(result: Any, kw: Mapping[str, Any]) -> str | None:
+    if isinstance(result, torch.Tensor) or not isinstance(result, Iterable):
+        return f"returned {describe_type(result)}; expected a list of tensors"
+    for t in result:
+        if not isinstance(t, torch.Tensor) or not t.requires_grad:
+            return "returned something other than tensors with requires_grad=True"
+    return None
+
+
+def _recipe(result: Any, kw: Mapping[str, Any]) -> str | None:
+    if not isinstance(result, LocalTraining):
+        return f"returned {describe_type(result)}; expected a LocalTraining (recipe or recipe.replace(...))"
+    return None
+
+
+def _payload(result: Any, kw: Mapping[str, Any]) -> str | None:
+    return find_unsafe(result, "the payload")
+
+
+def _config(result: Any, kw: Mapping[str, Any]) -> str | None:
+    if not isinstance(result, Mapping):
+        return f"returned {describe_type(result)}; expected a mapping of config entries (or None)"
+    for key in result:
+        if not isinstance(key, str):
+            return f"returned a config key {key!r} of type {describe_type(key)}; keys must be strings"
+    return find_unsafe(dict(result), "the config")
+
+
+def _aggregator(result: Any, kw: Mapping[str, Any]) -> str | None:
+    if not (callable(getattr(result, "add", None)) and callable(getattr(result, "result", None))):
+        return f"returned {describe_type(result)}; expected an Aggregator with add() and result()"
+    return None
+
+
+def _json_ready(value: Any) -> bool:
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_json_ready(v) for v in value)
+    return False
+
+
+def _metrics(result: Any, kw: Mapping[str, Any]) -> str | None:
+    if not isinstance(result, Mapping):
+        return f"returned {describe_type(result)}; expected a mapping of metric names to values"
+    for key, value in result.items():
+        if not isinstance(key, str):
+            return f"returned a metric name {key!r}; names must be strings"
+        if not _json_ready(value):
+            return (
+                f"returned metric {key!r} = {describe_type(value)}; values must be numbers, strings, None "
+                "or lists of them (call .item() / .tolist() on tensors)"
+            )
+    return None
+
+
+#: How each hook's results are checked when fedlt receives them.
+CHECKS: dict[str, Callable[[Any, Mapping[str, Any]], str | None]] = {
+    "server_configure_round": _config,
+    "server_configure_client": _config,
+    "server_make_aggregator": _aggregator,
+    "client_configure_training": _recipe,
+    "client_trainable_parameters": _parameters,
+    "client_select_indices": _indices,
+    "client_replay_indices": _indices,
+    "client_forward": _forward,
+    "client_transform_logits": _like_logits,
+    "client_loss": _per_sample(
+        "per-sample losses", "client_loss must not reduce: compute the loss with reduction='none'."
+    ),
+    "client_sample_weights": _per_sample("per-sample weights", "Return one weight per sample."),
+    "client_extra_losses": _scalar,
+    "client_end": _payload,
+    "eval_logits": _like_logits,
+    "eval_metrics": _metrics,
+}
+
+# --------------------------------------------------------------------------- one hook
+
+
+class _Bound:
+    """One plugin's implementation, bound to an instance (and, client side, to its state)."""
+
+    __slots__ = ("argnames", "call", "plugin", "state")
+
+    def __init__(self, plugin: str, call: Callable[..., Any], argnames: tuple[str, ...], state: Any) -> None:
+        self.plugin = plugin
+        self.call = call
+        self.argnames = argnames
+        self.state = state
+
+
+class Hook:
+    """One hook's implementations in scenario order, called and combined by its declaration.
+
+    ``hook(**kwargs)`` calls every implementation (each with the arguments it declares) and
+    combines the results by ``spec.combine``. ``bool(hook)`` says whether any plugin implements
+    it, so hot loops skip hooks nobody implements.
+    """
+
+    __slots__ = ("_check", "_combine", "_per", "client", "impls", "round", "spec", "winner")
+
+    def __init__(
+        self, spec: HookSpec, impls: list[_Bound], client: int | None = None, round: int | None = None
+    ) -> None:
+        self.spec = spec
+        self.impls = impls
+        self.client = client
+        self.round = round
+        self._check = CHECKS.get(spec.name)
+        self._combine = getattr(self, "_" + spec.combine.replace("-", "_"))
+        self._per: Mapping[str, Mapping[str, Any]] | None = None
+        #: The plugin whose result won the last call of a first-result hook.
+        self.winner: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.impls)
+
+    @property
+    def plugin_names(self) -> list[str]:
+        return [b.plugin for b in self.impls]
+
+    def __call__(self, per_plugin: Mapping[str, Mapping[str, Any]] | None = None, **kwargs: Any) -> Any:
+        """Call the implementations; ``per_plugin`` gives arguments that differ by plugin
+        (``{plugin: {"payloads": ...}}``)."""
+        self._per = per_plugin
+        return self._combine(kwargs)
+
+    def error(self, plugin: str, message: str, kwargs: Mapping[str, Any] | None = None) -> PluginError:
+        """A PluginError naming this hook, and the client and round where they apply (client side
+        from the client-round; server and eval side from the hook's ``ctx``)."""
+        client, round = self.client, self.round
+        if round is None and kwargs is not None:
+            ctx = kwargs.get("ctx")
+            round = getattr(ctx, "round", None)
+            client = getattr(ctx, "client_id", None)
+        return PluginError(plugin, self.spec.name, message, client, round)
+
+    def _invoke(self, b: _Bound, kwargs: Mapping[str, Any]) -> Any:
+        __tracebackhide__ = True
+        if self._per:
+            kwargs = {**kwargs, **self._per.get(b.plugin, {})}
+        try:
+            if b.state is not None:
+                args = {a: (b.state if a == "state" else kwargs[a]) for a in b.argnames}
+            elif "state" in b.argnames:
+                states = kwargs.get("states") or {}
+                args = {a: (states.get(b.plugin, {}) if a == "state" else kwargs[a]) for a in b.argnames}
+            else:
+                args = {a: kwargs[a] for a in b.argnames}
+            out = b.call(**args)
+        except FedltError as exc:
+            if isinstance(exc, PluginError) and exc.client is None and self.client is not None:
+                raise exc.located(self.client, self.round) from exc.__cause__
+            raise
+        except Exception as exc:
+            raise self.error(b.plugin, f"{type(exc).__name__}: {exc}", kwargs) from exc
+        if out is not None and self._check is not None:
+            problem = self._check(out, kwargs)
+            if problem is not None:
+                raise self.error(b.plugin, problem, kwargs)
+        return out
+
+    # ------------------------------------------------------------------ combine rules
+
+    def _all(self, kwargs: dict[str, Any]) -> None:
+        for b in self.impls:
+            self._invoke(b, kwargs)
+
+    def _first(self, kwargs: dict[str, Any]) -> Any:
+        for b in self.impls:
+            out = self._invoke(b, kwargs)
+            if out is not None:
+                self.winner = b.plugin
+                return out
+        self.winner = None
+        return None
+
+    def _chain(self, kwargs: dict[str, Any]) -> Any:
+        arg = self.spec.chain_arg
+        for b in self.impls:
+            out = self._invoke(b, kwargs)
+            if out is None:
+                raise self.error(b.plugin, f"returned None; a chain hook must return the new {arg}", kwargs)
+            kwargs[arg] = out
+        return kwargs[arg]
+
+    def _product(self, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        acc = None
+        for b in self.impls:
+            out = self._invoke(b, kwargs)
+            if out is not None:
+                acc = out if acc is None else acc * out
+        return acc
+
+    def _sum(self, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        acc = None
+        for b in self.impls:
+            out = self._invoke(b, kwargs)
+            if out is not None:
+                acc = out if acc is None else acc + out
+        return acc
+
+    def _concat(self, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        parts = [out for b in self.impls if (out := self._invoke(b, kwargs)) is not None]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _extend(self, kwargs: dict[str, Any]) -> list[Any]:
+        out: list[Any] = []
+        for b in self.impls:
+            more = self._invoke(b, kwargs)
+            if more is not None:
+                out.extend(more)
+        return out
+
+    def _merge(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for b in self.impls:
+            more = self._invoke(b, kwargs)
+            if more is not None:
+                merged.update(more)
+        return merged
+
+    def _per_plugin(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Each plugin's non-None result, by plugin name."""
+        out: dict[str, Any] = {}
+        for b in self.impls:
+            result = self._invoke(b, kwargs)
+            if result is not None:
+                out[b.plugin] = result
+        return out
+
+
+# --------------------------------------------------------------------------- server side
+
+
+class HookSet:
+    """A run's plugins: server-side dispatch, and per-client-round :class:`ClientHooks`.
+
+    ``hooks.server_setup(model=..., ctx=...)`` calls a server-side hook; client-side hooks are
+    reached through :meth:`for_client`. ``hooks.implements(name)`` says whether any plugin
+    implements a hook.
+    """
+
+    def __init__(self, plugins: Sequence[Plugin]) -> None:
+        self.plugins = list(plugins)
+        self.by_name = {p.name: p for p in self.plugins}
+        impls = [(p, implementations(type(p), p.name)) for p in self.plugins]
+        self._hooks: dict[str, Hook] = {}
+        for name in SERVER_HOOKS:
+            bound = [_Bound(p.name, getattr(p, name), i[name].argnames, None) for p, i in impls if name in i]
+            self._hooks[name] = Hook(SPECS[name], bound)
+        #: Client-side implementations: hook -> [(plugin index, Impl)], in scenario order.
+        self._client: dict[str, list[tuple[int, Impl]]] = {
+            name: [(k, i[name]) for k, (_, i) in enumerate(impls) if name in i] for name in CLIENT_HOOKS
+        }
+        self._client_plugins = sorted({k for pairs in self._client.values() for k, _ in pairs})
+        self.class_weighting = frozenset(p.name for p in self.plugins if getattr(p, "class_weighting", False))
+
+    def __getattr__(self, name: str) -> Hook:
+        try:
+            return self.__dict__["_hooks"][name]
+        except KeyError:
+            if name in CLIENT_HOOKS:
+                raise AttributeError(
+                    f"{name} is a client-side hook: call it through HookSet.for_client(...)"
+                ) from None
+            raise AttributeError(name) from None
+
+    def implements(self, hook: str) -> bool:
+        """Whether any plugin implements ``hook``."""
+        if hook in self._client:
+            return bool(self._client[hook])
+        return bool(self._hooks[hook])
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.plugins]
+
+    def for_client(self, client_id: int, round: int, states: dict[str, dict[str, Any]]) -> ClientHooks:
+        """The client-side hooks of one client-round, on fresh plugin instances."""
+        return ClientHooks(self, client_id, round, states)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every plugin's global state, by plugin name, checked to be plain data."""
+        out = {}
+        for p in self.plugins:
+            state = p.state_dict()
+            problem = find_unsafe(state, "state_dict()")
+            if problem is not None:
+                raise PluginError(p.name, "state_dict", problem)
+            out[p.name] = state
+        return out
+
+    def load_state_dict(self, states: Mapping[str, Any]) -> None:
+        for p in self.plugins:
+            if p.name in states:
+                try:
+                    p.load_state_dict(states[p.name])
+                except Exception as exc:
+                    raise PluginError(p.name, "load_state_dict", f"{type(exc).__name__}: {exc}") from exc
+
+
+class ClientHooks:
+    """The client-side hooks of one client-round, bound to fresh plugin instances.
+
+    Attribute access by hook name gives a :class:`Hook` (falsy when no plugin implements it).
+    ``sample_weights`` and ``class_weights`` split ``client_sample_weights`` by whether the
+    plugin declares ``class_weighting`` (class weights normalise the batch loss by their sum).
+    """
+
+    def __init__(
+        self, hookset: HookSet, client_id: int, round: int, states: dict[str, dict[str, Any]]
+    ) -> None:
+        self.client_id = client_id
+        self.round = round
+        self.states = states
+        plugins = hookset.plugins
+        instances = {k: plugins[k].client_instance() for k in hookset._client_plugins}
+        self._hooks: dict[str, Hook] = {}
+        for name in CLIENT_HOOKS:
+            pairs = hookset._client[name]
+            bound = [
+                _Bound(
+                    plugins[k].name,
+                    getattr(instances[k], name),
+                    impl.argnames,
+                    states.setdefault(plugins[k].name, {}) if "state" in impl.argnames else None,
+                )
+                for k, impl in pairs
+            ]
+            self._hooks[name] = Hook(SPECS[name], bound, client_id, round)
+        weights = self._hooks["client_sample_weights"]
+        spec = weights.spec
+        self.class_weights = Hook(
+            spec, [b for b in weights.impls if b.plugin in hookset.class_weighting], client_id, round
+        )
+        self.sample_weights = Hook(
+            spec, [b for b in weights.impls if b.plugin not in hookset.class_weighting], client_id, round
+        )
+
+    def __getattr__(self, name: str) -> Hook:
+        try:
+            return self.__dict__["_hooks"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def check_states(self) -> None:
+        """Every plugin's per-client state is plain data (checked at the end of the client-round)."""
+        for plugin, state in self.states.items():
+            if type(state) is not dict:
+                raise PluginError(
+                    plugin, "state", f"the state is {describe_type(state)}", self.client_id, self.round
+                )
+            problem = find_unsafe(state, "state")
+            if problem is not None:
+                raise PluginError(
+                    plugin,
+                    "state",
+                    f"{problem}. Per-client state is checkpointed and sent to workers, so it must be "
+                    "plain data.",
+                    self.client_id,
+                    self.round,
+                )
+
+
+def as_forward(out: Any) -> Forward:
+    """A ``client_forward`` result as a :class:`Forward` (a pair means ``head_input = features``)."""
+    if isinstance(out, Forward):
+        return out
+    if len(out) == 2:
+        return Forward(out[0], out[1], out[0])
+    return Forward(*out)
+
+
+def build_hooks(specs: Iterable[Any], available: Mapping[str, Any] | None = None) -> HookSet:
+    """Discover, validate and register the scenario's plugins; the entry point for engines."""
+    from fedlt.discovery import instantiate_plugins
+
+    return HookSet(instantiate_plugins(list(specs), available))
+
+
+def check_json_ready(record: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` if a metrics record cannot be written as JSON."""
+    json.dumps(record, allow_nan=True)

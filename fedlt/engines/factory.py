@@ -1,0 +1,61 @@
+"""Which engine a scenario gets: the serial one, or Ray's or Flower's (imported only when asked).
+
+Kept apart from :mod:`fedlt.engines.base` so the engine modules (which import the base class)
+and the factory (which imports them) form no import cycle.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedlt.data.federated import FederatedData
+from fedlt.dispatch import HookSet
+from fedlt.engines.base import Engine
+from fedlt.errors import ScenarioError
+
+__all__ = ["check_engine_available", "make_engine"]
+
+#: What each engine needs beyond fedlt's core dependencies: (module to find, extra that installs it).
+_ENGINE_NEEDS = {"ray": ("ray", "ray"), "flower": ("flwr", "flower")}
+
+
+def check_engine_available(kind: str) -> None:
+    """Fail before any work when the engine's optional dependencies are missing (nothing imported)."""
+    import importlib.util
+
+    if kind not in _ENGINE_NEEDS:
+        return
+    module, extra = _ENGINE_NEEDS[kind]
+    if importlib.util.find_spec(module) is None:
+        raise ScenarioError(
+            "engine.kind",
+            kind,
+            "an engine whose dependencies are installed ('serial' always is)",
+            hint=f"Install the extra: pip install 'fedlt[{extra}]' (the '{module}' package is missing).",
+        )
+
+
+def make_engine(scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> Engine:
+    """The engine the scenario's ``[engine] kind`` names (imported only when asked for).
+
+    ``serial`` gives the :class:`~fedlt.engines.vectorized.VectorizedEngine` when
+    ``engine.vectorize`` resolves to on ("auto": on CUDA) or ``engine.dtype`` asks for autocast.
+    """
+    kind = scenario.engine.kind
+    check_engine_available(kind)
+    if kind == "ray":
+        from fedlt.engines.ray_engine import RayEngine as engine_cls
+    elif kind == "flower":
+        from fedlt.engines.flower_engine import FlowerEngine as engine_cls
+    else:
+        from fedlt.engines.vectorized import wants_vectorized_engine
+
+        # engine.vectorize (and engine.dtype) are options of the serial engine, not engines of
+        # their own: the vectorized one trains groups of a round's clients at once.
+        if wants_vectorized_engine(scenario, device):
+            from fedlt.engines.vectorized import VectorizedEngine as engine_cls
+        else:
+            from fedlt.engines.serial import SerialEngine as engine_cls
+    return engine_cls(scenario, data, hooks, device)

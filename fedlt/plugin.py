@@ -1,0 +1,177 @@
+"""The plugin base class, the ``@hookimpl`` marker, and the checks a plugin class must pass.
+
+A plugin is a :class:`Plugin` subclass with typed ``Params`` and methods marked ``@hookimpl``,
+each named after a hook declared in :mod:`fedlt.hookspecs`. :func:`implementations` validates a
+class against the contract once (cached): unknown hook names, arguments the hook does not have,
+and methods named like a hook but not marked are errors that name the plugin and the method.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from fedlt.errors import PluginError
+from fedlt.hookspecs import SPECS
+
+__all__ = ["Impl", "NoParams", "Plugin", "hookimpl", "implementations"]
+
+_MARK = "fedlt_impl"
+
+
+def hookimpl(function: Callable[..., Any] | None = None) -> Any:
+    """Mark a plugin method as the implementation of the hook it is named after.
+
+    Usable as ``@hookimpl`` or ``@hookimpl()``.
+    """
+
+    def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
+        setattr(fn, _MARK, True)
+        return fn
+
+    return mark(function) if function is not None else mark
+
+
+class NoParams(BaseModel):
+    """Parameters of a plugin that takes none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Plugin:
+    """Base class of fedlt plugins.
+
+    Subclasses set ``Params`` (a pydantic model: the plugin's typed parameters, validated when
+    the scenario is loaded) and implement hooks as methods marked ``@hookimpl``. ``__init__``
+    stores the validated parameters without logic.
+
+    Server-side hooks run on the one instance the driver keeps for the run; client-side hooks
+    run on a fresh instance made by :meth:`client_instance` for every client-round, so the
+    instance's attributes are that client-round's scratch space (see :mod:`fedlt.hookspecs`).
+
+    Attributes
+    ----------
+    name : str
+        The name users type in a scenario; set from the entry-point name at discovery.
+    requires : frozenset of str
+        Capabilities the plugin needs, checked before a run starts: ``"head"`` (a model with a
+        linear head), ``"stream"`` (a continual scenario), ``"prompts"`` (a ViT prompt slot).
+    class_weighting : bool
+        ``client_sample_weights`` returns class weights ``w_{y_i}``: the batch loss is then
+        normalised by their sum (weighted cross-entropy) rather than by the batch size.
+    vectorized : bool
+        The plugin's per-batch hooks are pure tensor functions of their arguments and of tensor
+        attributes set in ``client_start``, so they can run inside a vmapped step over a group of
+        clients (``engine.vectorize``, see docs/vectorized.md); otherwise those clients train one
+        by one.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = NoParams
+    requires: ClassVar[frozenset[str]] = frozenset()
+    class_weighting: ClassVar[bool] = False
+    vectorized: ClassVar[bool] = False
+
+    def __init__(self, params: BaseModel | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    def client_instance(self) -> Plugin:
+        """A fresh instance for one client-round: same parameters, none of the server's state."""
+        fresh = type(self)(self.params)
+        fresh.name = self.name  # type: ignore[misc]
+        return fresh
+
+    def state_dict(self) -> dict[str, Any]:
+        """Global (server-side) state to checkpoint, as plain data. Per-client state lives in
+        the client hooks' ``state``."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    @classmethod
+    def description(cls) -> str:
+        """The first line of the class docstring (``fedlt plugins`` shows it)."""
+        doc = inspect.getdoc(cls) if cls.__doc__ else None
+        return doc.strip().splitlines()[0] if doc else ""
+
+
+class Impl:
+    """One validated hook implementation of a plugin class."""
+
+    __slots__ = ("argnames", "function", "hook")
+
+    def __init__(self, hook: str, function: Callable[..., Any], argnames: tuple[str, ...]) -> None:
+        self.hook = hook
+        self.function = function
+        self.argnames = argnames
+
+
+def _is_marked(value: Any) -> bool:
+    return callable(value) and getattr(value, _MARK, False) is True
+
+
+def _own_methods(cls: type) -> dict[str, Any]:
+    """Attributes defined by ``cls`` and its bases up to (not including) :class:`Plugin`."""
+    found: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or klass is Plugin or issubclass(Plugin, klass):
+            continue
+        found.update(vars(klass))
+    return found
+
+
+@functools.cache
+def implementations(cls: type[Plugin], name: str) -> dict[str, Impl]:
+    """The hook implementations of a plugin class, validated against the contract.
+
+    Raises
+    ------
+    PluginError
+        Naming the plugin and the method: an unknown hook, an argument the hook does not pass,
+        a generator or coroutine, or a method named like a hook but not marked ``@hookimpl``.
+    """
+    impls: dict[str, Impl] = {}
+    for attr, value in _own_methods(cls).items():
+        if isinstance(value, staticmethod | classmethod):
+            value = value.__func__
+        marked = _is_marked(value)
+        if attr in SPECS and not marked and callable(value):
+            raise PluginError(
+                name,
+                attr,
+                f"method {cls.__qualname__}.{attr} is named like a hook but is not marked @hookimpl, so "
+                "fedlt would never call it. Put @fedlt.hookimpl above it (or rename it).",
+            )
+        if not marked:
+            continue
+        if attr not in SPECS:
+            close = difflib.get_close_matches(attr, SPECS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise PluginError(
+                name, attr, f"unknown hook {attr!r} (marked @hookimpl on {cls.__qualname__}).{hint}"
+            )
+        if inspect.isgeneratorfunction(value) or inspect.iscoroutinefunction(value):
+            raise PluginError(name, attr, "a hook implementation must be a plain function, not a generator")
+        params = list(inspect.signature(value).parameters.values())
+        if params and params[0].name == "self":
+            params = params[1:]
+        bad = [p.name for p in params if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if bad:
+            raise PluginError(name, attr, f"hook implementations take named arguments only, not *{bad[0]}")
+        argnames = tuple(p.name for p in params)
+        unknown = [a for a in argnames if a not in SPECS[attr].params]
+        if unknown:
+            raise PluginError(
+                name,
+                attr,
+                f"argument(s) {unknown} are not passed by hook {attr!r}; it passes: "
+                f"{', '.join(SPECS[attr].params)}",
+            )
+        impls[attr] = Impl(attr, value, argnames)
+    return impls

@@ -1,0 +1,102 @@
+"""How a hook is declared: one :class:`HookSpec` per hook, made by the :func:`hookspec` decorator.
+
+A declaration is the single source of a hook's signature, its combine rule, where it runs, how
+often, and since which version. The dispatcher (:mod:`fedlt.dispatch`) combines results by it,
+the validator checks implementations against it, and the docs are generated from it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["COMBINE_RULES", "SIDES", "Combine", "HookSpec", "Side", "hookspec"]
+
+#: How the results of a hook's implementations combine.
+Combine = Literal["all", "first", "chain", "product", "sum", "concat", "extend", "merge", "per-plugin"]
+
+#: What each combine rule means, for the docs.
+COMBINE_RULES: dict[str, str] = {
+    "all": "every implementation runs; return ignored",
+    "first": "the first non-`None` result wins; later plugins are not called",
+    "chain": "each receives the previous output as its first argument and returns the new one (never `None`)",
+    "product": "product of the non-`None` tensors",
+    "sum": "sum of the non-`None` scalars",
+    "concat": "non-`None` index tensors joined in order",
+    "extend": "non-`None` iterables of tensors joined into one list in order",
+    "merge": "mappings merged in order; later plugins win on equal keys",
+    "per-plugin": "each plugin's non-`None` result kept apart, by plugin name",
+}
+
+#: Where a hook runs and on which instance of the plugin.
+Side = Literal["model", "server", "client", "eval"]
+
+SIDES: dict[str, str] = {
+    "model": "wherever a model is built (driver and every worker), on that process's plugin instance",
+    "server": "in the driver, on the plugin's one server-side instance (kept for the whole run)",
+    "client": "where the client is trained, on a fresh instance made for this client-round",
+    "eval": "in the driver, on the server-side instance, during evaluation",
+}
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """One hook: what it receives, how results combine, where and when it runs.
+
+    Attributes
+    ----------
+    name : str
+        The hook's name (what a plugin method is called).
+    params : tuple of str
+        Argument names, in signature order; implementations take any subset.
+    combine : Combine
+        How results of the implementations combine (see :data:`COMBINE_RULES`).
+    side : Side
+        Where it runs and on which plugin instance (see :data:`SIDES`).
+    when : str
+        How often, in words (``"per batch"``, ``"once per round"``).
+    since : str
+        The fedlt version that introduced it.
+    chain_arg : str or None
+        For ``combine="chain"``, the argument that carries the value from one plugin to the next.
+    doc : str
+        The docstring of the declaration.
+    """
+
+    name: str
+    params: tuple[str, ...]
+    combine: Combine
+    side: Side
+    when: str
+    since: str
+    chain_arg: str | None
+    doc: str
+
+    @property
+    def summary(self) -> str:
+        """The first line of the docstring."""
+        return self.doc.strip().splitlines()[0] if self.doc.strip() else ""
+
+
+def hookspec(
+    *, combine: Combine, side: Side, when: str, since: str = "0.1", chain_arg: str | None = None
+) -> Callable[[Callable[..., Any]], HookSpec]:
+    """Declare a hook from a function whose signature and docstring are the contract.
+
+    The decorated name becomes a :class:`HookSpec`, so ``hookspecs.client_loss`` *is* the
+    declaration the dispatcher and the docs read.
+    """
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"unknown combine rule {combine!r}; known: {sorted(COMBINE_RULES)}")
+    if side not in SIDES:
+        raise ValueError(f"unknown side {side!r}; known: {sorted(SIDES)}")
+
+    def declare(fn: Callable[..., Any]) -> HookSpec:
+        params = tuple(inspect.signature(fn).parameters)
+        if combine == "chain" and (chain_arg is None or chain_arg not in params):
+            raise ValueError(f"chain hook {fn.__name__!r} must name its chained argument")
+        return HookSpec(fn.__name__, params, combine, side, when, since, chain_arg, inspect.getdoc(fn) or "")
+
+    return declare
