@@ -162,7 +162,7 @@ def measure(kind: str, env: dict[str, str], args: argparse.Namespace) -> dict[st
 def machine() -> str:
     import torch
 
-    from fedlt.machine import cpu_model
+    from fedlt.provenance import cpu_model
 
     cores = f"{os.cpu_count()} cores ({cpu_model()})"
     return f"{cores}, Python {platform.python_version()}, torch {torch.__version__}"

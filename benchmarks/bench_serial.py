@@ -287,7 +287,7 @@ def machine() -> dict[str, Any]:
     """Cores, CPU model, torch version and thread count, for the record."""
     import torch
 
-    from fedlt.machine import cpu_model
+    from fedlt.provenance import cpu_model
 
     return {
         "cores": os.cpu_count(),

@@ -1,7 +1,9 @@
-"""The ``fedlt`` command: run, resume, validate, inspect, plugins, export-flower.
+"""The ``fedlt`` command: run, resume, validate, inspect, plugins, plot, compare, sweep, export-flower.
 
 Bad input (a scenario key, a plugin, a missing data root) exits with status 2 and one paragraph
-naming the key, the value and what is allowed, before any work starts.
+naming the key, the value and what is allowed, before any work starts. Commands that need no
+torch (``--help``, ``--version``, ``plugins --names``) import none: every command imports what
+it needs when it runs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedlt import __version__
 from fedlt.errors import FedltError, NonFiniteLossError
 
 __all__ = ["main"]
@@ -29,27 +32,33 @@ def _add_scenario(p: argparse.ArgumentParser, optional: bool = False) -> None:
         )
     else:
         p.add_argument("scenario", help="scenario .toml file or built-in name (e.g. quickstart)")
+    _add_set(p)
+
+
+def _add_set(p: argparse.ArgumentParser, help: str | None = None) -> None:
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a scenario key, e.g. --set federation.rounds=5 (repeatable)",
+        help=help or "override a scenario key, e.g. --set federation.rounds=5 (repeatable)",
     )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlt", description="Federated learning under class imbalance.")
+    parser.add_argument("--version", action="version", version=f"fedlt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run a scenario")
     _add_scenario(p, optional=True)
-    p.add_argument("--out", type=Path, help="run folder (default runs/<name>-<timestamp>)")
+    p.add_argument("--out", type=Path, help="run folder (default runs/<name>-<plugins>-<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("resume", help="continue a run folder from its last checkpoint")
     p.add_argument("run_dir", type=Path)
+    _add_set(p, "change a setting that keeps the checkpoint valid (learning rate, rounds, engine...)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("validate", help="check a scenario without running it")
@@ -58,15 +67,63 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show the data as the scenario will use it")
     _add_scenario(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--with-indices", action="store_true", help="include stream sample indices (with --json)")
+    p.add_argument("--plot", type=Path, metavar="DIR", help="also draw the split (and streams) into DIR")
 
-    p = sub.add_parser("plugins", help="list discovered plugins")
+    p = sub.add_parser("plugins", help="list installed plugins")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--names", action="store_true", help="only the names (fast: loads no plugin)")
+
+    p = sub.add_parser("plot", help="draw the curves of one or more runs (overlaid)")
+    p.add_argument("runs", nargs="+", type=Path, help="run folders")
+    p.add_argument("--out", type=Path, help="folder for the PNGs (default: the run folder, or ./plots)")
+    p.add_argument("--labels", help="comma-separated labels, one per run (default: folder names)")
+
+    p = sub.add_parser("compare", help="a table of runs grouped by setting: mean, std, 95%% CI, paired diffs")
+    p.add_argument("runs", nargs="+", type=Path, help="run folders, or folders of run folders")
+    p.add_argument("--baseline", help="the group the others are compared with (its label, or part of it)")
+    p.add_argument("--metrics", help="comma-separated metrics (default: the standard ones present)")
+    p.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
+    p.add_argument("--out", type=Path, help="write the table to this file instead of stdout")
+
+    p = sub.add_parser("sweep", help="run a grid of settings x seeds as independent runs (locally or on Ray)")
+    p.add_argument("scenario", help="scenario .toml file or built-in name")
+    _add_set(p, "fix a scenario key for every run of the sweep (repeatable)")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a swept key and its values (repeatable)",
+    )
+    p.add_argument("--seeds", default="0", help="seeds: a list '0,1,2' or a range '0-4' (default 0)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the sweep's runs (resumable)")
+    p.add_argument("--jobs", type=int, default=1, help="local runs at once (default 1)")
+    p.add_argument("--ray", metavar="ADDRESS", help="run on Ray: 'local', 'auto' or host:port")
+    p.add_argument("--cpus-per-run", type=float, default=1.0, help="Ray: CPUs reserved per run")
+    p.add_argument("--gpus-per-run", type=float, default=0.0, help="Ray: GPUs (or a fraction) per run")
+    p.add_argument("--baseline", help="baseline group for the final comparison table")
 
     p = sub.add_parser("export-flower", help="write the scenario as a Flower App project for `flwr run`")
     _add_scenario(p)
     p.add_argument("dir", type=Path, help="new or empty folder for the project (a valid Flower app name)")
     p.add_argument("--out", type=Path, help="run folder the app writes (default DIR/runs/fedlt-<name>)")
     return parser
+
+
+# --------------------------------------------------------------------------- run and resume
+
+
+class _Interrupted(Exception):
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+
+def _execute(run: Any) -> dict[str, Any]:
+    try:
+        return run.execute()
+    except KeyboardInterrupt:
+        raise _Interrupted(run.run_dir) from None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -76,16 +133,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario, args.overrides)
     run = Run.create(scenario, args.out, progress=not args.quiet)
     print(f"run folder: {run.run_dir}", file=sys.stderr)
-    summary = run.execute()
-    _print_final(summary)
+    _print_final(_execute(run))
     return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from fedlt.runner import Run
+    from fedlt.runner import Run, finished_summary
 
-    summary = Run.open(args.run_dir, progress=not args.quiet).execute()
-    _print_final(summary)
+    done = finished_summary(args.run_dir) if not args.overrides else None
+    if done is not None:
+        print(f"{args.run_dir}: this run has finished; nothing to resume.", file=sys.stderr)
+        _print_final(done)
+        return 0
+    run = Run.open(args.run_dir, progress=not args.quiet, overrides=args.overrides)
+    _print_final(_execute(run))
     return 0
 
 
@@ -103,11 +164,21 @@ def _print_final(summary: dict[str, Any]) -> None:
         "tail_accuracy",
         "auroc_macro",
         "personalized_accuracy",
+        "a_auc",
+        "a_last",
+        "a_avg",
+        "f_last",
     ]
-    print(f"{summary['scenario']}: {summary['rounds']} rounds in {summary['wall_seconds']:.1f}s")
+    rounds = summary.get("rounds_run", summary["rounds"])
+    print(f"{summary['scenario']}: {rounds} rounds in {summary['wall_seconds']:.1f}s")
+    if summary.get("stopped_early"):
+        print(f"  stopped early: {summary['stopped_early']}")
     for k in keys:
         if k in f:
             print(f"  {k:24s} {fmt(f[k])}")
+
+
+# --------------------------------------------------------------------------- scenario tools
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -115,8 +186,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     from fedlt.config import load_scenario
     from fedlt.data.federated import build_federated_data
+    from fedlt.dispatch import build_hooks
     from fedlt.engines import check_engine_available
-    from fedlt.pluginmanager import build_hooks
     from fedlt.runner import check_requirements, resolve_device
     from fedlt.worker import build_run_model
 
@@ -137,8 +208,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from fedlt.config import load_scenario
     from fedlt.data.federated import build_federated_data
 
+    if args.plot is not None:
+        from fedlt.plotting import require_matplotlib
+
+        require_matplotlib()
     scenario = load_scenario(args.scenario, args.overrides)
-    info = build_federated_data(scenario, "cpu").describe()
+    data = build_federated_data(scenario, "cpu")
+    info = data.describe(with_indices=args.with_indices)
+    if args.plot is not None:
+        _inspect_plots(data, args.plot)
     if args.json:
         print(json.dumps(info))
         return 0
@@ -156,18 +234,39 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if streams:
         print("\nstreams (per task: classes, samples, blurry samples dealt in):")
         for cl in streams:
-            tasks = "  |  ".join(f"{t['classes']} n={t['size']} b={t['blurry']}" for t in cl["tasks"])
+            tasks = "  |  ".join(f"{t['classes']} n={t['size']} b={t['n_blurry']}" for t in cl["tasks"])
             print(f"{cl['id']:>6}  {tasks}")
     return 0
 
 
+def _inspect_plots(data: Any, out: Path) -> None:
+    from fedlt.plotting import plot_client_class_counts, plot_stream_timeline, stream_labels
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [plot_client_class_counts(data.client_counts, out / "client_class_counts.png", data.class_names)]
+    if data.streams is not None:
+        labels, ends = stream_labels(data)
+        paths.append(
+            plot_stream_timeline(
+                labels, out / "stream_timeline.png", ends, data.num_classes, list(data.class_names)
+            )
+        )
+    for p in paths:
+        print(f"wrote {p}", file=sys.stderr)
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from fedlt.pluginmanager import discover_plugins
+    from fedlt.discovery import discover_plugins
 
     plugins = discover_plugins()
+    if args.names:
+        for name in sorted(plugins):
+            print(name)
+        return 0
     rows = [
         {
             "name": i.name,
+            "description": i.description,
             "distribution": i.distribution,
             "entry_point": i.value,
             "hooks": i.hooks,
@@ -184,6 +283,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         if r["error"]:
             print(f"  unusable: {r['error']}")
             continue
+        if r["description"]:
+            print(f"  {r['description']}")
         print(f"  hooks: {', '.join(r['hooks'])}")
         if r["parameters"]:
             params = ", ".join(f"{p['name']}: {p['type']} = {p['default']!r}" for p in r["parameters"])
@@ -191,9 +292,74 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- research tools
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from fedlt.plotting import plot_runs, require_matplotlib
+
+    require_matplotlib()
+    for run in args.runs:
+        if not (run / "metrics.jsonl").is_file():
+            raise FedltError(f"{run} is not a run folder (it holds no metrics.jsonl)")
+    labels = args.labels.split(",") if args.labels else None
+    if labels is not None and len(labels) != len(args.runs):
+        raise FedltError(f"--labels gives {len(labels)} labels for {len(args.runs)} runs")
+    out = args.out or (args.runs[0] if len(args.runs) == 1 else Path("plots"))
+    files = plot_runs(args.runs, out, labels)
+    for path in files:
+        print(f"wrote {path}")
+    for note in files.notes:
+        print(note, file=sys.stderr)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from fedlt.compare import collect_runs, compare
+
+    try:
+        runs = collect_runs(args.runs)
+    except FileNotFoundError as exc:
+        raise FedltError(str(exc)) from None
+    if not runs:
+        raise FedltError(f"no finished runs found under {', '.join(map(str, args.runs))}")
+    metrics = args.metrics.split(",") if args.metrics else None
+    try:
+        table = compare(runs, metrics=metrics, baseline=args.baseline)
+    except ValueError as exc:
+        raise FedltError(str(exc)) from None
+    text = {"markdown": table.to_markdown, "csv": table.to_csv, "json": table.to_json}[args.format]()
+    if args.out is not None:
+        args.out.write_text(text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from fedlt.sweep import Sweep, parse_grid, parse_seeds
+
+    sweep = Sweep(
+        args.scenario,
+        args.out,
+        grid=parse_grid(args.grid),
+        seeds=parse_seeds(args.seeds),
+        fixed=args.overrides,
+    )
+    if args.ray is not None:
+        done = sweep.run_ray(args.ray, args.cpus_per_run, args.gpus_per_run)
+    else:
+        done = sweep.run_local(args.jobs)
+    for line in done:
+        print(line, file=sys.stderr)
+    print(sweep.table(args.baseline).to_markdown())
+    return 0
+
+
 def _cmd_export_flower(args: argparse.Namespace) -> int:
     from fedlt.config import load_scenario
-    from fedlt.export import export_flower, flwr_run_command
+    from fedlt.flower.export import export_flower, flwr_run_command
 
     app_dir = export_flower(args.scenario, args.dir, args.overrides, args.out)
     print(f"wrote Flower App project {app_dir}; run it with:")
@@ -207,6 +373,9 @@ COMMANDS = {
     "validate": _cmd_validate,
     "inspect": _cmd_inspect,
     "plugins": _cmd_plugins,
+    "plot": _cmd_plot,
+    "compare": _cmd_compare,
+    "sweep": _cmd_sweep,
     "export-flower": _cmd_export_flower,
 }
 
@@ -222,8 +391,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedltError as exc:
         print(textwrap.fill(f"error: {exc}", 100, break_on_hyphens=False), file=sys.stderr)
         return exc.exit_status
+    except ImportError as exc:
+        if args.command in ("plot", "inspect") and "matplotlib" in str(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    except _Interrupted as exc:
+        print(f"interrupted; continue with `fedlt resume {exc.run_dir}`", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("interrupted; continue with `fedlt resume RUN_DIR`", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
 
 

@@ -1,9 +1,10 @@
 """Anytime-evaluation metrics of online continual learning (Si-Blurry / CLIB).
 
-- ``A_auc``: mean of the anytime accuracies (evaluated every ``eval_period`` on the test samples
-  of the classes exposed so far); the normalised area under the accuracy-vs-samples curve, so it
-  rewards a model that is good *throughout* the stream, not only at the end.
-- ``A_last``: the last anytime accuracy.
+- ``A_auc``: mean of the anytime accuracies, evaluated each time the federation has read another
+  ``eval_period`` stream samples, on the test samples of the classes exposed so far; the
+  normalised area under the accuracy-vs-samples curve, so it rewards a model that is good
+  *throughout* the stream, not only at the end.
+- ``A_last``: the anytime accuracy at the end of the run.
 - ``A_avg``: mean of the end-of-task accuracies.
 - ``F_last``: mean over classes of (best end-of-task accuracy before the final task - final
   accuracy), over the classes that were ever learned (best > 0).
@@ -14,12 +15,9 @@ Accuracies may be fractions or percentages; every metric is in the same unit as 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
-from fedlt.errors import ScenarioError
-
-__all__ = ["a_auc", "a_avg", "a_last", "f_last", "task_end_rounds"]
+__all__ = ["a_auc", "a_avg", "a_last", "crossed", "f_last", "federation_task_ends", "periodic_due"]
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -78,25 +76,34 @@ def f_last(per_class_task_end: Sequence[Sequence[float | None]]) -> float | None
     return _mean(drops)
 
 
-def task_end_rounds(n_rounds: int, n_tasks: int) -> list[int]:
-    """The (1-based) round at which each task ``t = 0..T-1`` is taken to end.
+def federation_task_ends(boundaries: Sequence[Sequence[int]]) -> list[int]:
+    """Stream samples the federation must have read for each task ``t = 0..T-1`` to have ended.
 
-    In federated continual learning every client walks its own stream: tasks differ in size per
-    client (Si-Blurry) and clients train in different rounds, so each crosses its task boundaries
-    at a different round and no single round ends "task t" for everyone. End-of-task metrics
-    (``A_avg``, ``F_last``) are therefore taken at a global schedule that splits the run into ``T``
-    equal spans: task ``t`` ends at round ``ceil((t+1) n_rounds / T)``; the last is ``n_rounds``.
-
-    With more tasks than rounds, several tasks end in the same round (the list is non-decreasing
-    rather than strictly increasing); callers that need one row per task still get ``T`` entries.
-
-    Raises
-    ------
-    ScenarioError
-        ``federation.rounds`` or ``stream.n_tasks`` < 1.
+    Each client walks its own stream, whose tasks end at its own positions ``b_{k,t}`` (the
+    cumulative task sizes). The federation's task ``t`` ends once it has read as many samples as
+    all clients' tasks ``0..t`` hold together, ``E_t = sum_k b_{k,t}``: a definition by samples
+    consumed (as CLIB/MVP evaluate at sample counts), so rounds that read nothing move no task
+    boundary. ``E`` is non-decreasing; the last entry is the total stream length.
     """
-    if isinstance(n_rounds, bool) or not isinstance(n_rounds, numbers.Integral) or n_rounds < 1:
-        raise ScenarioError("federation.rounds", n_rounds, "an int >= 1")
-    if isinstance(n_tasks, bool) or not isinstance(n_tasks, numbers.Integral) or n_tasks < 1:
-        raise ScenarioError("stream.n_tasks", n_tasks, "an int >= 1")
-    return [-(-(t + 1) * int(n_rounds) // int(n_tasks)) for t in range(int(n_tasks))]
+    rows = [list(b) for b in boundaries]
+    if not rows:
+        return []
+    n_tasks = len(rows[0])
+    if any(len(r) != n_tasks for r in rows):
+        raise ValueError("every client's stream must have the same number of tasks")
+    return [int(sum(r[t] for r in rows)) for t in range(n_tasks)]
+
+
+def crossed(before: int, after: int, thresholds: Sequence[int]) -> list[int]:
+    """Indices ``t`` with ``before < thresholds[t] <= after``: task ends passed by a round that
+    moved the federation's sample count from ``before`` to ``after``."""
+    return [t for t, e in enumerate(thresholds) if before < e <= after]
+
+
+def periodic_due(before: int, after: int, period: int | None) -> bool:
+    """An anytime evaluation is due when the sample count passed a multiple of ``period``
+    (``None``: whenever it moved at all). Stateless, so a resumed run evaluates where an
+    uninterrupted one would."""
+    if after <= before:
+        return False
+    return period is None or after // period > before // period

@@ -2,48 +2,77 @@
 
 Rounds are numbered from 1. After round ``r`` the run directory holds a checkpoint of round
 ``r`` (every ``checkpoint.every`` rounds) and, on evaluation rounds, a line in metrics.jsonl.
+A run claims its folder for its lifetime (:mod:`fedlt.rundir`), so two runs never mix their
+files, and it loads checkpoints only as plain data (:mod:`fedlt.checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from fedlt.checkpoint import load_checkpoint, save_checkpoint, truncate_metrics
-from fedlt.client import ClientTask
-from fedlt.config import Scenario, load_scenario, scenario_to_toml
-from fedlt.continual_metrics import a_auc, a_avg, a_last, f_last, task_end_rounds
+from fedlt.checkpoint import (
+    CHECKPOINT,
+    append_metrics,
+    check_compatible,
+    json_safe,
+    load_checkpoint,
+    read_metrics,
+    remove_stale_temps,
+    save_checkpoint,
+    truncate_metrics,
+)
+from fedlt.client import ClientResult, ClientTask
+from fedlt.config import Scenario, apply_overrides, load_scenario, scenario_from_dict, scenario_to_toml
+from fedlt.context import LogContext
+from fedlt.continual_metrics import a_auc, a_avg, crossed, f_last, federation_task_ends, periodic_due
+from fedlt.data.clients import ClientViews
 from fedlt.data.federated import FederatedData, build_federated_data
+from fedlt.dispatch import HookSet, build_hooks
 from fedlt.engines import check_engine_available, make_engine
-from fedlt.errors import PluginError, ScenarioError
+from fedlt.errors import FedltError, PluginError, ScenarioError
 from fedlt.evaluation import Evaluator
-from fedlt.pluginmanager import HookSet, build_hooks
-from fedlt.rounds import aggregate_round, configure_round
-from fedlt.seeding import numpy_rng
+from fedlt.loggers import loggers_for, missing_logger_packages
+from fedlt.provenance import now, provenance
+from fedlt.rounds import aggregate_round, configure_round, select_clients
+from fedlt.rundir import RunDirError, RunLock, check_fresh_dir, claim
+from fedlt.threads import CoreSampler
 from fedlt.worker import aggregated_keys, build_run_model, setup_context
 
-__all__ = ["Run", "select_clients"]
+__all__ = ["RESUMABLE_KEYS", "Run", "continual_summary", "select_clients"]
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 SCENARIO = "scenario.toml"
 
-
-def select_clients(seed: int, round: int, n_clients: int, fraction: float) -> list[int]:
-    """The round's participants: ``max(1, floor(n * fraction))`` clients drawn from (seed, round)."""
-    k = max(1, int(n_clients * fraction + 1e-9))
-    if k >= n_clients:
-        return list(range(n_clients))
-    chosen = numpy_rng(seed, "select", round).choice(n_clients, size=k, replace=False)
-    return sorted(int(c) for c in chosen)
-
+#: Settings ``fedlt resume --set`` may change: they change neither the data nor the model's
+#: shape, so the checkpoint still fits (prefixes of dotted keys).
+RESUMABLE_KEYS = (
+    "train.lr",
+    "train.momentum",
+    "train.weight_decay",
+    "train.max_grad_norm",
+    "train.optimizer",
+    "train.local_epochs",
+    "train.local_steps",
+    "train.batch_size",
+    "federation.rounds",
+    "federation.eval_every",
+    "checkpoint.every",
+    "engine.",
+    "eval.batch_size",
+    "log.",
+)
 
 #: What a plugin may list in ``requires``, and how each is checked before a run starts.
 REQUIREMENTS = {
@@ -77,6 +106,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def default_run_dir(scenario: Scenario, base: Path = Path("runs")) -> Path:
+    """``runs/<name>[-<plugins>]-<timestamp>``, unused (``-2``, ``-3``... when taken)."""
+    plugins = "-".join(p.name for p in scenario.plugins)
+    stem = "-".join(filter(None, [scenario.name, plugins]))
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem)[:80].strip("-.") or "run"
+    first = base / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir, n = first, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = first.with_name(f"{first.name}-{n}")
+    return run_dir
+
+
+class _Stop(Exception):
+    """Raised in the driver's thread on SIGTERM, so cleanup (workers, Ray) runs as on Ctrl-C."""
+
+
 class Run:
     """A prepared run: everything validated and built, nothing trained yet.
 
@@ -85,176 +131,246 @@ class Run:
     scenario : Scenario
         The validated scenario.
     run_dir : Path
-        Output folder; created if needed.
+        Output folder (claimed by ``lock``).
     progress : bool
-        Show a progress bar over rounds with live metrics.
+        Show a progress bar over rounds, with progress inside each round.
+    lock : RunLock, optional
+        The claim on ``run_dir``; released when the run ends.
+
+    Attributes
+    ----------
+    history : list of dict
+        Every evaluation record so far (what metrics.jsonl holds).
+    on_round : callable, optional
+        Called after each round with ``(round, record or None)``.
     """
 
-    def __init__(self, scenario: Scenario, run_dir: Path, progress: bool = False) -> None:
+    def __init__(
+        self, scenario: Scenario, run_dir: Path, progress: bool = False, lock: RunLock | None = None
+    ) -> None:
         self.scenario = scenario
         self.run_dir = Path(run_dir)
         self.progress = progress
+        self.lock = lock
+        cores = CoreSampler()  # how busy the machine is while this run builds its data and model
         self.device = resolve_device(scenario.engine.device)
         check_engine_available(scenario.engine.kind)
+        log = scenario.log
+        missing = missing_logger_packages(log)
+        if missing:
+            key, package = missing[0]
+            raise ScenarioError(
+                key, True, f"false unless {package!r} is installed", hint=f"pip install {package}"
+            )
         # Validate plugins before any data is loaded or work starts.
         self.hooks: HookSet = build_hooks(scenario.plugins)
+        self.loggers = HookSet(loggers_for(log, scenario.model_dump(mode="json")))
         self.data: FederatedData = build_federated_data(scenario, self.device)
         self.model = build_run_model(scenario, self.data, self.hooks, self.device)
         self.keys = aggregated_keys(self.model)  # what clients train and the server averages
         check_requirements(scenario, self.hooks, self.model)
-        self.evaluator = Evaluator(scenario, self.data, self.hooks)
+        streaming = scenario.stream.kind != "none"
+        self.views = ClientViews(self.data, scenario.stream.samples_per_round if streaming else None)
+        self.evaluator = Evaluator(scenario, self.data, self.hooks, self.views)
+        self.task_ends = (
+            federation_task_ends([s.boundaries for s in self.data.streams]) if self.data.streams else []
+        )
+        if scenario.engine.threads == "auto" and scenario.engine.kind == "serial":
+            # Fixed for the run and recorded in its scenario.toml, so a resume uses the same count.
+            scenario.engine.threads = cores.idle()
+        if isinstance(scenario.engine.threads, int):
+            torch.set_num_threads(scenario.engine.threads)
         self.client_states: dict[int, dict[str, dict[str, Any]]] = {}
-        #: Continual runs: how far each client has consumed its stream.
-        self.stream_pos: dict[int, int] = {}
+        self.history: list[dict[str, Any]] = []
         self.on_round: Callable[[int, dict[str, Any] | None], None] | None = None
         self.engine: Any = None
+        self.started = now()
+        self._bar: Any = None
 
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    def create(cls, scenario: Scenario, run_dir: Path | None = None, progress: bool = False) -> Run:
-        """A fresh run in ``run_dir`` (default ``runs/<name>-<timestamp>``); refuses a used folder."""
-        if run_dir is None:
-            base = Path("runs") / f"{scenario.name}-{datetime.now():%Y%m%d-%H%M%S}"
-            run_dir, n = base, 1
-            while run_dir.exists():
-                n += 1
-                run_dir = base.with_name(f"{base.name}-{n}")
-        run_dir = Path(run_dir)
-        if (run_dir / SCENARIO).exists():
-            raise ScenarioError(
-                "--out",
-                str(run_dir),
-                "a new or empty folder",
-                hint=f"It holds a run already: continue it with `fedlt resume {run_dir}`.",
-            )
-        run = cls(scenario, run_dir, progress)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / SCENARIO).write_text(scenario_to_toml(scenario))
+    def create(
+        cls,
+        scenario: Scenario,
+        run_dir: Path | None = None,
+        progress: bool = False,
+        key: str = "--out",
+    ) -> Run:
+        """A fresh run in ``run_dir`` (default ``runs/<name>-<plugins>-<timestamp>``).
+
+        Refuses (exit 2, naming ``key``) a folder that is a file, lies under a file, cannot be
+        written, holds another run's files, or is held by a running run — before any data is
+        built.
+        """
+        run_dir = default_run_dir(scenario) if run_dir is None else Path(run_dir)
+        check_fresh_dir(run_dir, key)
+        lock = claim(run_dir, fresh=True, key=key)
+        try:
+            run = cls(scenario, run_dir, progress, lock)
+            (run_dir / SCENARIO).write_text(scenario_to_toml(scenario))
+        except BaseException:
+            lock.release()
+            raise
         return run
 
     @classmethod
-    def open(cls, run_dir: Path, progress: bool = False) -> Run:
-        """Reopen a run folder written by :meth:`create` to continue it."""
+    def open(
+        cls, run_dir: Path, progress: bool = False, overrides: Iterable[str] | Mapping[str, Any] = ()
+    ) -> Run:
+        """Reopen a run folder written by :meth:`create` to continue it.
+
+        ``overrides`` change settings that keep the checkpoint valid (:data:`RESUMABLE_KEYS`:
+        learning rate, rounds, engine...); they are written into the folder's scenario.toml.
+        """
         run_dir = Path(run_dir)
         if not (run_dir / SCENARIO).is_file():
-            raise ScenarioError("run_dir", str(run_dir), f"a run folder holding {SCENARIO}")
-        return cls(load_scenario(run_dir / SCENARIO), run_dir, progress)
+            raise ScenarioError("RUN_DIR", str(run_dir), f"a run folder holding {SCENARIO}")
+        scenario = load_scenario(run_dir / SCENARIO)
+        changed = _resume_overrides(scenario, overrides)
+        lock = claim(run_dir, key="RUN_DIR")
+        try:
+            remove_stale_temps(run_dir)
+            run = cls(changed or scenario, run_dir, progress, lock)
+            if changed is not None:
+                (run_dir / SCENARIO).write_text(scenario_to_toml(changed))
+        except BaseException:
+            lock.release()
+            raise
+        return run
 
     def execute(self) -> dict[str, Any]:
         """Run (or continue) to the last round; returns the summary written to summary.json."""
+        self._main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGTERM) if self._main_thread else None
+        if previous is not None:
+            signal.signal(signal.SIGTERM, _raise_stop)
+        try:
+            return self._execute()
+        except _Stop:
+            raise KeyboardInterrupt from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            if self.lock is not None:
+                self.lock.release()
+
+    def _execute(self) -> dict[str, Any]:
         s = self.scenario
         ckpt = load_checkpoint(self.run_dir)
-        self.hooks.server_setup.all(
-            model=self.model, ctx=setup_context(s, self.data, self.device), states=None
-        )
-        start, elapsed, history = 1, 0.0, []
+        if ckpt is not None:
+            check_compatible(ckpt, self.model.state_dict(), self.run_dir / CHECKPOINT)
+        setup = setup_context(s, self.data, self.device, self.run_dir)
+        for hooks in (self.hooks, self.loggers):
+            if hooks.server_setup:
+                hooks.server_setup(model=self.model, ctx=setup)
+        start, elapsed = 1, 0.0
         if ckpt is not None:
             self.model.load_state_dict(ckpt["global"])
             self.hooks.load_state_dict(ckpt["plugins"])
             self.client_states = ckpt["client_states"]
-            self.stream_pos = ckpt.get("stream_pos", {})
+            self.views.load_state_dict(ckpt.get("stream_pos", {}))
             start, elapsed = ckpt["round"] + 1, ckpt["elapsed"]
-            history = truncate_metrics(self.run_dir / METRICS, ckpt["round"])
-        elif (self.run_dir / METRICS).exists():
-            (self.run_dir / METRICS).unlink()
-
+            self.history = truncate_metrics(self.run_dir / METRICS, ckpt["round"])
+        else:
+            for stale in (METRICS, SUMMARY):
+                (self.run_dir / stale).unlink(missing_ok=True)
+        stopped: str | None = None
+        if ckpt is not None and self.views.streaming and self.views.exhausted():
+            stopped = "every client's stream was exhausted"
+            start = s.federation.rounds + 1
         engine = self.engine = make_engine(s, self.data, self.hooks, self.device)
+        if self._main_thread:
+            # Ray installs a handler of its own that aborts the process: put ours back, so SIGTERM
+            # stops the run cleanly (workers and Ray shut down) as Ctrl-C does.
+            signal.signal(signal.SIGTERM, _raise_stop)
         t0 = time.perf_counter()
-        bar = self._progress_bar(start)
+        self._bar = self._progress_bar(start)
         try:
             for r in range(start, s.federation.rounds + 1):
+                before = self.views.consumed()
                 loss = self._round(engine, r)
-                record = self._evaluate(r, loss)
+                exhausted = self.views.streaming and self.views.exhausted()
+                record = self._evaluate(r, loss, before, self.views.consumed(), last=exhausted)
                 if record is not None:
-                    history.append(record)
-                    with open(self.run_dir / METRICS, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                if r % s.checkpoint.every == 0 or r == s.federation.rounds:
+                    self.history.append(record)
+                    append_metrics(self.run_dir / METRICS, record)
+                    safe = json_safe(record)
+                    for hooks in (self.hooks, self.loggers):
+                        if hooks.server_log_metrics:
+                            hooks.server_log_metrics(record=safe, ctx=self._log_context(r))
+                if r % s.checkpoint.every == 0 or r == s.federation.rounds or exhausted:
                     self._checkpoint(r, elapsed + time.perf_counter() - t0)
-                if bar is not None:
-                    bar.update(1)
-                    if record is not None:
-                        shown = {
-                            "acc": "accuracy",
-                            "bacc": "balanced_accuracy",
-                            "anytime": "anytime_accuracy",
-                        }
-                        bar.set_postfix(
-                            loss=f"{loss:.3f}",
-                            **{k: f"{record[m]:.3f}" for k, m in shown.items() if record.get(m) is not None},
-                        )
+                self._show(r, loss, record)
                 if self.on_round is not None:
                     self.on_round(r, record)
+                if exhausted and r < s.federation.rounds:
+                    stopped = f"every client's stream was exhausted after round {r}"
+                    print(
+                        f"fedlt: {stopped} ({self.views.consumed()} samples); stopping, as later rounds "
+                        "would train nothing.",
+                        file=sys.stderr,
+                    )
+                    break
         finally:
             engine.close()
-            if bar is not None:
-                bar.close()
-        return self._summary(history, elapsed + time.perf_counter() - t0)
+            if self._bar is not None:
+                self._bar.close()
+        summary = self._summary(elapsed + time.perf_counter() - t0, stopped)
+        for hooks in (self.hooks, self.loggers):
+            if hooks.server_end:
+                hooks.server_end(summary=summary, ctx=self._log_context(None))
+        return summary
+
+    def _log_context(self, r: int | None) -> LogContext:
+        return LogContext(self.run_dir, self.scenario.name, r, self.scenario.federation.rounds)
 
     # ------------------------------------------------------------------ one round
 
     def _round(self, engine: Any, r: int) -> float:
         s, d = self.scenario, self.data
         selected = select_clients(s.seed, r, d.n_clients, s.federation.fraction_clients)
-        ctx = configure_round(self.hooks, s.seed, d, r, selected)
-        tasks = [ClientTask(c, r, ctx.config, self.client_states.setdefault(c, {})) for c in selected]
-        new_pos = self._attach_stream(tasks)
-        results = engine.train_round(tasks, self.model.state_dict())
+        ctx, configs = configure_round(self.hooks, s.seed, d, r, s.federation.rounds, selected)
+        tasks = [ClientTask(c, r, configs[c], self.client_states.setdefault(c, {})) for c in selected]
+        ends = {}
+        if self.views.streaming:
+            for task in tasks:
+                part = self.views.next_slice(task.client_id)
+                task.indices, task.seen_counts = part.indices, part.seen_before
+                ends[task.client_id] = part.end
+        state = self.model.state_dict()
+        results = engine.train_round(tasks, {k: state[k] for k in self.keys})
+        if self._bar is not None:
+            results = self._track(results, len(tasks))
         loss, _ = aggregate_round(self.hooks, self.model, self.keys, ctx, results, self.client_states)
-        self.stream_pos.update(new_pos)
+        self.views.advance(ends)
         return loss
-
-    # ------------------------------------------------------------------ streams
-
-    def _attach_stream(self, tasks: list[ClientTask]) -> dict[int, int]:
-        """Give each task its next stream slice; returns the positions after this round."""
-        streams = self.data.streams
-        if streams is None:
-            return {}
-        per_round = self.scenario.stream.samples_per_round
-        new_pos = {}
-        for task in tasks:
-            stream = streams[task.client_id].indices
-            pos = self.stream_pos.get(task.client_id, 0)
-            end = min(pos + per_round, len(stream))
-            task.indices = stream[pos:end]
-            task.seen_counts = self._seen_counts(task.client_id, end)
-            new_pos[task.client_id] = end
-        return new_pos
-
-    def _seen_counts(self, client: int, pos: int) -> np.ndarray:
-        seen = self.data.streams[client].indices[:pos]
-        return np.bincount(self.data.y_train_np[seen], minlength=self.data.num_classes)
-
-    def _client_seen(self) -> list[np.ndarray]:
-        return [self._seen_counts(k, self.stream_pos.get(k, 0)) > 0 for k in range(self.data.n_clients)]
 
     # ------------------------------------------------------------------ evaluation
 
-    def _evaluate(self, r: int, loss: float) -> dict[str, Any] | None:
+    def _evaluate(self, r: int, loss: float, before: int, after: int, last: bool) -> dict[str, Any] | None:
         s = self.scenario
-        full = self._eval_due(r)
-        anytime = task_end = None
-        if self.data.streams is not None:
-            ends = task_end_rounds(s.federation.rounds, s.stream.n_tasks)
-            task_end = ends.index(r) if r in ends else None
-            if r % s.stream.eval_period == 0 or r == s.federation.rounds or task_end is not None:
-                anytime = self._client_seen()
-        if not full and anytime is None:
+        last = last or r == s.federation.rounds
+        full = last or (s.federation.eval_every > 0 and r % s.federation.eval_every == 0)
+        anytime = periodic = False
+        task_end: list[int] = []
+        if self.views.streaming:
+            periodic = periodic_due(before, after, s.stream.eval_period)
+            task_end = crossed(before, after, self.task_ends)
+            anytime = periodic or bool(task_end) or last
+        if not full and not anytime:
             return None
-        exposed = None if anytime is None else np.logical_or.reduce(anytime)
-        metrics = self.evaluator.evaluate(self.model, r, self.client_states, full, exposed, anytime)
+        metrics = self.evaluator.evaluate(
+            self.model, r, self.client_states, full, anytime, per_client_classes=bool(task_end) or last
+        )
         record: dict[str, Any] = {"round": r, "train_loss": loss}
-        if anytime is not None:
-            record["periodic"] = r % s.stream.eval_period == 0 or r == s.federation.rounds
-            record["task_end"] = task_end
+        if self.views.streaming:
+            record["samples_seen"] = after
+            record["periodic"] = periodic
+            record["task_end"] = task_end or None
+            record["final"] = last
         record.update(metrics)
         return record
-
-    def _eval_due(self, r: int) -> bool:
-        every = self.scenario.federation.eval_every
-        return r == self.scenario.federation.rounds or (every > 0 and r % every == 0)
 
     def _checkpoint(self, r: int, elapsed: float) -> None:
         save_checkpoint(
@@ -265,9 +381,11 @@ class Run:
                 "global": self.model.state_dict(),
                 "plugins": self.hooks.state_dict(),
                 "client_states": self.client_states,
-                "stream_pos": self.stream_pos,
+                "stream_pos": self.views.state_dict(),
             },
         )
+
+    # ------------------------------------------------------------------ progress
 
     def _progress_bar(self, start: int) -> Any:
         if not self.progress:
@@ -278,40 +396,156 @@ class Run:
             total=self.scenario.federation.rounds, initial=start - 1, desc=self.scenario.name, unit="round"
         )
 
-    def _summary(self, history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
-        full = [h for h in history if "accuracy" in h]
+    def _track(self, results: Iterator[ClientResult], n: int) -> Iterator[ClientResult]:
+        """Pass results through, showing clients done / selected and samples/s inside the round."""
+        t0, samples = time.perf_counter(), 0
+        self._bar.set_postfix_str(f"clients 0/{n}", refresh=True)
+        for i, result in enumerate(results, 1):
+            samples += result.n_samples
+            rate = samples / max(time.perf_counter() - t0, 1e-9)
+            self._bar.set_postfix_str(f"clients {i}/{n}, {rate:,.0f} samples/s", refresh=True)
+            yield result
+
+    def _show(self, r: int, loss: float, record: dict[str, Any] | None) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(1)
+        shown = {"acc": "accuracy", "bacc": "balanced_accuracy", "anytime": "anytime_accuracy"}
+        values = {k: record.get(m) for k, m in shown.items()} if record else {}
+        text = ", ".join(f"{k}={v:.3f}" for k, v in values.items() if isinstance(v, float))
+        self._bar.set_postfix_str(f"loss={loss:.3f}" + (f", {text}" if text else ""), refresh=True)
+
+    # ------------------------------------------------------------------ summary
+
+    def _summary(self, wall: float, stopped: str | None) -> dict[str, Any]:
+        full = [h for h in self.history if "accuracy" in h]
         final = dict(full[-1]) if full else {}
         final.pop("round", None)
-        if self.data.streams is not None:
-            final.update(continual_summary(history))
+        final["train_class_counts"] = self.data.train_class_counts.tolist()
+        if self.views.streaming:
+            final.update(continual_summary(self.history))
+        rounds_run = max((h["round"] for h in self.history), default=0)
         summary = {
             "scenario": self.scenario.name,
             "rounds": self.scenario.federation.rounds,
+            "rounds_run": rounds_run,
+            "finished": True,
+            "stopped_early": stopped,
             "engine": self.scenario.engine.kind,
             "seed": self.scenario.seed,
             "plugins": self.hooks.names,
             "final": final,
             "wall_seconds": round(wall, 3),
+            "provenance": {
+                **provenance(str(self.device), torch.get_num_threads()),
+                "started": self.started,
+                "ended": now(),
+            },
         }
-        (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        summary = json_safe(summary)
+        (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         return summary
 
 
-def continual_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """A_auc, A_last, A_avg and F_last (global and personalised) from the anytime evaluations.
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise _Stop
 
-    A_auc and A_last use the periodic evaluations (every ``eval_period`` rounds and the last);
-    A_avg and F_last use the evaluations at the global task ends (see ``task_end_rounds``).
+
+def _resume_overrides(scenario: Scenario, overrides: Iterable[str] | Mapping[str, Any]) -> Scenario | None:
+    """The scenario with resume-time overrides applied, or ``None`` without overrides.
+
+    Only :data:`RESUMABLE_KEYS` may change: anything else would change the data or the model the
+    checkpoint belongs to.
     """
-    periodic = [h for h in history if h.get("periodic")]
-    ends = [h for h in history if h.get("task_end") is not None]
+    items = list(overrides.items()) if isinstance(overrides, Mapping) else list(overrides)
+    if not items:
+        return None
+    raw = scenario.model_dump(mode="json")
+    for spec in raw["plugins"]:
+        spec.update(spec.pop("params"))
+    new = apply_overrides(raw, overrides)
+    keys = (
+        [k.replace("__", ".") for k, _ in items]
+        if isinstance(overrides, Mapping)
+        else [t.partition("=")[0].strip() for t in items]
+    )
+    for key in keys:
+        if not any(
+            key == allowed or (allowed.endswith(".") and key.startswith(allowed))
+            for allowed in RESUMABLE_KEYS
+        ):
+            raise ScenarioError(
+                key,
+                dict(_flatten(new)).get(key),
+                "a setting that keeps the checkpoint valid: "
+                + ", ".join(RESUMABLE_KEYS).replace(".,", ".*,"),
+                hint="Data, model, seed, stream and plugin settings cannot change on resume; start a new "
+                "run.",
+            )
+    return scenario_from_dict(new)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run folder whose run has finished (nothing left to resume), else None."""
+    path = Path(run_dir) / SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not summary.get("finished"):
+        return None
+    try:
+        scenario = load_scenario(Path(run_dir) / SCENARIO)
+    except FedltError:
+        return None
+    if summary.get("stopped_early") is None and summary.get("rounds_run") != scenario.federation.rounds:
+        return None  # resumed with more rounds
+    return summary
+
+
+def continual_summary(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The continual metrics of a run from its anytime evaluations.
+
+    - ``a_auc``: mean of the periodic anytime accuracies (one each time the federation read
+      another ``stream.eval_period`` samples), so rounds that read nothing add nothing;
+    - ``a_last``: the anytime accuracy of the final evaluation;
+    - ``a_avg``: mean of the accuracies at the federation's task ends (by samples read);
+    - ``f_last``: forgetting over the per-class accuracies at the task ends and the final
+      evaluation; ``task_class_accuracy``: those rows (task x class);
+    - ``client_f_last``: each client's forgetting, from its personalised per-class accuracies
+      on its local view at the same evaluations;
+    - ``anytime_history``: ``[samples seen, anytime accuracy]`` of the periodic evaluations.
+    """
+    anytime = [h for h in history if "anytime_accuracy" in h]
+    periodic = [h for h in anytime if h.get("periodic")]
+    ends = [h for h in anytime if h.get("task_end")]
+    final = anytime[-1] if anytime else None
+    rows = list(ends) + ([final] if final is not None and final not in ends else [])
     out: dict[str, Any] = {}
     for suffix, key in (("", "anytime_accuracy"), ("_personalized", "anytime_personalized_accuracy")):
-        series = [h[key] for h in periodic if h.get(key) is not None]
-        end_series = [h[key] for h in ends if h.get(key) is not None]
-        out[f"a_auc{suffix}"] = a_auc(series)
-        out[f"a_last{suffix}"] = a_last(series)
-        out[f"a_avg{suffix}"] = a_avg(end_series)
-    out["f_last"] = f_last([h["anytime_per_class_accuracy"] for h in ends])
-    out["anytime_history"] = [[h["round"], h.get("anytime_accuracy")] for h in periodic]
+        out[f"a_auc{suffix}"] = a_auc([h[key] for h in periodic if h.get(key) is not None])
+        out[f"a_last{suffix}"] = final.get(key) if final is not None else None
+        # A round that passes several task ends counts once per task ended.
+        out[f"a_avg{suffix}"] = a_avg([h[key] for h in ends for _ in h["task_end"] if h.get(key) is not None])
+    out["task_class_accuracy"] = [h["anytime_per_class_accuracy"] for h in ends for _ in h["task_end"]]
+    out["f_last"] = f_last([h["anytime_per_class_accuracy"] for h in rows])
+    per_client: dict[str, list[Any]] = {}
+    for h in rows:
+        for client, accs in (h.get("anytime_client_per_class") or {}).items():
+            per_client.setdefault(client, []).append(accs)
+    out["client_f_last"] = {c: f_last(r) for c, r in sorted(per_client.items(), key=lambda kv: int(kv[0]))}
+    out["anytime_history"] = [[h.get("samples_seen"), h.get("anytime_accuracy")] for h in periodic]
     return out
+
+
+__all__ += ["RunDirError", "default_run_dir", "finished_summary", "read_metrics"]

@@ -149,7 +149,7 @@ def with_params(methods: Mapping[str, Method], params: Sequence[str]) -> dict[st
 
 def unusable_plugins(plugins: PluginList) -> str | None:
     """Why a method cannot run here (a plugin missing or unusable), or None."""
-    from fedlt.pluginmanager import discover_plugins
+    from fedlt.discovery import discover_plugins
 
     found = discover_plugins()
     for spec in plugins:
@@ -231,7 +231,7 @@ def machine_info() -> dict[str, str]:
     import torch
 
     import fedlt
-    from fedlt.machine import cpu_model, gpu_model
+    from fedlt.provenance import cpu_model, gpu_model
 
     info = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -478,13 +478,13 @@ def prepare(
 def describe(resolved: Any) -> str:
     """One line on the scenario actually run."""
     m = resolved.model
-    model = m.name + "".join(
-        f" {k}={getattr(m, k)}" for k in ("hidden", "widths", "width", "dim", "depth") if getattr(m, k, None)
-    )
+    model = m.name + "".join(f" {k}={v}" for k, v in m.params().items() if v is not None)
+    lt, part = resolved.long_tail.params(), resolved.partition.params()
+    tail = f" IF {lt['imbalance_factor']:g}" if "imbalance_factor" in lt else ""
+    alpha = f" alpha {part['alpha']:g}" if "alpha" in part else ""
     return (
-        f"`{resolved.name}`: {resolved.data.dataset}, long tail {resolved.long_tail.profile} "
-        f"IF {resolved.long_tail.imbalance_factor:g}, {resolved.partition.kind} "
-        f"alpha {resolved.partition.alpha:g} over {resolved.partition.n_clients} clients, "
+        f"`{resolved.name}`: {resolved.data.dataset}, long tail {resolved.long_tail.profile}{tail}, "
+        f"{resolved.partition.kind}{alpha} over {resolved.partition.n_clients} clients, "
         f"{resolved.federation.fraction_clients:g} per round, {resolved.federation.rounds} rounds, "
         f"{resolved.train.local_epochs} local epoch(s), model {model}"
     )

@@ -23,7 +23,7 @@ def test_validate_ok(capsys):
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
-        (["partition.alpha=0"], "'partition.alpha' value must be greater than 0. Got 0"),
+        (["partition.alpha=0"], "'partition.alpha' value must be a number greater than 0. Got 0"),
         (["long_tail.imbalance_factor=0.5"], "'long_tail.imbalance_factor'"),
         (["federation.fraction_clients=2"], "'federation.fraction_clients'"),
         (["partition.n_clients=100000"], "'partition.n_clients' value must be at most the"),
@@ -31,7 +31,7 @@ def test_validate_ok(capsys):
         (["model.name=vgg"], "'model.name'"),
         (["data.colour=1"], "Unknown key 'data.colour'"),
         (["plugins.0.name=nope"], "'plugins[0].name' value must be an installed plugin"),
-        (["plugins.0.name=focal", "plugins.0.gamma=-2"], "'plugins[0].gamma' value must be greater than"),
+        (["plugins.0.name=focal", "plugins.0.gamma=-2"], "'plugins[0].gamma' value must be a number >= 0"),
     ],
 )
 def test_bad_input_exits_2_with_message(capsys, overrides, fragment):
@@ -126,7 +126,9 @@ def test_inspect_shows_each_clients_stream(capsys):
     for client in info["clients"]:
         tasks = client["tasks"]
         assert len(tasks) == 5
-        assert all(set(t) == {"classes", "size", "blurry"} for t in tasks)
+        assert all(
+            {"classes", "size", "n_blurry", "disjoint_classes", "blurry_classes"} <= set(t) for t in tasks
+        )
         assert sum(t["size"] for t in tasks) == client["n_samples"]
     # task boundaries are drawn per client, so they differ between clients
     assert len({tuple(t["size"] for t in c["tasks"]) for c in info["clients"]}) > 1

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlt.continual_metrics import a_auc, a_avg, a_last, f_last, task_end_rounds
-from fedlt.errors import ScenarioError
+from fedlt.continual_metrics import a_auc, a_avg, a_last, crossed, f_last, federation_task_ends, periodic_due
 
 
 def test_anytime_accuracies() -> None:
@@ -72,29 +71,39 @@ def test_forgetting_is_none_without_learned_classes(matrix: list) -> None:
     assert f_last(matrix) is None
 
 
-def test_task_end_rounds() -> None:
-    assert task_end_rounds(10, 3) == [4, 7, 10]  # ceil(10/3), ceil(20/3), ceil(30/3)
-    assert task_end_rounds(5, 5) == [1, 2, 3, 4, 5]
-    assert task_end_rounds(7, 1) == [7]
-    assert task_end_rounds(100, 5) == [20, 40, 60, 80, 100]
-    assert task_end_rounds(np.int64(10), 3) == [4, 7, 10]
+def test_federation_task_ends_sum_the_clients_boundaries() -> None:
+    # Client 0's tasks end at 10, 25, 40 samples of its stream; client 1's at 5, 5, 30.
+    assert federation_task_ends([[10, 25, 40], [5, 5, 30]]) == [15, 30, 70]
+    assert federation_task_ends([]) == []
+    with pytest.raises(ValueError, match="same number of tasks"):
+        federation_task_ends([[1, 2], [3]])
 
 
-def test_task_end_rounds_with_more_tasks_than_rounds_repeats_rounds() -> None:
-    ends = task_end_rounds(2, 5)  # ceil(0.4), ceil(0.8), ceil(1.2), ceil(1.6), ceil(2.0)
-    assert ends == [1, 1, 2, 2, 2]
+def test_crossed_task_ends_and_periodic_evaluations() -> None:
+    ends = [15, 30, 70]
+    assert crossed(0, 14, ends) == []
+    assert crossed(0, 15, ends) == [0]  # reaching the boundary ends the task
+    assert crossed(15, 70, ends) == [1, 2]  # one round can end several tasks
+    assert crossed(70, 70, ends) == []  # a round that read nothing ends nothing
+    assert periodic_due(0, 99, 100) is False
+    assert periodic_due(99, 100, 100) is True
+    assert periodic_due(100, 350, 100) is True  # once, however many periods passed
+    assert periodic_due(350, 350, 100) is False
+    assert periodic_due(10, 11, None) is True and periodic_due(11, 11, None) is False
 
 
-@pytest.mark.parametrize(
-    ("rounds", "tasks", "key"),
-    [
-        (0, 3, "federation.rounds"),
-        (5, 0, "stream.n_tasks"),
-        (5, 2.0, "stream.n_tasks"),
-        (True, 1, "federation.rounds"),
-    ],
-)
-def test_task_end_rounds_rejects_bad_counts(rounds, tasks, key: str) -> None:
-    with pytest.raises(ScenarioError) as info:
-        task_end_rounds(rounds, tasks)
-    assert info.value.key == key
+def test_idle_rounds_change_no_continual_metric(tmp_path) -> None:
+    """Once every stream is exhausted the run stops: 10, 14 and 20 rounds give the same A_auc,
+    A_avg and F_last (they were 0.3575 / 0.3474 / 0.3398 when idle rounds were evaluated)."""
+    import fedlt
+
+    got = []
+    for rounds in (10, 14, 20):
+        summary = fedlt.run(
+            "scenarios/siblurry_quick.toml", out=tmp_path / str(rounds), federation__rounds=rounds
+        )
+        got.append({k: summary["final"][k] for k in ("a_auc", "a_avg", "f_last", "a_last")})
+        records = fedlt.history(tmp_path / str(rounds))
+        assert all(r["samples_seen"] > 0 for r in records if r.get("periodic"))
+    assert got[0] == got[1] == got[2]
+    assert summary["stopped_early"] is not None and summary["rounds_run"] <= 10

@@ -43,8 +43,12 @@ def test_outputs_and_summary_shape(tiny, tmp_path):
     assert len(final["per_class_accuracy"]) == 10
     assert final["shot_rule"]["rule"] == "count" and final["shot_rule"]["thresholds"] == [60.0, 20.0]
     assert summary["scenario"] == "tiny" and summary["rounds"] == 3 and summary["wall_seconds"] > 0
-    # The resolved scenario reproduces the run's configuration exactly.
-    assert fedlt.load_scenario(out / "scenario.toml") == fedlt.load_scenario(tiny)
+    # The resolved scenario reproduces the run's configuration exactly, with the thread count the
+    # run picked ("auto") written in, so a resume uses the same one.
+    resolved = fedlt.load_scenario(out / "scenario.toml")
+    assert isinstance(resolved.engine.threads, int) and resolved.engine.threads >= 1
+    assert summary["provenance"]["threads"] == resolved.engine.threads
+    assert resolved == fedlt.load_scenario(tiny, {"engine.threads": resolved.engine.threads})
 
 
 def test_same_seed_same_numbers_different_seed_different(tiny, tmp_path):
@@ -101,7 +105,7 @@ def _kill_and_resume(scenario: dict, tmp_path: Path, monkeypatch) -> tuple[dict,
     time.sleep(0.15)  # somewhere inside a later round (each round pauses 0.3 s)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = torch.load(out / "checkpoint.pt", weights_only=False)["round"]
+    done = torch.load(out / "checkpoint.pt", weights_only=True)["round"]
     result = subprocess.run(
         [sys.executable, "-m", "fedlt.cli", "resume", str(out), "--quiet"], capture_output=True, text=True
     )
@@ -142,15 +146,38 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
     assert f"round {err.round}" in str(err)
     assert (f"client {err.client}" if err.client is not None else "global model") in str(err)
     if err.round > 1:
-        ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+        ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
         assert ckpt["round"] == err.round - 1
         assert all(torch.isfinite(v).all() for v in ckpt["global"].values() if v.is_floating_point())
 
 
-def test_refuses_to_overwrite_a_run(tiny, tmp_path):
+def test_refuses_to_overwrite_a_run_naming_out(tiny, tmp_path):
+    from fedlt.rundir import RunDirError
+
     fedlt.run(tiny, out=tmp_path / "r")
-    with pytest.raises(fedlt.ScenarioError, match="fedlt resume"):
+    with pytest.raises(RunDirError, match=r"out=.*fedlt resume"):
         fedlt.run(tiny, out=tmp_path / "r")
+
+
+def test_api_overwrites_or_resumes_a_folder_when_asked(tiny, tmp_path):
+    first = fedlt.run(tiny, out=tmp_path / "r")
+    same = fedlt.run(tiny, out=tmp_path / "r", if_exists="resume")  # finished: returned at once
+    assert same["final"] == first["final"]
+    tiny["seed"] = 5
+    other = fedlt.run(tiny, out=tmp_path / "r", if_exists="overwrite")
+    assert other["seed"] == 5 and other["final"] != first["final"]
+    assert [r["round"] for r in fedlt.history(tmp_path / "r")] == [1, 2, 3]
+
+
+def test_on_round_callback_sees_every_round_and_its_record(tiny, tmp_path):
+    seen = []
+    tiny["federation"]["eval_every"] = 2
+    fedlt.run(
+        tiny,
+        out=tmp_path / "r",
+        on_round=lambda r, rec: seen.append((r, None if rec is None else rec["round"])),
+    )
+    assert seen == [(1, None), (2, 2), (3, 3)]
 
 
 def test_quickstart_learns(tmp_path):
@@ -162,24 +189,18 @@ def test_quickstart_learns(tmp_path):
     assert os.path.getsize(tmp_path / "q" / "metrics.jsonl") > 0
 
 
-def test_nan_loss_names_round_client_and_plugins(monkeypatch, tiny, tmp_path):
-    from fedlt import pluginmanager
-    from fedlt.pluginmanager import Plugin, PluginInfo, hookimpl
+def test_nan_loss_names_round_client_and_plugins(install_plugins, tiny, tmp_path):
+    from fedlt.plugin import Plugin, hookimpl
 
     class NanInRound2(Plugin):
         @hookimpl
         def client_sample_weights(self, y, ctx):
             return torch.full(y.shape, float("nan") if ctx.round == 2 else 1.0)
 
-    real = pluginmanager.discover_plugins()
-    monkeypatch.setattr(
-        pluginmanager,
-        "discover_plugins",
-        lambda: {**real, "nan-in-round-2": PluginInfo("nan-in-round-2", "t", "t", NanInRound2)},
-    )
+    install_plugins(**{"nan-in-round-2": NanInRound2})
     tiny["plugins"] = [{"name": "focal", "gamma": 0.0}, {"name": "nan-in-round-2"}]
     with pytest.raises(NonFiniteLossError) as info:
         fedlt.run(tiny, out=tmp_path / "r")
     assert info.value.round == 2 and info.value.client == select_clients(3, 2, 4, 0.5)[0]
     assert "focal, nan-in-round-2" in str(info.value)
-    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["round"] == 1
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["round"] == 1

@@ -1,0 +1,398 @@
+"""fedlt.compare: grouping by experiment, means, sample std, t intervals and paired differences.
+
+Run folders are written by hand (summary.json + scenario.toml with known numbers); every expected
+statistic is computed here from the textbook formulas, with t quantiles copied from a t table.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from fedlt.compare import (
+    DEFAULT_METRICS,
+    ComparisonTable,
+    collect_runs,
+    compare,
+    load_run,
+    summarize,
+    t_quantile_975,
+)
+
+#: t_{0.975, df} from a printed t table (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2).
+T_TABLE = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 10: 2.228, 29: 2.045, 30: 2.042}
+
+
+def write_run(
+    folder: Path,
+    final: dict[str, Any],
+    seed: int,
+    lr: float = 0.1,
+    plugins: list[dict[str, Any]] | None = None,
+    scenario_extra: dict[str, Any] | None = None,
+    summary_extra: dict[str, Any] | None = None,
+    with_scenario: bool = True,
+) -> Path:
+    """A finished run folder: scenario.toml (as fedlt writes it, plugins inline) and summary.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scenario: dict[str, Any] = {"name": "hand", "seed": seed, "train": {"lr": lr}}
+    for key, value in (scenario_extra or {}).items():
+        if isinstance(value, dict):
+            scenario.setdefault(key, {}).update(value)
+        else:
+            scenario[key] = value
+    if plugins:
+        scenario["plugins"] = plugins
+    if with_scenario:
+        (folder / "scenario.toml").write_text(tomli_w.dumps(scenario))
+    summary = {
+        "scenario": scenario["name"],
+        "rounds": 3,
+        "engine": "serial",
+        "seed": seed,
+        "plugins": [p["name"] for p in plugins or []],
+        "final": final,
+        "wall_seconds": 1.0,
+        **(summary_extra or {}),
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def sample_std(xs: list[float]) -> float:
+    m = mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def t_interval(xs: list[float], t: float) -> tuple[float, float]:
+    half = t * sample_std(xs) / math.sqrt(len(xs))
+    return mean(xs) - half, mean(xs) + half
+
+
+# t quantiles to 6 decimals (where the table above has 3), for comparisons at 1e-6.
+T6 = {1: 12.706205, 2: 4.302653, 3: 3.182446}
+
+
+@pytest.fixture
+def grid(tmp_path: Path) -> Path:
+    """Three experiments over seeds; one baseline run differs only in output-only settings.
+
+    - A (baseline, lr 0.1): seeds 0, 1, 2, 3; balanced accuracy 0.50, 0.60, 0.70, 0.40
+    - B (lr 0.05): seeds 2, 0, 1 (written out of order); 0.80, 0.55, 0.62
+    - C (focal, gamma 2): seeds 1, 2, 7; 0.65, 0.66, 0.90
+    """
+    root = tmp_path / "runs"
+    for seed, bacc, tail in ((0, 0.50, 0.10), (1, 0.60, 0.20), (2, 0.70, 0.15)):
+        write_run(root / f"a-s{seed}", {"balanced_accuracy": bacc, "tail_accuracy": tail}, seed)
+    # Same experiment: another name, engine and checkpoint settings, data location.
+    write_run(
+        root / "nested" / "a-s3",
+        {"balanced_accuracy": 0.40, "tail_accuracy": None},
+        3,
+        scenario_extra={
+            "name": "renamed",
+            "engine": {"threads": 4, "kind": "serial"},
+            "checkpoint": {"every": 5},
+            "eval": {"batch_size": 64},
+        },
+    )
+    for seed, bacc in ((2, 0.80), (0, 0.55), (1, 0.62)):
+        write_run(root / f"b-s{seed}", {"balanced_accuracy": bacc, "tail_accuracy": 0.3}, seed, lr=0.05)
+    focal = [{"name": "focal", "gamma": 2.0}]
+    for seed, bacc in ((1, 0.65), (2, 0.66), (7, 0.90)):
+        write_run(root / f"c-s{seed}", {"balanced_accuracy": bacc, "tail_accuracy": 0.3}, seed, plugins=focal)
+    return root
+
+
+A_LABEL = "plugins=[], train.lr=0.1"
+B_LABEL = "plugins=[], train.lr=0.05"
+C_LABEL = "plugins=[focal(gamma=2.0)], train.lr=0.1"
+
+
+# --------------------------------------------------------------------------- t quantiles
+
+
+@pytest.mark.parametrize("df", sorted(T_TABLE))
+def test_t_quantile_matches_the_printed_table(df: int) -> None:
+    assert t_quantile_975(df) == pytest.approx(T_TABLE[df], abs=5e-4)
+    assert t_quantile_975(df, use_scipy=False) == pytest.approx(T_TABLE[df], abs=5e-4)
+
+
+def test_t_table_fallback_without_scipy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy now raises ImportError
+    assert t_quantile_975(4) == pytest.approx(2.776445, abs=1e-6)
+    # Between rows: interpolated in 1/df. Exact values t(50) = 2.008559, t(1000) = 1.962339.
+    assert t_quantile_975(50) == pytest.approx(2.008559, abs=1e-3)
+    assert t_quantile_975(1000) == pytest.approx(1.962339, abs=1e-3)
+    assert t_quantile_975(10**9) == pytest.approx(1.959964, abs=1e-6)  # the normal quantile
+    with pytest.raises(ValueError, match=">= 1"):
+        t_quantile_975(0)
+
+
+def test_summarize_by_hand() -> None:
+    xs = [0.5, 0.6, 0.7, 0.8]
+    s = summarize(xs)
+    # mean 0.65; squared deviations 0.0225 + 0.0025 + 0.0025 + 0.0225 = 0.05; var = 0.05 / 3
+    assert s.n == 4 and s.mean == pytest.approx(0.65)
+    assert s.std == pytest.approx(math.sqrt(0.05 / 3))
+    half = T6[3] * math.sqrt(0.05 / 3) / 2
+    assert (s.ci_low, s.ci_high) == (
+        pytest.approx(0.65 - half, abs=1e-6),
+        pytest.approx(0.65 + half, abs=1e-6),
+    )
+    one = summarize([0.3])
+    assert (one.n, one.mean, one.std, one.ci_low, one.ci_high) == (1, 0.3, None, None, None)
+    assert summarize([]).mean is None
+
+
+# --------------------------------------------------------------------------- collecting runs
+
+
+def test_collect_runs_finds_run_folders_once(grid: Path, tmp_path: Path) -> None:
+    runs = collect_runs(grid)
+    assert len(runs) == 10
+    assert [r.name for r in runs][:4] == ["a-s0", "a-s1", "a-s2", "b-s0"]  # sorted paths
+    # A run named directly, plus the folder that holds it: still once.
+    again = collect_runs([grid / "a-s0", grid])
+    assert len(again) == 10 and again[0].name == "a-s0"
+    assert collect_runs(str(grid / "nested" / "a-s3"))[0].seed == 3
+
+
+def test_collect_runs_skips_unfinished_runs_with_a_warning(grid: Path) -> None:
+    live = grid / "live"
+    live.mkdir()
+    (live / "scenario.toml").write_text('name = "x"\n')
+    with pytest.warns(UserWarning, match="skipped unfinished runs"):
+        runs = collect_runs(grid)
+    assert "live" not in [r.name for r in runs]
+    with pytest.raises(FileNotFoundError, match=r"no summary\.json"):
+        collect_runs(live)
+
+
+def test_collect_runs_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        collect_runs(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no run folders"):
+        collect_runs(tmp_path / "empty")
+
+
+def test_load_run_reads_defensively(tmp_path: Path) -> None:
+    run = write_run(
+        tmp_path / "r",
+        {"accuracy": 0.5, "balanced_accuracy": "n/a", "auroc_macro": float("nan"), "tail_accuracy": True},
+        seed=4,
+        summary_extra={"git_commit": "abc", "machine": {"cpu": "x"}},  # keys added by later versions
+    )
+    rec = load_run(run)
+    assert rec.metric("accuracy") == 0.5
+    assert rec.metric("balanced_accuracy") is None  # not a number
+    assert rec.metric("auroc_macro") is None  # not finite
+    assert rec.metric("tail_accuracy") is None  # a bool is not a metric
+    assert rec.metric("absent") is None
+    assert (
+        rec.scenario["train"]["lr"] == 0.1 and rec.scenario["partition"]["n_clients"] == 10
+    )  # defaults filled
+
+
+# --------------------------------------------------------------------------- comparing
+
+
+def test_groups_differ_only_in_what_is_not_seed_name_or_output(grid: Path) -> None:
+    table = compare(collect_runs(grid), metrics=["balanced_accuracy"])
+    by_label = {g.label: g for g in table.groups}
+    assert set(by_label) == {A_LABEL, B_LABEL, C_LABEL}
+    assert sorted(r.name for r in by_label[A_LABEL].runs) == ["a-s0", "a-s1", "a-s2", "a-s3"]
+    assert by_label[C_LABEL].settings == {
+        "plugins": [{"name": "focal", "params": {"gamma": 2.0}}],
+        "train.lr": 0.1,
+    }
+    assert sorted(by_label[B_LABEL].seeds) == [0, 1, 2]
+
+
+def test_means_std_and_intervals_by_hand(grid: Path) -> None:
+    table = compare(collect_runs(grid), metrics=["balanced_accuracy"])
+    for label, xs, t in (
+        (A_LABEL, [0.50, 0.60, 0.70, 0.40], T6[3]),
+        (B_LABEL, [0.55, 0.62, 0.80], T6[2]),
+        (C_LABEL, [0.65, 0.66, 0.90], T6[2]),
+    ):
+        s = table.row(label, "balanced_accuracy").stat
+        lo, hi = t_interval(xs, t)
+        assert s.n == len(xs)
+        assert s.mean == pytest.approx(mean(xs), abs=1e-12)
+        assert s.std == pytest.approx(sample_std(xs), abs=1e-12)
+        assert s.ci_low == pytest.approx(lo, abs=1e-6) and s.ci_high == pytest.approx(hi, abs=1e-6)
+    # A by hand: mean 0.55, squared deviations 0.0025 + 0.0025 + 0.0225 + 0.0225 = 0.05.
+    a = table.row(A_LABEL, "balanced_accuracy").stat
+    assert a.mean == pytest.approx(0.55) and a.std == pytest.approx(math.sqrt(0.05 / 3))
+    assert table.baseline is None and table.row(B_LABEL, "balanced_accuracy").diff is None
+
+
+def test_paired_differences_pair_runs_by_seed(grid: Path) -> None:
+    table = compare(collect_runs(grid), metrics=["balanced_accuracy"], baseline=A_LABEL)
+    assert table.baseline == A_LABEL and table.groups[0].label == A_LABEL
+    assert table.row(A_LABEL, "balanced_accuracy").diff is None
+    # B - A on seeds 0, 1, 2: 0.55 - 0.50, 0.62 - 0.60, 0.80 - 0.70 (seed 3 has no partner).
+    b = table.row(B_LABEL, "balanced_accuracy")
+    d = [0.05, 0.02, 0.10]
+    lo, hi = t_interval(d, T6[2])
+    assert b.diff_seeds == (0, 1, 2) and b.diff is not None and b.diff.n == 3
+    assert b.diff.mean == pytest.approx(mean(d), abs=1e-12)
+    assert b.diff.std == pytest.approx(sample_std(d), abs=1e-12)
+    assert (b.diff.ci_low, b.diff.ci_high) == (pytest.approx(lo, abs=1e-6), pytest.approx(hi, abs=1e-6))
+    # C - A on seeds 1, 2 only (C's seed 7 has no baseline run): 0.05 and -0.04.
+    c = table.row(C_LABEL, "balanced_accuracy")
+    assert c.diff_seeds == (1, 2) and c.diff is not None
+    assert c.diff.mean == pytest.approx(0.005, abs=1e-12)
+    assert c.diff.std == pytest.approx(0.09 / math.sqrt(2), abs=1e-12)
+    half = T6[1] * (0.09 / math.sqrt(2)) / math.sqrt(2)
+    assert c.diff.ci_high == pytest.approx(0.005 + half, abs=1e-6)
+
+
+def test_missing_values_shrink_n_and_are_noted(grid: Path) -> None:
+    table = compare(collect_runs(grid), metrics=["tail_accuracy", "auroc_macro"], baseline=A_LABEL)
+    a = table.row(A_LABEL, "tail_accuracy").stat
+    assert a.n == 3 and a.mean == pytest.approx(0.15)  # seed 3 recorded None
+    assert f"{A_LABEL}: 1 of 4 runs have no tail_accuracy." in table.notes
+    assert table.row(B_LABEL, "auroc_macro").stat.n == 0
+    assert table.row(B_LABEL, "auroc_macro").diff.n == 0
+
+
+def test_default_metrics_are_those_present(grid: Path, tmp_path: Path) -> None:
+    table = compare(collect_runs(grid))
+    assert table.metrics == ["balanced_accuracy", "tail_accuracy"]
+    cont = write_run(tmp_path / "cont", {"accuracy": 0.4, "a_auc": 0.3, "a_last": 0.35, "f_last": 0.1}, 0)
+    assert compare(collect_runs(cont)).metrics == ["accuracy", "a_auc", "a_last", "f_last"]
+    assert set(DEFAULT_METRICS) >= {
+        "personalized_accuracy",
+        "auroc_macro",
+        "head_accuracy",
+        "medium_accuracy",
+    }
+
+
+def test_baseline_lookup(grid: Path) -> None:
+    runs = collect_runs(grid)
+    assert compare(runs, baseline="train.lr=0.05").baseline == B_LABEL  # unique substring
+    with pytest.raises(ValueError, match="matches several groups"):
+        compare(runs, baseline="plugins=[]")
+    with pytest.raises(ValueError, match=r"matches no group; the groups are: .*train\.lr=0\.05"):
+        compare(runs, baseline="plugins=[ldam]")
+
+
+def test_one_experiment_is_labelled_by_scenario_name(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        write_run(tmp_path / f"s{seed}", {"accuracy": 0.5 + seed / 10}, seed)
+    table = compare(collect_runs(tmp_path))
+    assert [g.label for g in table.groups] == ["hand"]
+    assert table.row("hand", "accuracy").stat.mean == pytest.approx(0.55)
+
+
+def test_runs_without_scenario_group_by_summary(tmp_path: Path) -> None:
+    write_run(tmp_path / "x0", {"accuracy": 0.5}, 0, with_scenario=False)
+    write_run(tmp_path / "x1", {"accuracy": 0.7}, 1, with_scenario=False)
+    write_run(tmp_path / "f0", {"accuracy": 0.6}, 0, plugins=[{"name": "focal"}], with_scenario=False)
+    table = compare(collect_runs(tmp_path), baseline="plugins=[]")
+    assert [g.label for g in table.groups] == ["plugins=[]", "plugins=[focal]"]
+    assert table.row("plugins=[focal]", "accuracy").diff.mean == pytest.approx(0.1)
+
+
+def test_repeated_seed_is_averaged_for_pairing(grid: Path) -> None:
+    write_run(grid / "b-s0-again", {"balanced_accuracy": 0.65, "tail_accuracy": 0.3}, 0, lr=0.05)
+    table = compare(collect_runs(grid), metrics=["balanced_accuracy"], baseline=A_LABEL)
+    b = table.row(B_LABEL, "balanced_accuracy")
+    assert b.stat.n == 4
+    # Seed 0 of B is (0.55 + 0.65) / 2 = 0.60: differences 0.10, 0.02, 0.10.
+    assert b.diff.mean == pytest.approx(mean([0.10, 0.02, 0.10]))
+    assert any("seeds [0] occur in several runs" in n for n in table.notes)
+
+
+# --------------------------------------------------------------------------- output formats
+
+
+@pytest.fixture
+def table(grid: Path) -> ComparisonTable:
+    return compare(collect_runs(grid), metrics=["balanced_accuracy", "tail_accuracy"], baseline=A_LABEL)
+
+
+def test_csv_holds_every_number(table: ComparisonTable) -> None:
+    rows = list(csv.DictReader(io.StringIO(table.to_csv())))
+    assert len(rows) == 6
+    b = next(r for r in rows if r["group"] == B_LABEL and r["metric"] == "balanced_accuracy")
+    xs, d = [0.55, 0.62, 0.80], [0.05, 0.02, 0.10]
+    assert int(b["n"]) == 3 and float(b["mean"]) == pytest.approx(mean(xs))
+    assert float(b["std"]) == pytest.approx(sample_std(xs))
+    assert float(b["ci_low"]) == pytest.approx(t_interval(xs, T6[2])[0], abs=1e-6)
+    assert int(b["diff_n"]) == 3 and float(b["diff_mean"]) == pytest.approx(mean(d))
+    assert float(b["diff_ci_high"]) == pytest.approx(t_interval(d, T6[2])[1], abs=1e-6)
+    a = next(r for r in rows if r["group"] == A_LABEL and r["metric"] == "balanced_accuracy")
+    assert a["diff_n"] == "" and a["diff_mean"] == ""  # the baseline has no difference
+    c = next(r for r in rows if r["group"] == C_LABEL and r["metric"] == "tail_accuracy")
+    assert c["diff_n"] == "2" and float(c["diff_mean"]) == pytest.approx(0.3 - mean([0.20, 0.15]))
+
+
+def test_json_round_trips(table: ComparisonTable) -> None:
+    data = json.loads(table.to_json())
+    assert data["baseline"] == A_LABEL and data["metrics"] == ["balanced_accuracy", "tail_accuracy"]
+    assert data["groups"][0]["label"] == A_LABEL
+    assert sorted(data["groups"][0]["seeds"]) == [0, 1, 2, 3]
+    row = next(r for r in data["rows"] if r["group"] == C_LABEL and r["metric"] == "balanced_accuracy")
+    assert row["values"] == [0.65, 0.66, 0.90]
+    assert row["diff"]["seeds"] == [1, 2] and row["diff"]["values"] == pytest.approx([0.05, -0.04])
+
+
+def test_markdown_reads_as_tables(table: ComparisonTable) -> None:
+    md = table.to_markdown()
+    xs, d = [0.55, 0.62, 0.80], [0.05, 0.02, 0.10]
+    lo, hi = t_interval(xs, T6[2])
+    dlo, dhi = t_interval(d, T6[2])
+    expected = (
+        f"| {B_LABEL} | 3 | {mean(xs):.4f} | {sample_std(xs):.4f} | [{lo:.4f}, {hi:.4f}] |"
+        f" {mean(d):+.4f} | {sample_std(d):.4f} | [{dlo:+.4f}, {dhi:+.4f}] | 3 |"
+    )
+    assert expected in md.splitlines()
+    by_eye = "| plugins=[], train.lr=0.05 | 3 | 0.6567 | 0.1290 | [0.3363, 0.9770] |"
+    assert expected == by_eye + " +0.0567 | 0.0404 | [-0.0437, +0.1571] | 3 |"
+    assert f"| {A_LABEL} (baseline) | 4 | 0, 1, 2, 3 |" in md
+    assert "### balanced_accuracy" in md and "### tail_accuracy" in md
+    assert f"- {A_LABEL}: 1 of 4 runs have no tail_accuracy." in md
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+def test_real_runs_group_by_learning_rate(tmp_path: Path) -> None:
+    from support.scenarios import TINY
+
+    import fedlt
+
+    finals: dict[tuple[float, int], dict[str, Any]] = {}
+    for lr in (0.1, 0.05):
+        for seed in (0, 1):
+            s = copy.deepcopy(TINY)
+            s["seed"], s["train"]["lr"], s["federation"]["rounds"] = seed, lr, 2
+            finals[lr, seed] = fedlt.run(s, out=tmp_path / f"lr{lr}-s{seed}")["final"]
+    table = compare(collect_runs(tmp_path), baseline="train.lr=0.1")
+    assert [g.label for g in table.groups] == ["train.lr=0.1", "train.lr=0.05"]
+    assert "accuracy" in table.metrics and "personalized_accuracy" in table.metrics
+    for metric in ("accuracy", "balanced_accuracy"):
+        base = [finals[0.1, s][metric] for s in (0, 1)]
+        other = [finals[0.05, s][metric] for s in (0, 1)]
+        assert table.row("train.lr=0.1", metric).stat.mean == pytest.approx(mean(base))
+        assert table.row("train.lr=0.05", metric).stat.std == pytest.approx(sample_std(other))
+        diff = table.row("train.lr=0.05", metric).diff
+        assert diff.mean == pytest.approx(mean([o - b for o, b in zip(other, base, strict=True)]))

@@ -1,0 +1,521 @@
+"""fedlt.plotting: the figures hold exactly the numbers of the run folders they draw.
+
+Run folders are written by hand here (known numbers) and by real tiny runs on digits. Figures are
+checked through their artists (line data, scatter offsets, image arrays), not by pixels.
+
+The example images in docs/images come from :func:`render_examples` (``python tests/test_plotting.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tomli_w
+
+from fedlt.plotting import (
+    FIGURE_FILES,
+    PlotFiles,
+    build_figures,
+    client_counts_figure,
+    plot_client_class_counts,
+    plot_runs,
+    plot_stream_timeline,
+    require_matplotlib,
+    stream_timeline_figure,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- hand-built run folders
+
+
+def write_run(
+    folder: Path,
+    records: Sequence[dict[str, Any]],
+    final: dict[str, Any] | None = None,
+    scenario: dict[str, Any] | None = None,
+    summary: bool = True,
+) -> Path:
+    """A run folder as fedlt writes it: metrics.jsonl, summary.json (final = last full record by
+    default, plus ``final``) and optionally scenario.toml."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if scenario is not None:
+        (folder / "scenario.toml").write_text(tomli_w.dumps(scenario))
+    if summary:
+        full = [r for r in records if "accuracy" in r]
+        last = dict(full[-1]) if full else {}
+        last.pop("round", None)
+        last.update(final or {})
+        body = {"scenario": "hand", "rounds": len(records), "seed": 0, "plugins": [], "final": last}
+        (folder / "summary.json").write_text(json.dumps(body))
+    return folder
+
+
+SHOT = {"rule": "count", "thresholds": [100.0, 20.0], "head": [0, 1], "medium": [2], "tail": [3]}
+
+
+def record(round: int, acc: float, bacc: float, head: float, medium: float, tail: float | None) -> dict:
+    return {
+        "round": round,
+        "train_loss": 1.0 / round,
+        "accuracy": acc,
+        "balanced_accuracy": bacc,
+        "head_accuracy": head,
+        "medium_accuracy": medium,
+        "tail_accuracy": tail,
+        "shot_rule": SHOT,
+    }
+
+
+@pytest.fixture
+def two_runs(tmp_path: Path) -> list[Path]:
+    """Two 3-round runs over 4 classes (counts 400, 150, 50, 10) with known numbers."""
+    a = write_run(
+        tmp_path / "fedavg",
+        [
+            record(1, 0.40, 0.30, 0.60, 0.20, 0.00),
+            record(2, 0.50, 0.40, 0.70, 0.30, 0.05),
+            record(3, 0.60, 0.45, 0.80, 0.35, 0.10),
+        ],
+        final={"per_class_accuracy": [0.9, 0.7, 0.35, 0.1], "train_class_counts": [400, 150, 50, 10]},
+    )
+    b = write_run(
+        tmp_path / "balanced",
+        [
+            record(2, 0.35, 0.33, 0.50, 0.30, 0.20),
+            record(4, 0.55, 0.52, 0.60, 0.45, None),
+            record(6, 0.62, 0.60, 0.65, 0.55, 0.50),
+        ],
+        final={"per_class_accuracy": [0.7, None, 0.55, 0.5], "train_class_counts": [400, 150, 50, 10]},
+    )
+    return [a, b]
+
+
+def _lines(ax: Any) -> dict[str, tuple[list[float], list[float]]]:
+    return {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+        for line in ax.get_lines()
+        if not line.get_label().startswith("_")
+    }
+
+
+def _nan_equal(got: Sequence[float], want: Sequence[float | None]) -> bool:
+    want = [math.nan if w is None else w for w in want]
+    return np.allclose(np.asarray(got, float), np.asarray(want, float), equal_nan=True)
+
+
+# --------------------------------------------------------------------------- matplotlib is optional
+
+
+def test_importing_plotting_does_not_import_matplotlib() -> None:
+    code = "import sys, fedlt.plotting, fedlt.compare; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_missing_matplotlib_is_reported_before_any_work(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        require_matplotlib()
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        plot_runs([tmp_path / "does-not-exist"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- run figures
+
+
+def test_accuracy_figure_holds_each_runs_curves(two_runs: list[Path]) -> None:
+    figures, _ = build_figures(two_runs)
+    acc, bacc = figures["accuracy"].axes[:2]
+    assert _lines(acc) == {
+        "fedavg": ([1, 2, 3], [0.40, 0.50, 0.60]),
+        "balanced": ([2, 4, 6], [0.35, 0.55, 0.62]),
+    }
+    assert _lines(bacc) == {
+        "fedavg": ([1, 2, 3], [0.30, 0.40, 0.45]),
+        "balanced": ([2, 4, 6], [0.33, 0.52, 0.60]),
+    }
+    legend = figures["accuracy"].legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["fedavg", "balanced"]
+    # One colour per run, the same in every figure.
+    colors = {k: line.get_color() for line in acc.get_lines() for k in [line.get_label()]}
+    shot_head = figures["shot_accuracy"].axes[0]
+    assert {line.get_label(): line.get_color() for line in shot_head.get_lines()} == colors
+    assert colors["fedavg"] != colors["balanced"]
+
+
+def test_labels_replace_folder_names_and_must_match_runs(two_runs: list[Path]) -> None:
+    figures, _ = build_figures(two_runs, labels=["FedAvg", "Balanced softmax"])
+    assert set(_lines(figures["accuracy"].axes[0])) == {"FedAvg", "Balanced softmax"}
+    with pytest.raises(ValueError, match="1 labels for 2 runs"):
+        build_figures(two_runs, labels=["only one"])
+
+
+def test_repeated_folder_names_get_their_parent(tmp_path: Path) -> None:
+    runs = [write_run(tmp_path / p / "seed0", [record(1, 0.5, 0.5, 0.5, 0.5, 0.5)]) for p in ("a", "b")]
+    figures, _ = build_figures(runs)
+    assert set(_lines(figures["accuracy"].axes[0])) == {"a/seed0", "b/seed0"}
+
+
+def test_shot_figure_splits_head_medium_tail_and_leaves_gaps(two_runs: list[Path]) -> None:
+    figures, _ = build_figures(two_runs)
+    head, medium, tail = figures["shot_accuracy"].axes[:3]
+    assert _lines(head)["fedavg"] == ([1, 2, 3], [0.60, 0.70, 0.80])
+    assert _lines(medium)["balanced"] == ([2, 4, 6], [0.30, 0.45, 0.55])
+    # The round-4 record has no tail accuracy: the line skips it.
+    assert _lines(tail)["balanced"] == ([2, 6], [0.20, 0.50])
+    assert "classes 0, 1" in head.get_title() and "class 3" in tail.get_title()
+    assert "count rule" in figures["shot_accuracy"].get_suptitle()
+
+
+def test_per_class_figure_plots_final_accuracy_against_count(two_runs: list[Path]) -> None:
+    figures, _ = build_figures(two_runs)
+    ax = figures["per_class_vs_count"].axes[0]
+    assert ax.get_xscale() == "log"
+    points = {c.get_label(): c.get_offsets() for c in ax.collections}
+    # Sorted by count: classes 3, 2, 1, 0. balanced has no accuracy for class 1 (count 150).
+    assert np.allclose(points["fedavg"], [[10, 0.1], [50, 0.35], [150, 0.7], [400, 0.9]])
+    assert np.allclose(points["balanced"], [[10, 0.5], [50, 0.55], [400, 0.7]])
+    # Shot-group boundaries between the groups' counts: sqrt(10 * 50) and sqrt(50 * 150).
+    bounds = sorted(line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":")
+    assert np.allclose(bounds, [math.sqrt(500), math.sqrt(7500)])
+
+
+def test_head_vs_tail_paths_start_and_end(two_runs: list[Path]) -> None:
+    figures, _ = build_figures(two_runs)
+    ax = figures["head_vs_tail"].axes[0]
+    paths = _lines(ax)
+    assert paths["fedavg"] == ([0.60, 0.70, 0.80], [0.00, 0.05, 0.10])
+    assert paths["balanced"] == ([0.50, 0.65], [0.20, 0.50])  # round 4 has no tail accuracy
+    starts = [(list(m.get_xdata()), list(m.get_ydata())) for m in ax.get_lines() if m.get_marker() == "s"]
+    ends = [(list(m.get_xdata()), list(m.get_ydata())) for m in ax.get_lines() if m.get_marker() == "*"]
+    assert starts == [([0.60], [0.00]), ([0.50], [0.20])]
+    assert ends == [([0.80], [0.10]), ([0.65], [0.50])]
+    assert ax.get_xlabel() == "head-class accuracy" and ax.get_ylabel() == "tail-class accuracy"
+
+
+def test_missing_data_skips_figures_with_a_note(two_runs: list[Path], tmp_path: Path) -> None:
+    files = plot_runs(two_runs, tmp_path / "png")
+    assert isinstance(files, PlotFiles)
+    assert [p.name for p in files] == [
+        "accuracy.png",
+        "shot_accuracy.png",
+        "per_class_vs_count.png",
+        "head_vs_tail.png",
+    ]
+    for p in files:
+        data = p.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) < 150_000
+    skipped = {n.split(".png")[0] for n in files.notes}
+    assert skipped == {"confusion_matrix", "anytime_accuracy", "task_class_accuracy"}
+    assert any("no run recorded a confusion_matrix" in n for n in files.notes)
+
+
+def test_png_size_follows_dpi(two_runs: list[Path], tmp_path: Path) -> None:
+    from PIL import Image
+
+    (path,) = [p for p in plot_runs(two_runs, tmp_path, dpi=50) if p.name == "accuracy.png"]
+    with Image.open(path) as im:
+        assert im.size == (500, 210)  # a 10 x 4.2 inch figure
+
+
+def test_confusion_matrix_is_row_normalised_per_run(tmp_path: Path) -> None:
+    cm = [[8, 2, 0], [3, 1, 0], [0, 0, 0]]  # class 2 absent from the test set
+    last = {**record(2, 0.5, 0.5, 0.5, 0.5, 0.5), "confusion_matrix": cm}
+    run = write_run(tmp_path / "r", [record(1, 0.4, 0.4, 0.4, 0.4, 0.4), last])
+    figures, notes = build_figures([run])
+    image = figures["confusion_matrix"].axes[0].images[0].get_array()
+    want = np.array([[0.8, 0.2, 0.0], [0.75, 0.25, 0.0], [np.nan] * 3])
+    assert np.allclose(np.asarray(image, float), want, equal_nan=True)
+    texts = [t.get_text() for t in figures["confusion_matrix"].axes[0].texts]
+    assert texts[:6] == ["8", "2", "0", "3", "1", "0"]
+    assert not any(n.startswith("confusion_matrix") for n in notes)
+
+
+def continual_records(samples: bool) -> list[dict[str, Any]]:
+    """Six rounds, tasks ending at rounds 2, 4 and 6; full evaluations only at 3 and 6."""
+    out = []
+    anytime = [0.9, 0.6, 0.7, 0.5, 0.55, 0.6]
+    for r in range(1, 7):
+        rec: dict[str, Any] = {
+            "round": r,
+            "train_loss": 1.0,
+            "periodic": True,
+            "task_end": {2: 0, 4: 1, 6: 2}.get(r),
+            "anytime_accuracy": anytime[r - 1],
+            "exposed_classes": [0, 1],
+        }
+        if samples:
+            rec["samples_seen"] = 100 * r
+        if r in (3, 6):
+            rec.update(record(r, 0.5, 0.5, 0.6, 0.4, 0.2))
+        out.append(rec)
+    return out
+
+
+def test_anytime_figure_uses_samples_seen_and_marks_task_ends(tmp_path: Path) -> None:
+    tca = [[0.9, None, None], [0.5, 0.8, None], [0.4, 0.6, 0.7]]
+    run = write_run(tmp_path / "c", continual_records(samples=True), final={"task_class_accuracy": tca})
+    figures, notes = build_figures([run])
+    ax = figures["anytime_accuracy"].axes[0]
+    assert _lines(ax)["c"] == ([100, 200, 300, 400, 500, 600], [0.9, 0.6, 0.7, 0.5, 0.55, 0.6])
+    ends = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert ends == [200, 400, 600]
+    assert ax.get_xlabel() == "training samples seen"
+    heat = figures["task_class_accuracy"].axes[0].images[0].get_array()
+    assert _nan_equal(np.asarray(heat.filled(np.nan)).ravel(), [v for row in tca for v in row])
+    assert heat.mask.tolist() == [[False, True, True], [False, False, True], [False, False, False]]
+    # Accuracy curves use only the full evaluations (rounds 3 and 6).
+    assert _lines(figures["accuracy"].axes[0])["c"] == ([3, 6], [0.5, 0.5])
+    assert not notes or all("confusion" in n or "per_class" in n for n in notes)
+
+
+def test_anytime_figure_falls_back_to_rounds(tmp_path: Path) -> None:
+    with_samples = write_run(tmp_path / "a", continual_records(samples=True))
+    without = write_run(tmp_path / "b", continual_records(samples=False))
+    figures, _ = build_figures([with_samples, without])
+    ax = figures["anytime_accuracy"].axes[0]
+    assert ax.get_xlabel() == "round"  # one run lacks samples_seen: both on rounds
+    assert _lines(ax)["a"][0] == [1, 2, 3, 4, 5, 6]
+
+
+def test_run_in_progress_is_plotted_from_metrics(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "live", [record(1, 0.3, 0.2, 0.4, 0.2, 0.1)], summary=False)
+    figures, _ = build_figures([run])
+    assert _lines(figures["accuracy"].axes[0])["live"] == ([1], [0.3])
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        build_figures([tmp_path / "nothing-here"])
+
+
+# --------------------------------------------------------------------------- data pictures
+
+
+def test_client_class_counts_heatmap(tmp_path: Path) -> None:
+    counts = np.array([[50, 0, 3], [0, 7, 1]])
+    fig = client_counts_figure(counts, class_names=["cat", "dog", "eel"])
+    ax = fig.axes[0]
+    image = ax.images[0].get_array()
+    assert image.tolist() == [[50, None, 3], [None, 7, 1]]  # zero cells masked (drawn grey)
+    assert [t.get_text() for t in ax.texts] == ["50", "3", "7", "1"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["cat", "dog", "eel"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0  (n=53)", "1  (n=8)"]
+    assert type(ax.images[0].norm).__name__ == "LogNorm"  # 50 / 1 >= 20
+    flat = client_counts_figure(np.array([[5, 6], [7, 8]]))
+    assert type(flat.axes[0].images[0].norm).__name__ == "Normalize"
+    out = plot_client_class_counts(counts, tmp_path / "counts.png")
+    assert out == tmp_path / "counts.png" and out.read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(ValueError, match="clients x classes"):
+        client_counts_figure(np.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="2 class names for 3"):
+        client_counts_figure(counts, class_names=["a", "b"])
+
+
+def test_stream_timeline_draws_each_clients_labels_in_order(tmp_path: Path) -> None:
+    labels = [[0, 0, 1, 2, 1], [2, 2, 0]]
+    ends = [[2, 5], [1, 3]]
+    fig = stream_timeline_figure(labels, task_ends=ends, num_classes=4)
+    ax = fig.axes[0]
+    grid = np.asarray(ax.images[0].get_array().filled(np.nan), float)
+    assert _nan_equal(grid[0], [0, 0, 1, 2, 1])
+    assert _nan_equal(grid[1], [2, 2, 0, None, None])
+    # Inner task ends only (offset 2 of client 0, offset 1 of client 1), each on its own row.
+    segments = [seg.tolist() for coll in ax.collections for seg in coll.get_segments()]
+    assert segments == [[[2, -0.5], [2, 0.5]], [[1, 0.5], [1, 1.5]]]
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["0", "1", "2", "3"]
+    out = plot_stream_timeline(labels, tmp_path / "stream.png", task_ends=ends)
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        stream_timeline_figure(labels, num_classes=2)
+    with pytest.raises(ValueError, match="task ends for 1 clients"):
+        stream_timeline_figure(labels, task_ends=[[1]])
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny offline run and a tiny continual run on digits (a few seconds)."""
+    from support.scenarios import TINY
+
+    import fedlt
+
+    root = tmp_path_factory.mktemp("real")
+    offline = copy.deepcopy(TINY)
+    fedlt.run(offline, out=root / "offline")
+    stream = copy.deepcopy(TINY)
+    stream["stream"] = {"kind": "si-blurry", "n_tasks": 3, "samples_per_round": 20}
+    stream["federation"]["rounds"] = 6
+    fedlt.run(stream, out=root / "continual")
+    return {"offline": root / "offline", "continual": root / "continual"}
+
+
+def test_real_runs_draw_every_figure_they_have_data_for(real_runs: dict[str, Path], tmp_path: Path) -> None:
+    from fedlt.config import load_scenario
+    from fedlt.data.federated import build_federated_data
+
+    runs = [real_runs["offline"], real_runs["continual"]]
+    files = plot_runs(runs, tmp_path)
+    names = {p.stem for p in files}
+    assert {"accuracy", "shot_accuracy", "per_class_vs_count", "head_vs_tail", "anytime_accuracy"} <= names
+    assert names <= set(FIGURE_FILES)
+    figures, _ = build_figures(runs)
+    # Per-class counts are not in metrics.jsonl: they are rebuilt from scenario.toml.
+    data = build_federated_data(load_scenario(real_runs["offline"] / "scenario.toml"))
+    summary = json.loads((real_runs["offline"] / "summary.json").read_text())
+    points = {c.get_label(): c.get_offsets() for c in figures["per_class_vs_count"].axes[0].collections}
+    order = np.argsort(data.train_class_counts, kind="stable")
+    acc = np.asarray(summary["final"]["per_class_accuracy"], float)
+    assert np.allclose(points["offline"], np.c_[data.train_class_counts[order], acc[order]])
+    records = [json.loads(x) for x in (real_runs["offline"] / "metrics.jsonl").read_text().splitlines()]
+    xs, ys = _lines(figures["accuracy"].axes[0])["offline"]
+    assert xs == [r["round"] for r in records] and ys == [r["accuracy"] for r in records]
+
+
+def test_stream_labels_of_real_continual_data(real_runs: dict[str, Path], tmp_path: Path) -> None:
+    from fedlt.config import load_scenario
+    from fedlt.data.federated import build_federated_data
+    from fedlt.plotting import stream_labels
+
+    data = build_federated_data(load_scenario(real_runs["continual"] / "scenario.toml"))
+    labels, ends = stream_labels(data)
+    for k, stream in enumerate(data.streams):
+        want = np.concatenate([data.y_train_np[t.indices] for t in stream.tasks])
+        assert np.array_equal(labels[k], want)
+        assert ends[k] == list(np.cumsum([len(t.indices) for t in stream.tasks]))
+    assert plot_stream_timeline(labels, tmp_path / "s.png", ends, data.num_classes).is_file()
+    assert plot_client_class_counts(data.client_counts, tmp_path / "c.png").is_file()
+
+
+# --------------------------------------------------------------------------- synthetic long tail
+
+
+def synthetic_runs(root: Path, continual: bool = False) -> list[Path]:
+    """Three made-up runs on a 10-class long tail (IF 100): plain FedAvg, a focal-like remedy that
+    helps a little, and a balanced-softmax-like one that trades head for tail accuracy. Every
+    optional record is present (confusion matrix, samples seen, continual fields)."""
+    rng = np.random.default_rng(0)
+    c, rounds, test_per_class = 10, 40, 100
+    counts = np.round(500 * 100.0 ** (-np.arange(c) / (c - 1))).astype(int)
+    split = {
+        "head": [i for i in range(c) if counts[i] > 100],
+        "tail": [i for i in range(c) if counts[i] < 20],
+    }
+    split["medium"] = [i for i in range(c) if i not in split["head"] + split["tail"]]
+    shot = {"rule": "count", "thresholds": [100.0, 20.0], **split}
+    share = np.log(counts) / np.log(counts.max())
+    finals = {
+        "fedavg": 0.95 * share**2.2,
+        "focal": 0.93 * share**1.6,
+        "balanced-softmax": 0.85 * share**0.6 + 0.05,
+    }
+    paths = []
+    for name, final in finals.items():
+        records = []
+        for r in range(1, rounds + 1):
+            per = np.clip(final * (1 - np.exp(-r / 8)) + rng.normal(0, 0.015, c), 0, 1)
+            rec: dict[str, Any] = {
+                "round": r,
+                "train_loss": float(2.3 * np.exp(-r / 10) + 0.2),
+                "accuracy": float(per.mean()),
+                "balanced_accuracy": float(per.mean()),
+                "per_class_accuracy": per.tolist(),
+                **{f"{g}_accuracy": float(per[ids].mean()) for g, ids in split.items()},
+                "shot_rule": shot,
+                "samples_seen": 640 * r,
+            }
+            if continual:
+                task = (r - 1) // 8
+                rec["anytime_accuracy"] = float(per.mean() * (0.75 + 0.25 * ((r - 1) % 8) / 7))
+                rec["periodic"] = True
+                rec["task_end"] = task if r % 8 == 0 else None
+            records.append(rec)
+        # Errors go to classes in proportion to their training counts: the head absorbs the tail.
+        hits = np.round(records[-1]["per_class_accuracy"] * np.full(c, test_per_class)).astype(int)
+        cm = np.zeros((c, c), dtype=int)
+        for i in range(c):
+            p = counts.astype(float).copy()
+            p[i] = 0
+            cm[i] = rng.multinomial(test_per_class - hits[i], p / p.sum())
+            cm[i, i] = hits[i]
+        records[-1]["confusion_matrix"] = cm.tolist()
+        extra: dict[str, Any] = {"train_class_counts": counts.tolist()}
+        if continual:
+            tca = [[float(final[j] * (0.6 + 0.4 * (t == j // 2))) if j // 2 <= t else None for j in range(c)]
+                   for t in range(5)]  # fmt: skip
+            extra.update(task_class_accuracy=tca, a_auc=0.5, a_last=0.6, f_last=0.2)
+        paths.append(write_run(root / name, records, final=extra))
+    return paths
+
+
+def test_synthetic_long_tail_draws_all_figures(tmp_path: Path) -> None:
+    offline = plot_runs(synthetic_runs(tmp_path / "lt"), tmp_path / "offline", dpi=40)
+    assert [p.stem for p in offline] == [
+        n for n in FIGURE_FILES if n not in ("anytime_accuracy", "task_class_accuracy")
+    ]
+    continual = plot_runs(synthetic_runs(tmp_path / "cl", continual=True), tmp_path / "continual", dpi=40)
+    assert [p.stem for p in continual] == list(FIGURE_FILES) and not continual.notes
+
+
+def render_examples(out: Path, real_root: Path) -> list[Path]:
+    """The example images of docs/images: synthetic long-tail runs, and tiny real runs on digits."""
+    from support.scenarios import TINY
+
+    import fedlt
+    from fedlt.config import load_scenario
+    from fedlt.data.federated import build_federated_data
+    from fedlt.plotting import stream_labels
+
+    written = []
+    for p in plot_runs(synthetic_runs(real_root / "synthetic", continual=True), real_root / "png"):
+        written.append(Path(shutil.move(p, out / f"synthetic-{p.name}")))
+    runs = []
+    for lr in (0.1, 0.03):
+        s = copy.deepcopy(TINY)
+        s["train"]["lr"] = lr
+        s["federation"]["rounds"] = 10
+        fedlt.run(s, out=real_root / f"tiny-lr{lr}")
+        runs.append(real_root / f"tiny-lr{lr}")
+    for p in plot_runs(runs, real_root / "png-tiny"):
+        if p.stem in ("accuracy", "per_class_vs_count"):
+            written.append(Path(shutil.move(p, out / f"tiny-{p.name}")))
+    s = copy.deepcopy(TINY)
+    s["stream"] = {"kind": "si-blurry", "n_tasks": 3, "samples_per_round": 20}
+    s["partition"]["n_clients"] = 6
+    s["federation"]["rounds"] = 12
+    fedlt.run(s, out=real_root / "tiny-stream")
+    for p in plot_runs([real_root / "tiny-stream"], real_root / "png-stream"):
+        if p.stem == "anytime_accuracy":
+            written.append(Path(shutil.move(p, out / f"tiny-{p.name}")))
+    data = build_federated_data(load_scenario(s))
+    written.append(plot_client_class_counts(data.client_counts, out / "tiny-client_class_counts.png"))
+    labels, ends = stream_labels(data)
+    written.append(plot_stream_timeline(labels, out / "tiny-stream_timeline.png", ends, data.num_classes))
+    return written
+
+
+if __name__ == "__main__":  # python tests/test_plotting.py [OUT]: regenerate docs/images
+    import tempfile
+
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parents[1] / "docs" / "images")
+    target.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).parent))
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in render_examples(target, Path(tmp)):
+            print(path, path.stat().st_size)
