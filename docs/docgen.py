@@ -1,17 +1,18 @@
-"""The scenario reference (docs/scenarios.md), generated from the typed models so it cannot drift.
+"""The generated docs: scenario reference, hook and context reference, module tables.
 
-Every key, type, default, constraint and description comes from :mod:`fedlt.config` (pydantic
-``Field`` metadata) and every built-in plugin's parameters from its ``Params`` model, found
-through the ``fedlt.plugins`` entry points. ``tests/test_docs.py`` fails when the committed
-file differs from :func:`scenario_reference`.
+Documentation tooling, not part of the runtime package. Every key, type, default, constraint and
+description comes from :mod:`fedlt.config` (pydantic ``Field`` metadata), every built-in plugin's
+parameters from its ``Params`` model, every hook from its declaration in :mod:`fedlt.hookspecs`,
+every context field from its class docstring. ``tests/test_docs.py`` fails when a committed page
+differs from what this generates.
 
-Usage::
+Usage (from the repository root)::
 
-    python -m fedlt.docgen            # print the reference
-    python -m fedlt.docgen --write    # rewrite docs/scenarios.md and the generated blocks of
-                                      # docs/plugins.md (hook table) and docs/architecture.md
-                                      # (module tables, round protocol)
-    python -m fedlt.docgen --check    # exit 1 if any of them is stale
+    python docs/docgen.py            # print the scenario reference
+    python docs/docgen.py --write    # rewrite docs/scenarios.md and the generated blocks of
+                                     # docs/plugins.md (hooks, contexts) and docs/architecture.md
+                                     # (module tables, round protocol)
+    python docs/docgen.py --check    # exit 1 if any of them is stale
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import ast
 import importlib.metadata as md
 import inspect
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
@@ -29,14 +31,17 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from fedlt import hookspecs
-from fedlt.config import PluginSpec, Scenario, scenario_to_toml
-from fedlt.pluginmanager import ENTRY_POINT_GROUP, Plugin, PluginInfo, discover_plugins, type_name
+from fedlt import context, hookspecs
+from fedlt.config import PluginSpec, RegistrySection, Scenario, scenario_to_toml
+from fedlt.discovery import ENTRY_POINT_GROUP, PluginInfo, discover_plugins, type_name
+from fedlt.plugin import Plugin
+from fedlt.spec import COMBINE_RULES, SIDES
 
 __all__ = [
     "BLOCKS",
-    "HOOKS",
+    "CONTEXTS",
     "builtin_plugins",
+    "context_reference",
     "engine_modules",
     "generated_files",
     "hook_table",
@@ -50,109 +55,8 @@ __all__ = [
 #: purpose: the committed file must not depend on what happens to be installed.
 BUILTIN_DISTRIBUTION = "fedlt"
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs"
-
-#: When and where each hook runs, and what its combine rule means for it. Keys must equal
-#: ``hookspecs.COMBINE`` (tests/test_docs.py checks), so a new hook cannot go undocumented.
-HOOKS: dict[str, tuple[str, str, str]] = {
-    "configure_model": (
-        "once per model build, right after construction",
-        "driver and every worker",
-        "every implementation runs; return ignored",
-    ),
-    "server_setup": (
-        "once per process start, before the first round (on resume: before plugin state is loaded)",
-        "driver",
-        "every implementation runs; return ignored",
-    ),
-    "server_configure_round": (
-        "once per round, after client selection",
-        "driver",
-        "mappings merged into the round config in order; later plugins win on equal keys",
-    ),
-    "server_make_aggregator": (
-        "once per round, before clients train",
-        "driver",
-        "first non-`None` aggregator; default: streaming FedAvg",
-    ),
-    "server_after_aggregate": (
-        "once per round, after the aggregated weights are loaded",
-        "driver",
-        "every implementation runs, each with its own `client_end` payloads",
-    ),
-    "client_start": (
-        "once per client-round, model holds the global weights",
-        "where the client trains",
-        "every implementation runs; return ignored",
-    ),
-    "client_trainable_parameters": (
-        "once per client-round, before the optimizer is built",
-        "where the client trains",
-        "tensors concatenated in order",
-    ),
-    "client_select_indices": (
-        "once per client-round, offline scenarios: the sample order",
-        "where the client trains",
-        "first non-`None` index tensor; default: a permutation per epoch",
-    ),
-    "client_replay_indices": (
-        "per optimizer step, continual (`[stream]`) scenarios only",
-        "where the client trains",
-        "index tensors concatenated in order, appended to the stream batch",
-    ),
-    "client_update_memory": (
-        "once per stream batch, after its `online_iter` steps; continual scenarios only",
-        "where the client trains",
-        "every implementation runs; return ignored",
-    ),
-    "client_forward": (
-        "per batch",
-        "where the client trains",
-        "first non-`None` `(features, logits)`; default: `model.features` then `model.head`",
-    ),
-    "client_transform_logits": (
-        "per batch, after the forward pass",
-        "where the client trains",
-        "each receives the previous output; must not return `None`",
-    ),
-    "client_loss": (
-        "per batch",
-        "where the client trains",
-        "first non-`None` per-sample loss; default: cross-entropy",
-    ),
-    "client_sample_weights": (
-        "per batch",
-        "where the client trains",
-        "product of the non-`None` weight tensors",
-    ),
-    "client_extra_losses": (
-        "per batch",
-        "where the client trains",
-        "sum of the non-`None` scalars, added to the mean loss",
-    ),
-    "client_after_backward": (
-        "per batch, after `backward()`, before clipping and the optimizer step",
-        "where the client trains",
-        "every implementation runs; return ignored",
-    ),
-    "client_end": (
-        "once per client-round, after the last step",
-        "where the client trains",
-        "each plugin's non-`None` payload kept apart, for its own `server_after_aggregate`",
-    ),
-    "client_personalize": (
-        "per client per evaluation, when `eval.personalized` is on",
-        "driver (on a scratch copy of the model)",
-        "every implementation runs, in order, on the same copy",
-    ),
-    "eval_logits": (
-        "per evaluation: the global test set, then each client's local view",
-        "driver",
-        "each receives the previous output; must not return `None`",
-    ),
-}
-
+DOCS = Path(__file__).resolve().parent
+ROOT = DOCS.parent
 
 # --------------------------------------------------------------------------- cell rendering
 
@@ -217,11 +121,19 @@ def _summary(obj: Any) -> str:
     return " ".join(doc.split("\n\n")[0].split())
 
 
+def _type(annotation: Any) -> str:
+    """A field's type as a reader writes it: ``list[int]``, not ``list[Annotated[int, Gt(gt=0)]]``.
+
+    Constraints inside a type (positive list items) are left to the description.
+    """
+    return re.sub(r"Annotated\[([^,\[\]]+), [^\[\]]*\]", r"\1", type_name(annotation))
+
+
 def _field_rows(fields: Sequence[tuple[str, FieldInfo]]) -> list[str]:
     rows = ["| key | type | default | constraints | description |", "|---|---|---|---|---|"]
     for key, field in fields:
         rows.append(
-            f"| `{key}` | {_code(type_name(field.annotation))} | {_default(field)} | {_constraints(field)} "
+            f"| `{key}` | {_code(_type(field.annotation))} | {_default(field)} | {_constraints(field)} "
             f"| {_cell(field.description or '')} |"
         )
     return rows
@@ -239,7 +151,7 @@ def _intro() -> list[str]:
     return [
         "# Scenario reference",
         "",
-        "<!-- Generated from fedlt/config.py by `python -m fedlt.docgen --write`; do not edit by hand. -->",
+        "<!-- Generated from fedlt/config.py by `python docs/docgen.py --write`; do not edit by hand. -->",
         "",
         "A scenario is a TOML file (or a dict in Python) validated into typed models when it is loaded; "
         "plugin parameters are validated next, before any data is read. Every key except a plugin's "
@@ -249,11 +161,18 @@ def _intro() -> list[str]:
         "`fedlt validate SCENARIO` checks a file, its plugins and its data without training.",
         "",
         "A run folder's `scenario.toml` holds the fully resolved scenario, every default spelled out "
-        "([full default scenario](#full-default-scenario) below). Relative `data.root` and "
-        "`data.cache_dir` are resolved against the scenario file's folder.",
+        "([full default scenario](#full-default-scenario) below). Relative `data.root`, "
+        "`data.cache_dir` and `model.pretrained` are resolved against the scenario file's folder.",
         "",
         "Constraints: `>`/`≥`/`<`/`≤` bound a number, `length` bounds a list or string. A type such as "
         "`'none' | 'step'` lists the allowed strings.",
+        "",
+        "`[data]`, `[long_tail]`, `[partition]` and `[model]` each choose an entry of a registry (a dataset, "
+        "a long-tail profile, a partitioner, a model) with one key; the section's other keys are the "
+        "entries' parameters. Only the chosen entry's parameters may be set (any other is an error naming "
+        "the key), each is listed under its entry with its own default and constraints, and the resolved "
+        "`scenario.toml` spells out every one of them. A `--set` that switches the entry drops the "
+        "parameters the new entry does not take.",
         "",
     ]
 
@@ -264,7 +183,26 @@ def _top_level() -> list[str]:
 
 
 def _section(key: str, model: type[BaseModel]) -> list[str]:
+    if issubclass(model, RegistrySection):
+        return _registry_section(key, model)
     return [f"## `[{key}]`", "", _summary(model), "", *_field_rows(list(model.model_fields.items())), ""]
+
+
+def _registry_section(key: str, model: type[RegistrySection]) -> list[str]:
+    """A registry-derived section: its selector and shared keys, then each entry's parameters."""
+    registry, selector = model.__registry__, model.__selector__
+    union = registry.parameters()
+    own = [(k, f) for k, f in model.model_fields.items() if k not in union]
+    out = [f"## `[{key}]`", "", _summary(model), "", *_field_rows(own), ""]
+    out += [
+        f"Each {registry.kind}'s parameters, with its defaults; set only those of the chosen `{selector}`.",
+        "",
+    ]
+    for entry in registry.entries():
+        out += [f"### `{selector} = {_literal(entry.name)}`", "", entry.summary, ""]
+        fields = list(entry.params.model_fields.items())
+        out += [*_field_rows(fields), ""] if fields else ["No parameters.", ""]
+    return out
 
 
 def _plugins_section() -> list[str]:
@@ -443,14 +381,78 @@ def scenario_reference(plugins: dict[str, PluginInfo] | None = None) -> str:
 
 
 def hook_table() -> str:
-    """The table of every hook (when, where, combine rule) embedded in docs/plugins.md."""
-    rows = ["| hook | when | where | combine | meaning |", "|---|---|---|---|---|"]
-    for name, rule in hookspecs.COMBINE.items():
-        # A hook not yet described in HOOKS still gets a row (tests/test_docs.py flags it).
-        fallback = (_summary(getattr(hookspecs, name, None)), "see `fedlt/hookspecs.py`", "")
-        when, where, meaning = HOOKS.get(name, fallback)
-        rows.append(f"| `{name}` | {_cell(when)} | {_cell(where)} | {rule} | {_cell(meaning)} |")
+    """Every hook from its declaration (arguments, when, where, combine rule), for docs/plugins.md."""
+    rows = [
+        "| hook | arguments | when | side | combine | what it is for | since |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, spec in hookspecs.SPECS.items():
+        args = ", ".join(f"`{a}`" for a in spec.params)
+        rows.append(
+            f"| `{name}` | {args} | {_cell(spec.when)} | {spec.side} | {spec.combine} | "
+            f"{_cell(spec.summary)} | {spec.since} |"
+        )
+    rows += ["", "Sides (where a hook runs, on which plugin instance):", ""]
+    rows += [f"- **{side}**: {text}." for side, text in SIDES.items()]
+    rows += ["", "Combine rules:", ""]
+    rows += [f"- **{rule}**: {text}." for rule, text in COMBINE_RULES.items()]
     return "\n".join(rows) + "\n"
+
+
+#: The context objects hooks receive, documented field by field from their docstrings.
+CONTEXTS = (
+    context.SetupContext,
+    context.RoundContext,
+    context.ClientContext,
+    context.EvalContext,
+    context.LogContext,
+    context.Forward,
+)
+
+
+def _attributes(cls: type) -> list[tuple[list[str], str, str]]:
+    """(names, type, description) of each entry in a NumPy-style ``Attributes`` section."""
+    doc = inspect.getdoc(cls) or ""
+    if "Attributes\n----------" not in doc:
+        return []
+    body = doc.split("Attributes\n----------\n", 1)[1]
+    entries: list[tuple[list[str], str, str]] = []
+    for line in body.splitlines():
+        if not line.strip():
+            continue
+        if not line.startswith(" "):
+            names, _, kind = line.partition(" : ")
+            entries.append(([n.strip() for n in names.split(",")], kind.strip(), ""))
+        elif entries:
+            names, kind, text = entries[-1]
+            entries[-1] = (names, kind, f"{text} {line.strip()}".strip())
+    return entries
+
+
+def context_reference() -> str:
+    """Every field of every context object, for docs/plugins.md."""
+    out: list[str] = []
+    for cls in CONTEXTS:
+        summary = (inspect.getdoc(cls) or "").split("\n")[0]
+        out += [f"#### `{cls.__name__}`", "", summary, "", "| field | type | meaning |", "|---|---|---|"]
+        for names, kind, text in _attributes(cls):
+            out.append(f"| {', '.join(f'`{n}`' for n in names)} | {_cell(kind)} | {_cell(text)} |")
+        methods = [
+            (n, f)
+            for n, f in vars(cls).items()
+            if not n.startswith("_") and (inspect.isfunction(f) or isinstance(f, property))
+        ]
+        for n, f in methods:
+            doc = inspect.getdoc(f) or ""
+            call = (
+                ""
+                if isinstance(f, property)
+                else "(" + ", ".join(list(inspect.signature(f).parameters)[1:]) + ")"
+            )
+            kind = "property" if isinstance(f, property) else "method"
+            out.append(f"| `{n}{call}` | {kind} | {_cell(' '.join(doc.split()))} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def round_protocol() -> str:
@@ -458,7 +460,7 @@ def round_protocol() -> str:
     doc = hookspecs.__doc__ or ""
     start = doc.index("The protocol of one run")
     body = doc[start:].split("\n", 2)[2]  # below the title and its underline
-    body = body[: body.index("\nCalling convention")].strip("\n")
+    body = body[: body.index("\nInstances")].strip("\n")
     return "```text\n" + body.replace("``", "") + "\n```\n"
 
 
@@ -504,7 +506,9 @@ def plugin_modules() -> str:
 
 #: Generated blocks inside hand-written pages: (file in docs/, block name, generator).
 BLOCKS: tuple[tuple[str, str, Callable[[], str]], ...] = (
+    ("plugins.md", "round protocol", lambda: round_protocol()),
     ("plugins.md", "hook table", hook_table),
+    ("plugins.md", "context reference", context_reference),
     ("architecture.md", "engine modules", engine_modules),
     ("architecture.md", "plugin modules", plugin_modules),
     ("architecture.md", "round protocol", round_protocol),
@@ -514,7 +518,7 @@ BLOCKS: tuple[tuple[str, str, Callable[[], str]], ...] = (
 def markers(name: str) -> tuple[str, str]:
     """The comment lines that delimit generated block ``name``."""
     return (
-        f"<!-- BEGIN GENERATED: {name} (python -m fedlt.docgen --write) -->",
+        f"<!-- BEGIN GENERATED: {name} (python docs/docgen.py --write) -->",
         f"<!-- END GENERATED: {name} -->",
     )
 
@@ -543,7 +547,7 @@ def generated_files(docs: Path = DOCS) -> dict[Path, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedlt.docgen", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python docs/docgen.py", description=__doc__.split("\n")[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
         "--write",
@@ -561,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stale = [p for p, text in targets.items() if not p.is_file() or p.read_text(encoding="utf-8") != text]
     if args.check:
         for p in stale:
-            print(f"{p} is out of date: run `python -m fedlt.docgen --write`", file=sys.stderr)
+            print(f"{p} is out of date: run `python docs/docgen.py --write`", file=sys.stderr)
         return 1 if stale else 0
     for p in stale:
         p.parent.mkdir(parents=True, exist_ok=True)
