@@ -150,7 +150,12 @@ def aggregate_round(
                 f"the aggregator's add() raised {type(exc).__name__}: {exc}",
                 round=ctx.round,
             ) from exc
-        client_states[result.client_id] = result.states
+        # Sparse: only clients whose plugins keep something hold an entry (100,000 clients
+        # without per-client state cost nothing).
+        if any(result.states.values()):
+            client_states[result.client_id] = result.states
+        else:
+            client_states.pop(result.client_id, None)
         for name, payload in result.payloads.items():
             payloads[name][result.client_id] = payload
         if result.n_steps:

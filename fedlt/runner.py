@@ -33,7 +33,7 @@ from fedlt.checkpoint import (
     truncate_metrics,
 )
 from fedlt.client import ClientResult, ClientTask
-from fedlt.config import Scenario, apply_overrides, load_scenario, scenario_from_dict, scenario_to_toml
+from fedlt.config import Scenario, load_scenario, scenario_to_toml
 from fedlt.context import LogContext
 from fedlt.continual_metrics import a_auc, a_avg, crossed, f_last, federation_task_ends, periodic_due
 from fedlt.data.clients import ClientViews
@@ -331,7 +331,7 @@ class Run:
         s, d = self.scenario, self.data
         selected = select_clients(s.seed, r, d.n_clients, s.federation.fraction_clients)
         ctx, configs = configure_round(self.hooks, s.seed, d, r, s.federation.rounds, selected)
-        tasks = [ClientTask(c, r, configs[c], self.client_states.setdefault(c, {})) for c in selected]
+        tasks = [ClientTask(c, r, configs[c], self.client_states.get(c) or {}) for c in selected]
         ends = {}
         if self.views.streaming:
             for task in tasks:
@@ -455,34 +455,27 @@ def _resume_overrides(scenario: Scenario, overrides: Iterable[str] | Mapping[str
     """The scenario with resume-time overrides applied, or ``None`` without overrides.
 
     Only :data:`RESUMABLE_KEYS` may change: anything else would change the data or the model the
-    checkpoint belongs to.
+    checkpoint belongs to (checked on the resolved scenarios, so indirect changes count too).
     """
-    items = list(overrides.items()) if isinstance(overrides, Mapping) else list(overrides)
-    if not items:
+    if not (overrides.items() if isinstance(overrides, Mapping) else list(overrides)):
         return None
     raw = scenario.model_dump(mode="json")
     for spec in raw["plugins"]:
         spec.update(spec.pop("params"))
-    new = apply_overrides(raw, overrides)
-    keys = (
-        [k.replace("__", ".") for k, _ in items]
-        if isinstance(overrides, Mapping)
-        else [t.partition("=")[0].strip() for t in items]
-    )
-    for key in keys:
-        if not any(
-            key == allowed or (allowed.endswith(".") and key.startswith(allowed))
-            for allowed in RESUMABLE_KEYS
-        ):
+    new = load_scenario(raw, overrides)
+    before = dict(_flatten(scenario.model_dump(mode="json")))
+    after = dict(_flatten(new.model_dump(mode="json")))
+    for key in sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k)):
+        if not any(key == ok or (ok.endswith(".") and key.startswith(ok)) for ok in RESUMABLE_KEYS):
             raise ScenarioError(
                 key,
-                dict(_flatten(new)).get(key),
-                "a setting that keeps the checkpoint valid: "
-                + ", ".join(RESUMABLE_KEYS).replace(".,", ".*,"),
-                hint="Data, model, seed, stream and plugin settings cannot change on resume; start a new "
-                "run.",
+                after.get(key),
+                "unchanged on resume; only settings that keep the checkpoint valid may change: "
+                + ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE_KEYS),
+                hint="Data, model, seed, stream and plugin settings cannot change on resume; start a "
+                "new run.",
             )
-    return scenario_from_dict(new)
+    return new
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
