@@ -156,24 +156,13 @@ def _print_final(summary: dict[str, Any]) -> None:
     def fmt(v: Any) -> str:
         return "-" if v is None else f"{v:.4f}"
 
-    keys = [
-        "accuracy",
-        "balanced_accuracy",
-        "head_accuracy",
-        "medium_accuracy",
-        "tail_accuracy",
-        "auroc_macro",
-        "personalized_accuracy",
-        "a_auc",
-        "a_last",
-        "a_avg",
-        "f_last",
-    ]
+    from fedlt.compare import DEFAULT_METRICS
+
     rounds = summary.get("rounds_run", summary["rounds"])
     print(f"{summary['scenario']}: {rounds} rounds in {summary['wall_seconds']:.1f}s")
     if summary.get("stopped_early"):
         print(f"  stopped early: {summary['stopped_early']}")
-    for k in keys:
+    for k in DEFAULT_METRICS:
         if k in f:
             print(f"  {k:24s} {fmt(f[k])}")
 

@@ -22,7 +22,7 @@ from fedlt.dispatch import ClientHooks, as_forward
 from fedlt.optim import make_local_optimizer
 from fedlt.recipe import LocalTraining
 
-__all__ = ["ClientResult", "ClientTask", "LocalTraining", "default_order", "train_client"]
+__all__ = ["ClientResult", "ClientTask", "LocalTraining", "batch_loss", "default_order", "train_client"]
 
 
 @dataclass
@@ -128,6 +128,57 @@ def plan_steps(ctx: ClientContext, hooks: ClientHooks, stream_labels: np.ndarray
     return [Step(order[i * bs : (i + 1) * bs]) for i in range(n_steps)]
 
 
+def batch_loss(model: nn.Module, hooks: Any, ctx: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One batch's loss: forward (``client_forward`` or features then head), logit transforms,
+    the per-sample loss times sample weights, class weights normalised by their sum, extra losses.
+
+    The one definition of the training loss: ``train_client`` calls it per batch with a client's
+    :class:`~fedlt.dispatch.ClientHooks`; the vectorized engine calls it under vmap (one client's
+    slice of every tensor) with hooks bound to the group's stand-in plugin instances.
+    ``hooks[name]`` gives each per-batch hook (falsy when no plugin implements it).
+    """
+    forward = hooks["client_forward"] or None
+    transform = hooks["client_transform_logits"] or None
+    loss_hook = hooks["client_loss"] or None
+    sample_weights = hooks["sample_weights"] or None
+    class_weights = hooks["class_weights"] or None
+    extra_hook = hooks["client_extra_losses"] or None
+    out = forward(model=model, x=x, y=y, ctx=ctx) if forward else None
+    if out is None:
+        h = head_in = model.features(x)
+        z = model.head(h)
+    else:
+        h, z, head_in = as_forward(out)
+    if transform:
+        z = transform(logits=z, features=h, head_input=head_in, y=y, model=model, ctx=ctx)
+    if loss_hook or sample_weights or class_weights:
+        per_sample = None
+        if loss_hook:
+            per_sample = loss_hook(logits=z, y=y, features=h, head_input=head_in, model=model, ctx=ctx)
+        if per_sample is None:
+            per_sample = F.cross_entropy(z, y, reduction="none")
+        if sample_weights:
+            w = sample_weights(logits=z, y=y, features=h, head_input=head_in, model=model, ctx=ctx)
+            if w is not None:
+                per_sample = per_sample * w
+        c = (
+            class_weights(logits=z, y=y, features=h, head_input=head_in, model=model, ctx=ctx)
+            if class_weights
+            else None
+        )
+        if c is None:
+            loss = per_sample.mean()
+        else:
+            loss = (per_sample * c).sum() / c.sum().clamp_min(torch.finfo(c.dtype).tiny)
+    else:
+        loss = F.cross_entropy(z, y)
+    if extra_hook:
+        extra = extra_hook(model=model, x=x, y=y, features=h, head_input=head_in, logits=z, ctx=ctx)
+        if extra is not None:
+            loss = loss + extra
+    return loss
+
+
 def train_client(
     model: nn.Module,
     ctx: ClientContext,
@@ -162,14 +213,7 @@ def train_client(
     arrive = hooks.client_stream_batch if streaming and hooks.client_stream_batch else None
     replay = hooks.client_replay_indices if streaming and hooks.client_replay_indices else None
     update_memory = hooks.client_update_memory if streaming and hooks.client_update_memory else None
-    forward = hooks.client_forward or None
-    transform = hooks.client_transform_logits or None
-    loss_hook = hooks.client_loss or None
-    sample_weights = hooks.sample_weights or None
-    class_weights = hooks.class_weights or None
-    extra_hook = hooks.client_extra_losses or None
     after_backward = hooks.client_after_backward or None
-    custom_loss = bool(loss_hook or sample_weights or class_weights)
     augment = recipe.augment == "crop-flip"
     clip = recipe.max_grad_norm
     x_all, y_all = ctx.x_train, ctx.y_train
@@ -194,41 +238,8 @@ def train_client(
         x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)
         if augment:
             x = crop_flip(x, ctx.generator)
-        # forward: features, logits, and what the head received
-        out = forward(model=model, x=x, y=y, ctx=ctx) if forward else None
-        if out is None:
-            h = head_in = model.features(x)
-            z = model.head(h)
-        else:
-            h, z, head_in = as_forward(out)
-        if transform:
-            z = transform(logits=z, features=h, head_input=head_in, y=y, model=model, ctx=ctx)
-        # loss: per-sample loss x sample weights, class weights normalised by their sum
-        if custom_loss:
-            per_sample = None
-            if loss_hook:
-                per_sample = loss_hook(logits=z, y=y, features=h, head_input=head_in, model=model, ctx=ctx)
-            if per_sample is None:
-                per_sample = F.cross_entropy(z, y, reduction="none")
-            if sample_weights:
-                w = sample_weights(logits=z, y=y, features=h, head_input=head_in, model=model, ctx=ctx)
-                if w is not None:
-                    per_sample = per_sample * w
-            c = (
-                class_weights(logits=z, y=y, features=h, head_input=head_in, model=model, ctx=ctx)
-                if class_weights
-                else None
-            )
-            if c is None:
-                loss = per_sample.mean()
-            else:
-                loss = (per_sample * c).sum() / c.sum().clamp_min(torch.finfo(c.dtype).tiny)
-        else:
-            loss = F.cross_entropy(z, y)
-        if extra_hook:
-            extra = extra_hook(model=model, x=x, y=y, features=h, head_input=head_in, logits=z, ctx=ctx)
-            if extra is not None:
-                loss = loss + extra
+        # forward, logit transforms, the loss (per-sample x weights, class weights normalised)
+        loss = batch_loss(model, hooks, ctx, x, y)
         # backward and step
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -56,6 +56,7 @@ DEFAULT_METRICS: tuple[str, ...] = (
     "personalized_accuracy",
     "a_auc",
     "a_last",
+    "a_avg",
     "f_last",
 )
 

@@ -450,6 +450,11 @@ class ClientHooks:
         except KeyError:
             raise AttributeError(name) from None
 
+    def __getitem__(self, name: str) -> Hook:
+        """``hooks["client_loss"]`` as ``hooks.client_loss`` (also ``"sample_weights"``,
+        ``"class_weights"``): the per-batch loss reads hooks by name."""
+        return getattr(self, name)
+
     def check_states(self) -> None:
         """Every plugin's per-client state is plain data (checked at the end of the client-round)."""
         for plugin, state in self.states.items():

@@ -52,13 +52,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fedlt.client import ClientResult, ClientTask, Step, plan_steps
+from fedlt.client import ClientResult, ClientTask, Step, batch_loss, plan_steps
 from fedlt.context import ClientContext
 from fedlt.data.federated import FederatedData
-from fedlt.dispatch import CLIENT_HOOKS, ClientHooks, Hook, HookSet, as_forward
+from fedlt.dispatch import CLIENT_HOOKS, ClientHooks, Hook, HookSet
 from fedlt.engines.serial import SerialEngine
 from fedlt.engines.vgroup import PER_STEP_HOOKS, GroupContext, HookViews, crop_flip_drawn, draw_crop_flip
 from fedlt.errors import FedltError, PluginError, ScenarioError
@@ -143,57 +142,6 @@ def wants_vectorized_engine(scenario: Any, device: torch.device) -> bool:
 
 
 # --------------------------------------------------------------------------- one batch's loss
-
-
-def batch_loss(
-    model: nn.Module, hooks: Mapping[str, Hook], ctx: Any, x: torch.Tensor, y: torch.Tensor
-) -> torch.Tensor:
-    """One client's batch loss, as ``train_client`` computes it (forward, logit transforms, the
-    per-sample loss times sample weights, class weights normalised by their sum, extra losses).
-
-    Runs under vmap (one client's slice of every tensor), with ``hooks`` bound to the group's
-    stand-in plugin instances and the model's parameters swapped for the client's.
-    """
-    forward = hooks["client_forward"] or None
-    transform = hooks["client_transform_logits"] or None
-    loss_hook = hooks["client_loss"] or None
-    sample_weights = hooks["sample_weights"] or None
-    class_weights = hooks["class_weights"] or None
-    extra_hook = hooks["client_extra_losses"] or None
-    out = forward(model=model, x=x, y=y, ctx=ctx) if forward else None
-    if out is None:
-        h = head_in = model.features(x)
-        z = model.head(h)
-    else:
-        h, z, head_in = as_forward(out)
-    if transform:
-        z = transform(logits=z, features=h, head_input=head_in, y=y, model=model, ctx=ctx)
-    if loss_hook or sample_weights or class_weights:
-        per_sample = None
-        if loss_hook:
-            per_sample = loss_hook(logits=z, y=y, features=h, head_input=head_in, model=model, ctx=ctx)
-        if per_sample is None:
-            per_sample = F.cross_entropy(z, y, reduction="none")
-        if sample_weights:
-            w = sample_weights(logits=z, y=y, features=h, head_input=head_in, model=model, ctx=ctx)
-            if w is not None:
-                per_sample = per_sample * w
-        c = (
-            class_weights(logits=z, y=y, features=h, head_input=head_in, model=model, ctx=ctx)
-            if class_weights
-            else None
-        )
-        if c is None:
-            loss = per_sample.mean()
-        else:
-            loss = (per_sample * c).sum() / c.sum().clamp_min(torch.finfo(c.dtype).tiny)
-    else:
-        loss = F.cross_entropy(z, y)
-    if extra_hook:
-        extra = extra_hook(model=model, x=x, y=y, features=h, head_input=head_in, logits=z, ctx=ctx)
-        if extra is not None:
-            loss = loss + extra
-    return loss
 
 
 class _StepModule(nn.Module):

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-TINY: dict[str, Any] = {
-    "name": "tiny",
-    "seed": 3,
-    "data": {"dataset": "digits"},
-    "long_tail": {"profile": "exponential", "imbalance_factor": 10},
-    "partition": {"kind": "dirichlet", "n_clients": 4, "alpha": 0.5},
-    "model": {"name": "mlp", "hidden": [32]},
-    "train": {"local_epochs": 1, "batch_size": 32, "lr": 0.1},
-    "federation": {"rounds": 3, "fraction_clients": 0.5, "eval_every": 1},
-    "eval": {"shot_rule": "count", "shot_thresholds": [60, 20]},
-}
+from fedlt.testing import TINY as _CHECK
+
+#: fedlt.testing's conformance scenario (4 clients, 3 rounds, half a round), named "tiny", with the
+#: engine's default threads: conftest pins "auto" to one thread through OMP_NUM_THREADS.
+TINY: dict[str, Any] = {**{k: copy.deepcopy(v) for k, v in _CHECK.items() if k != "engine"}, "name": "tiny"}
