@@ -7,7 +7,8 @@ step and calls a hook only when some plugin implements it. The only host sync is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,11 +187,13 @@ def train_client(
     recipe: LocalTraining,
     trainable: list[torch.Tensor],
     stream_labels: np.ndarray | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, int, dict[str, Any]]:
     """Train ``model`` in place on the client described by ``ctx``.
 
     Returns the summed loss (a tensor, not synced), the number of optimizer steps, and the
-    plugins' ``client_end`` payloads by plugin name.
+    plugins' ``client_end`` payloads by plugin name. ``on_step(done, total)`` (progress display)
+    is called at most twice a second, and never when it is ``None``.
     """
     model.train()
     if hooks.client_start:
@@ -220,8 +223,12 @@ def train_client(
     total = torch.zeros((), device=ctx.device)
     n_local, bs = max(ctx.n_samples, 1), ctx.batch_size
 
+    next_report = time.monotonic() + 0.5 if on_step is not None else None
     for step_index, step in enumerate(plan):
         ctx.step, ctx.epoch = step_index, step_index * bs // n_local
+        if next_report is not None and time.monotonic() >= next_report:
+            on_step(step_index, len(plan))
+            next_report = time.monotonic() + 0.5
         batch = step.batch
         # a stream batch arrives: it counts as seen before the first step trains on it
         if step.arrives is not None:

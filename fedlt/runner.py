@@ -397,13 +397,22 @@ class Run:
         )
 
     def _track(self, results: Iterator[ClientResult], n: int) -> Iterator[ClientResult]:
-        """Pass results through, showing clients done / selected and samples/s inside the round."""
+        """Pass results through, showing clients done / selected and samples/s inside the round
+        (and, for engines that train in-process, the steps of the client in training)."""
         t0, samples = time.perf_counter(), 0
-        self._bar.set_postfix_str(f"clients 0/{n}", refresh=True)
+        rate = "-"
+
+        def show(done: int, extra: str = "") -> None:
+            self._bar.set_postfix_str(f"clients {done}/{n}{extra}, {rate} samples/s", refresh=True)
+
+        if self.engine is not None:
+            self.engine.on_step = lambda i, step, steps: show(i, f" (client {i + 1}: step {step}/{steps})")
+        show(0)
+        batch = self.scenario.train.batch_size
         for i, result in enumerate(results, 1):
-            samples += result.n_samples
-            rate = samples / max(time.perf_counter() - t0, 1e-9)
-            self._bar.set_postfix_str(f"clients {i}/{n}, {rate:,.0f} samples/s", refresh=True)
+            samples += result.n_steps * batch  # samples trained on (the last batches may be smaller)
+            rate = f"~{samples / max(time.perf_counter() - t0, 1e-9):,.0f}"
+            show(i)
             yield result
 
     def _show(self, r: int, loss: float, record: dict[str, Any] | None) -> None:

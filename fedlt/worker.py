@@ -8,7 +8,7 @@ behaves exactly as one trained on any other engine.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -126,15 +126,21 @@ class ClientTrainer:
         for dst, key in zip(self._targets, self.keys, strict=True):
             dst.copy_(global_state[key])
 
-    def run(self, task: ClientTask, global_state: Mapping[str, torch.Tensor]) -> ClientResult:
-        """Train one client from the global weights; the returned weights are live tensors."""
+    def run(
+        self,
+        task: ClientTask,
+        global_state: Mapping[str, torch.Tensor],
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> ClientResult:
+        """Train one client from the global weights; the returned weights are live tensors.
+        ``on_step(done, total)`` reports progress inside the client-round (see ``train_client``)."""
         self.load_global(global_state)
         seed_torch(self.scenario.seed, "torch", task.round, task.client_id)
         ctx = client_context(self.scenario, self.data, task, self.device, self.recipe)
         hooks = self.hooks.for_client(task.client_id, task.round, task.states)
         stream_labels = self.data.y_train_np[task.indices] if ctx.online_iter is not None else None
         total, n_steps, payloads = train_client(
-            self.model, ctx, hooks, self.recipe, self._trainable, stream_labels
+            self.model, ctx, hooks, self.recipe, self._trainable, stream_labels, on_step
         )
         # One host sync per client-round. Adding 0 * (sum of the new weights) makes the loss
         # non-finite when the weights diverged after the last step, so the run stops either way.

@@ -8,7 +8,7 @@ floating-point aggregation order, and therefore results, do not depend on the en
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,9 @@ class Engine(ABC):
     """Trains clients. Built once per run; ``close`` releases workers."""
 
     name: str = ""
+    #: Progress inside a round, ``on_step(task index, steps done, steps of that client)``: set by
+    #: the runner when it shows a progress bar; engines that train in-process report through it.
+    on_step: Callable[[int, int, int], None] | None = None
 
     def __init__(self, scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> None:
         self.scenario = scenario

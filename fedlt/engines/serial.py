@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -32,5 +33,6 @@ class SerialEngine(Engine):
     def train_round(
         self, tasks: Sequence[ClientTask], global_state: Mapping[str, torch.Tensor]
     ) -> Iterator[ClientResult]:
-        for task in tasks:
-            yield self.trainer.run(task, global_state)
+        for i, task in enumerate(tasks):
+            report = None if self.on_step is None else functools.partial(self.on_step, i)
+            yield self.trainer.run(task, global_state, report)
