@@ -342,8 +342,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         done = sweep.run_local(args.jobs)
     for line in done:
         print(line, file=sys.stderr)
-    print(sweep.table(args.baseline).to_markdown())
-    return 0
+    failed = sum(line.startswith("failed ") for line in done)
+    if failed < len(done):
+        print(sweep.table(args.baseline).to_markdown())
+    return 1 if failed else 0
 
 
 def _cmd_export_flower(args: argparse.Namespace) -> int:

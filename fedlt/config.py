@@ -416,6 +416,13 @@ class EngineConfig(_Section):
             raise ValueError("'cpu', 'cuda' or 'cuda:N'")
         return v
 
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("an integer >= 1, 'auto' or unset")
+        return v
+
 
 class LogConfig(_Section):
     """Where each evaluation's metrics go besides metrics.jsonl and metrics.csv (always written)."""

@@ -474,7 +474,17 @@ def _resume_overrides(scenario: Scenario, overrides: Iterable[str] | Mapping[str
     new = load_scenario(raw, overrides)
     before = dict(_flatten(scenario.model_dump(mode="json")))
     after = dict(_flatten(new.model_dump(mode="json")))
-    for key in sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k)):
+    given = [
+        (k.replace("__", ".") if isinstance(overrides, Mapping) else k.partition("=")[0].strip())
+        for k in (overrides if isinstance(overrides, Mapping) else list(overrides))
+    ]
+    given = [re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", g) for g in given]  # plugins.0.x -> plugins[0].x
+
+    def named_first(key: str) -> tuple[bool, str]:  # a key the user set before its consequences
+        return (not any(key == g or key.startswith(g + ".") for g in given), key)
+
+    changed = (k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    for key in sorted(changed, key=named_first):
         if not any(key == ok or (ok.endswith(".") and key.startswith(ok)) for ok in RESUMABLE_KEYS):
             raise ScenarioError(
                 key,
@@ -491,6 +501,10 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, A
     for k, v in tree.items():
         if isinstance(v, Mapping):
             yield from _flatten(v, f"{prefix}{k}.")
+        elif k == "plugins" and not prefix and isinstance(v, list):
+            for i, spec in enumerate(v):  # plugins[i].name and plugins[i].<parameter>
+                yield f"plugins[{i}].name", spec.get("name")
+                yield from _flatten(spec.get("params") or {}, f"plugins[{i}].")
         else:
             yield f"{prefix}{k}", v
 

@@ -160,7 +160,13 @@ class Sweep:
             raise ScenarioError("--jobs", jobs, "an integer >= 1")
         self.out.mkdir(parents=True, exist_ok=True)
         if jobs == 1:
-            return [run_job(self.scenario, job) for job in self.jobs]
+            lines = []
+            for job in self.jobs:
+                try:
+                    lines.append(run_job(self.scenario, job))
+                except FedltError as exc:
+                    lines.append(f"failed {job.run_dir.name}: {exc}")
+            return lines
         threads = max(1, (os.cpu_count() or 1) // jobs)
         lines = []
         import multiprocessing
@@ -181,11 +187,14 @@ class Sweep:
                 "--ray", address, "used with Ray installed", hint="pip install 'fedlt[ray]'"
             ) from None
         self.out.mkdir(parents=True, exist_ok=True)
+        # Keep Ray from rewriting CUDA_VISIBLE_DEVICES for CPU-only tasks (and from warning about it).
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         started = False
         if not ray.is_initialized():
             init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            if address != "local":
-                init["address"] = address
+            # Ray's "local" starts a new local Ray; no address would join whatever cluster
+            # /tmp/ray/ray_current_cluster names (another `ray start`, or a dead one: a hang).
+            init["address"] = address
             ray.init(**init)
             started = True
         try:

@@ -6,20 +6,35 @@ long-tail, stream or evaluation parameter, a ``--set`` into a single value, a fi
 UTF-8, sizes that cannot fit in memory, shot thresholds against their rule, more tasks than
 samples, image folders that are files, missing, single-class or truncated, a cache folder that is
 a file. ``run`` must stop before anything is trained: no checkpoint, metrics or summary appear.
+
+The runner-side cases (:data:`RUNNER_CASES`) give ``fedlt run`` a bad ``--out`` folder and
+``fedlt resume`` a bad run folder: missing, a file, held by a live run, or holding a broken,
+foreign or forged checkpoint, or a ``--set`` that resume cannot honour. Each exits 2 naming the
+folder, file or key, and leaves every file as it was (a forged checkpoint runs none of its code).
 """
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import pickle
 import re
+import shutil
+import socket
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from support.scenarios import TINY
 
+import fedlt
 from fedlt.cli import main
+from fedlt.runner import Run
 
 
 def S(*overrides: str) -> list[str]:
@@ -100,6 +115,50 @@ CASES = [
         S("data.dataset=imagefolder", "data.root={tmp}/set", "data.cache_dir={tmp}/file.txt"),
         "data.cache_dir",
     ),
+    (Q, S("engine.threads=0"), "engine.threads"),
+]
+
+# Runner-side bad input: (arguments, what the message must contain). "{tmp}" is the test's
+# tmp_path, "{pid}" this process's id; the folders are made by _runner_files: "stopped" is a real
+# run stopped after round 1 (so a resume would train), the others are copies of it with one
+# thing broken.
+RUNNER_CASES = [
+    (["run", Q, "--out", "{tmp}/file.txt"], "The --out folder {tmp}/file.txt is a file"),
+    (["run", Q, "--out", "{tmp}/file.txt/run"], "{tmp}/file.txt is a file, not a folder"),
+    (
+        ["run", Q, "--out", "{tmp}/used"],
+        "The --out folder {tmp}/used already holds a fedlt run (metrics.jsonl)",
+    ),
+    (["run", Q, "--out", "{tmp}/stopped"], "fedlt resume {tmp}/stopped"),
+    (["run", Q, "--out", "{tmp}/held"], "The --out folder {tmp}/held already holds a fedlt run (fedlt.lock)"),
+    (["resume", "{tmp}/held-run"], "The run folder {tmp}/held-run is in use: held by pid {pid}"),
+    (["resume", "{tmp}/empty"], "'RUN_DIR' value must be a run folder holding scenario.toml"),
+    (["resume", "{tmp}/nowhere"], "Got '{tmp}/nowhere'"),
+    (["resume", "{tmp}/file.txt"], "Got '{tmp}/file.txt'"),
+    (["resume", "{tmp}/ckpt-truncated"], "{tmp}/ckpt-truncated/checkpoint.pt: the file is truncated"),
+    (["resume", "{tmp}/ckpt-garbage"], "{tmp}/ckpt-garbage/checkpoint.pt: the file is not a PyTorch"),
+    (["resume", "{tmp}/ckpt-empty"], "{tmp}/ckpt-empty/checkpoint.pt: the file is empty"),
+    (["resume", "{tmp}/ckpt-tensor"], "{tmp}/ckpt-tensor/checkpoint.pt: it holds a torch.Tensor"),
+    (["resume", "{tmp}/ckpt-foreign"], "{tmp}/ckpt-foreign/checkpoint.pt: it was written for another model"),
+    (["resume", "{tmp}/ckpt-forged"], "{tmp}/ckpt-forged/checkpoint.pt: refused to load"),
+    (["resume", "{tmp}/ckpt-forged-zip"], "{tmp}/ckpt-forged-zip/checkpoint.pt: refused to load"),
+    (["resume", "{tmp}/ckpt-folder"], "{tmp}/ckpt-folder/checkpoint.pt: it is not a regular file"),
+    (["resume", "{tmp}/ckpt-keys"], "{tmp}/ckpt-keys/checkpoint.pt: it is not a fedlt checkpoint"),
+    (["resume", "{tmp}/stopped", *S("seed=5")], "'seed'"),
+    (["resume", "{tmp}/stopped", *S("model.hidden=[8]")], "'model.hidden'"),
+    (["resume", "{tmp}/stopped", *S("trian.lr=1")], "'trian'"),
+    (["resume", "{tmp}/stopped", *S("train.lr=-1")], "'train.lr'"),
+    (["resume", "{tmp}/stopped", *S("train.lr.x=1")], "'train.lr.x'"),
+    (["run", Q, *S("name=../evil")], "'name'"),
+    (["run", Q, *S("name=a/b")], "'name'"),
+    (["run", Q, *S("train.lr.x=1")], "'train.lr' holds a single value"),
+    (["run", Q, *S("plugins.0.name=nope")], "'plugins[0].name'"),
+    (["run", Q, *S("plugins.0.name=focal", "plugins.0.gamma=-1")], "'plugins[0].gamma'"),
+    (["run", Q, *S("plugins.0.name=focal", "plugins.0.x=1")], "'plugins[0].x'"),
+    (["run", Q, *S("plugins.0.name=focal", "plugins.1.name=focal")], "'plugins[1].name'"),
+    (["run", Q, *S("engine.kind=ray", "engine.num_workers=0")], "'engine.num_workers'"),
+    (["run", Q, *S("checkpoint.every=0")], "'checkpoint.every'"),
+    (["run", Q, *S("log.wandb_mode=cloud")], "'log.wandb_mode'"),
 ]
 
 
@@ -156,3 +215,105 @@ def test_bad_input_exits_2_naming_the_key(
 
 def test_there_are_at_least_forty_cases() -> None:
     assert len(CASES) >= 40
+
+
+# --------------------------------------------------------------------------- runner side
+
+
+class _Stop(Exception):
+    """Cuts a run off after its first round, as a kill would."""
+
+
+class _Forged:
+    """Unpickling it would create the file it names: what a forged checkpoint could do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.path), "w"))
+
+
+@pytest.fixture(scope="module")
+def run_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run stopped after round 1 (``stopped``) and a finished run of another model (``other``)."""
+    root = tmp_path_factory.mktemp("runs")
+    threads = torch.get_num_threads()
+    scenario = {**TINY, "federation": {**TINY["federation"], "rounds": 2}}
+    try:
+        run = Run.create(fedlt.load_scenario(scenario), root / "stopped")
+
+        def stop(r: int, record: Any) -> None:
+            raise _Stop
+
+        run.on_round = stop
+        with pytest.raises(_Stop):
+            run.execute()
+        fedlt.run({**scenario, "model": {"name": "mlp", "hidden": [16]}}, out=root / "other")
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def _runner_files(tmp: Path, runs: Path) -> None:
+    (tmp / "file.txt").write_text("not a folder")
+    (tmp / "empty").mkdir()
+    (tmp / "used").mkdir()
+    (tmp / "used" / "metrics.jsonl").write_text('{"round": 1}\n')
+    lock = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now", "command": "x"})
+    (tmp / "held").mkdir()
+    (tmp / "held" / "fedlt.lock").write_text(lock)
+    shutil.copytree(runs / "stopped", tmp / "stopped")
+    shutil.copytree(runs / "stopped", tmp / "held-run")
+    (tmp / "held-run" / "fedlt.lock").write_text(lock)
+    good = (runs / "stopped" / "checkpoint.pt").read_bytes()
+
+    def broken(name: str, data: bytes | None = None) -> Path:
+        shutil.copytree(runs / "stopped", tmp / name)
+        if data is not None:
+            (tmp / name / "checkpoint.pt").write_bytes(data)
+        return tmp / name / "checkpoint.pt"
+
+    broken("ckpt-truncated", good[: len(good) // 2])
+    broken("ckpt-garbage", bytes(range(7, 256)) * 20)
+    broken("ckpt-empty", b"")
+    torch.save(torch.zeros(3), broken("ckpt-tensor"))
+    shutil.copy(runs / "other" / "checkpoint.pt", broken("ckpt-foreign"))
+    broken("ckpt-forged", pickle.dumps({"format": 1, "round": _Forged(tmp / "pwned")}, protocol=2))
+    torch.save({"format": 1, "round": _Forged(tmp / "pwned")}, broken("ckpt-forged-zip"))
+    path = broken("ckpt-folder")
+    path.unlink()
+    path.mkdir()
+    torch.save({"format": 1, "weights": torch.zeros(2)}, broken("ckpt-keys"))
+
+
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    """Every file and folder below ``folder``, with the files' bytes."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize(("argv", "fragment"), RUNNER_CASES)
+def test_runner_bad_input_exits_2_naming_the_folder_or_key(
+    argv: list[str], fragment: str, run_folders: Path, tmp_path: Path, capsys, restore_threads
+) -> None:
+    _runner_files(tmp_path, run_folders)
+    before = _tree(tmp_path)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if args[0] == "run" and "--out" not in args:
+        args += ["--out", str(tmp_path / "run")]
+    code = main([*args, "--quiet"])
+    out, err = capsys.readouterr()
+    message = " ".join(err.split())
+    assert code == 2, message
+    assert "Traceback" not in out + err
+    assert err.startswith("error: ")
+    assert fragment.replace("{tmp}", str(tmp_path)).replace("{pid}", str(os.getpid())) in message, message
+    assert _tree(tmp_path) == before, "nothing may be trained, written or removed"
+    assert not (tmp_path / "pwned").exists(), "a forged checkpoint ran code"
+
+
+def test_there_are_at_least_eighty_cases_in_all() -> None:
+    assert len(CASES) + len(RUNNER_CASES) >= 80

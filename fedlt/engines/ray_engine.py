@@ -44,10 +44,16 @@ class _Worker:
 
         keep_freed_memory()
         torch.set_num_threads(threads)
-        data = FederatedData.from_shared(shared, device)
-        self.trainer = ClientTrainer(scenario, data, build_hooks(scenario.plugins), torch.device(device))
+        self.error: BaseException | None = None
+        try:
+            data = FederatedData.from_shared(shared, device)
+            self.trainer = ClientTrainer(scenario, data, build_hooks(scenario.plugins), torch.device(device))
+        except Exception as exc:  # reported on the first task: the actor must not die of it
+            self.error = exc
 
     def run(self, task: ClientTask, global_state: Mapping[str, np.ndarray]) -> ClientResult:
+        if self.error is not None:
+            raise self.error
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only object-store arrays, only read
             state = {k: torch.from_numpy(v) for k, v in global_state.items()}
@@ -83,6 +89,7 @@ class RayEngine(Engine):
             if cfg.address is not None:
                 init["address"] = cfg.address
             else:
+                init["address"] = "local"  # not whatever cluster /tmp/ray/ray_current_cluster names
                 init["num_cpus"] = max(int(np.ceil(cfg.num_workers * cfg.num_cpus)), 1)
                 if cfg.num_gpus > 0:
                     init["num_gpus"] = max(torch.cuda.device_count(), 1)

@@ -117,6 +117,7 @@ class FlowerSimulation(Link):
         if address is not None:
             init["address"] = address
         else:
+            init["address"] = "local"  # not whatever cluster /tmp/ray/ray_current_cluster names
             init["num_cpus"] = max(math.ceil(num_workers * num_cpus), 1)
             if num_gpus > 0:
                 init["num_gpus"] = max(torch.cuda.device_count(), 1)
