@@ -799,7 +799,8 @@ def scenario_to_toml(scenario: Scenario) -> str:
     """
     import tomli_w
 
-    data = _strip_none(scenario.model_dump(mode="json"))
+    # Python mode, not JSON: JSON mode turns inf into None (then dropped); TOML writes inf.
+    data = _strip_none(scenario.model_dump())
     data["plugins"] = [{"name": p["name"], **p["params"]} for p in data["plugins"]]
     if not data["plugins"]:
         del data["plugins"]

@@ -164,6 +164,10 @@ class Run:
             )
         # Validate plugins before any data is loaded or work starts.
         self.hooks: HookSet = build_hooks(scenario.plugins)
+        # Every plugin parameter spelled out in the run's scenario.toml, defaults included, so a
+        # run folder says exactly what ran even after a plugin's defaults change.
+        for spec, plugin in zip(scenario.plugins, self.hooks.plugins, strict=True):
+            spec.params = plugin.params.model_dump()
         self.loggers = HookSet(loggers_for(log, scenario.model_dump(mode="json")))
         self.data: FederatedData = build_federated_data(scenario, self.device)
         self.model = build_run_model(scenario, self.data, self.hooks, self.device)

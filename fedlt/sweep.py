@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,13 +160,7 @@ class Sweep:
             raise ScenarioError("--jobs", jobs, "an integer >= 1")
         self.out.mkdir(parents=True, exist_ok=True)
         if jobs == 1:
-            lines = []
-            for job in self.jobs:
-                try:
-                    lines.append(run_job(self.scenario, job))
-                except FedltError as exc:
-                    lines.append(f"failed {job.run_dir.name}: {exc}")
-            return lines
+            return [_attempt(lambda job=job: run_job(self.scenario, job), job) for job in self.jobs]
         threads = max(1, (os.cpu_count() or 1) // jobs)
         lines = []
         import multiprocessing
@@ -174,7 +168,7 @@ class Sweep:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(run_job, self.scenario, job, threads): job for job in self.jobs}
             for future in as_completed(futures):
-                lines.append(_report(future, futures[future]))
+                lines.append(_attempt(future.result, futures[future]))
         return lines
 
     def run_ray(self, address: str, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0) -> list[str]:
@@ -225,8 +219,12 @@ class Sweep:
         )
 
 
-def _report(future: Any, job: Job) -> str:
+def _attempt(call: Callable[[], str], job: Job) -> str:
+    """A job's report line; a job that fails (for any reason but an interrupt) is reported as
+    ``failed NAME: error`` and the sweep goes on with the others."""
     try:
-        return future.result()
+        return call()
     except FedltError as exc:
         return f"failed {job.run_dir.name}: {exc}"
+    except Exception as exc:
+        return f"failed {job.run_dir.name}: {type(exc).__name__}: {exc}"
