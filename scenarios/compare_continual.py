@@ -1,20 +1,24 @@
 """Compare continual-learning remedies on one ``[stream]`` scenario, same seeds, and tabulate them.
 
-The continual counterpart of ``compare_remedies.py`` (whose helpers it reuses): each method is a
-list of ``[[plugins]]`` tables (plus, for MVP, a ViT model), run through ``fedlt.run`` per seed.
-Writes a Markdown table of A_auc / A_last / A_avg / F_last (and their personalised versions) and
-a plot of anytime accuracy against the round, one line per method::
+The continual counterpart of ``compare_remedies.py``, with the same command line and outputs
+(its docstring lists them): each method is a list of ``[[plugins]]`` tables (plus, for MVP, a ViT
+model), run for every seed as a :class:`fedlt.sweep.Sweep` in ``RUNS/<method>/seed<seed>``; the
+table is ``fedlt compare``'s (mean, std, 95% interval per method, paired differences by seed
+from ``finetune``) of A_auc / A_last / A_avg / F_last, their personalised versions and the final
+balanced accuracy; the plot shows anytime accuracy against the stream samples the federation has
+read, one line per method (mean over seeds, band: ± std)::
 
     python scenarios/compare_continual.py scenarios/siblurry_quick.toml --seeds 0 1 2 --out docs/results
+
+Outputs: ``DIR/continual-<scenario>[-T].md`` / ``.csv`` / ``.json`` / ``.png`` and
+``RUNS/results.json``. ``--memory-size K`` sets the replay memory of every replay method.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import statistics
 import sys
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -35,7 +39,7 @@ def _load_common() -> ModuleType:
 
 common = _load_common()
 
-#: Columns of the continual table: (summary["final"] key, header, higher is better).
+#: Columns of the continual table: (summary["final"] key, header).
 CONTINUAL_COLUMNS: tuple[tuple[str, str], ...] = (
     ("a_auc", "A_auc"),
     ("a_last", "A_last"),
@@ -45,6 +49,13 @@ CONTINUAL_COLUMNS: tuple[tuple[str, str], ...] = (
     ("a_last_personalized", "A_last pers."),
     ("balanced_accuracy", "final bal. acc"),
 )
+#: Paired differences from the baseline (finetune).
+CONTINUAL_DELTAS: tuple[tuple[str, str], ...] = (
+    ("a_auc", "ΔA_auc"),
+    ("a_last", "ΔA_last"),
+    ("f_last", "ΔF_last"),
+)
+BASELINE = "finetune"
 
 
 def continual_methods(memory_size: int | None = None) -> dict[str, Any]:
@@ -52,7 +63,8 @@ def continual_methods(memory_size: int | None = None) -> dict[str, Any]:
 
     ``memory_size`` sets the replay memory K of every replay method (unset: the plugin's default).
     ``mvp`` swaps the scenario's model for fedlt's ViT (no pretrained weights here, so its
-    backbone is trained too: ``freeze_backbone = false``).
+    backbone is trained too: ``freeze_backbone = false``) and, as official MVP always does, masks
+    the classes the client has not seen yet (``seen-class-mask``).
     """
     mem = {} if memory_size is None else {"memory_size": memory_size}
     mvp_losses = [{"name": "gsf"}, {"name": "afs"}, {"name": "seen-class-mask"}]
@@ -67,12 +79,7 @@ def continual_methods(memory_size: int | None = None) -> dict[str, Any]:
         "gsf-afs-mask": (mvp_losses, {}),
         "er+gsf-afs-mask": ([{"name": "replay", "policy": "reservoir", **mem}, *mvp_losses], {}),
         "mvp": (
-            [
-                {"name": "mvp-prompts", "freeze_backbone": False},
-                {"name": "mvp-mask"},
-                {"name": "gsf"},
-                {"name": "afs"},
-            ],
+            [{"name": "mvp-prompts", "freeze_backbone": False}, {"name": "mvp-mask"}, *mvp_losses],
             {"model": {"name": "vit"}},
         ),
     }
@@ -81,58 +88,51 @@ def continual_methods(memory_size: int | None = None) -> dict[str, Any]:
 DEFAULT_METHODS = ("finetune", "er", "er-cbrs", "er-invfreq", "gsf-afs-mask", "er+gsf-afs-mask", "mvp")
 
 
-def continual_table(results: Sequence[Any]) -> list[str]:
-    """The continual comparison as Markdown table lines (accuracies in %)."""
-    head = ["method", *[h for _, h in CONTINUAL_COLUMNS], "seeds", "s/run", "plugins"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        if not r.summaries:
-            continue
-        row = [r.name, *[common.fmt_stat(r.values(key)) for key, _ in CONTINUAL_COLUMNS]]
-        row += [
-            str(len(r.summaries)),
-            f"{statistics.fmean(r.wall_seconds):.0f}",
-            f"`{common.plugin_label(r.plugins)}`",
-        ]
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
+def mean_curve(
+    histories: Sequence[Sequence[Sequence[float]]],
+) -> tuple[list[float], list[float], list[float]]:
+    """Mean and std over seeds of anytime-accuracy curves ``[[samples seen, accuracy], ...]``.
 
+    Seeds read their streams at different sample counts, so each curve is interpolated linearly on
+    the first one's sample counts, over the range every curve covers. For the plot only.
+    """
+    import numpy as np
 
-def mean_history(summaries: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[float], list[float]]:
-    """Rounds, mean and std (over seeds) of the anytime accuracy, on the rounds all seeds share."""
-    per_seed = [
-        {int(r): float(a) for r, a in s["final"].get("anytime_history") or [] if a is not None}
-        for s in summaries
-    ]
-    if not per_seed:
+    curves = []
+    for h in histories:
+        pts = [(float(x), float(y)) for x, y in h if x is not None and y is not None]
+        if pts:
+            curves.append(np.array(sorted(pts)))
+    if not curves:
         return [], [], []
-    rounds = sorted(set.intersection(*(set(h) for h in per_seed)))
-    means = [statistics.fmean(h[r] for h in per_seed) for r in rounds]
-    stds = [statistics.stdev(h[r] for h in per_seed) if len(per_seed) > 1 else 0.0 for r in rounds]
-    return rounds, means, stds
+    lo, hi = max(c[0, 0] for c in curves), min(c[-1, 0] for c in curves)
+    xs = curves[0][:, 0]
+    xs = xs[(xs >= lo) & (xs <= hi)]
+    if len(curves) == 1 or len(xs) == 0:
+        xs = curves[0][:, 0]
+        return xs.tolist(), curves[0][:, 1].tolist(), [0.0] * len(xs)
+    ys = np.stack([np.interp(xs, c[:, 0], c[:, 1]) for c in curves])
+    return xs.tolist(), ys.mean(0).tolist(), ys.std(0, ddof=1).tolist()
 
 
-def anytime_plot(results: Sequence[Any], path: Path, title: str) -> None:
-    """Anytime accuracy (%) against the round, one line per method (band: ± std over seeds)."""
+def anytime_plot(table: Any, path: Path, title: str) -> None:
+    """Anytime accuracy (%) against stream samples read, one line per method (band: ± std)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7.0, 4.2))
-    for r in results:
-        rounds, means, stds = mean_history(r.summaries)
-        if not rounds:
+    for g in table.groups:
+        xs, means, stds = mean_curve([run.final.get("anytime_history") or [] for run in g.runs])
+        if not xs:
             continue
-        m = [100 * v for v in means]
-        (line,) = ax.plot(rounds, m, marker=".", label=r.name)
+        (line,) = ax.plot(xs, [100 * m for m in means], marker=".", label=g.label)
         if any(stds):
-            lo = [100 * (a - s) for a, s in zip(means, stds, strict=True)]
-            hi = [100 * (a + s) for a, s in zip(means, stds, strict=True)]
-            ax.fill_between(rounds, lo, hi, color=line.get_color(), alpha=0.12)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
+            lo = [100 * (m - s) for m, s in zip(means, stds, strict=True)]
+            hi = [100 * (m + s) for m, s in zip(means, stds, strict=True)]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
+    ax.set_xlabel("stream samples read by the federation")
     ax.set_ylabel("anytime accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -150,28 +150,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--memory-size", type=int, default=None, help="replay memory K per client (default: the plugin's)"
     )
     args = parser.parse_args(argv)
-    sets, resolved, seeds, runs = common.prepare(args, {"federation.rounds": 3}, "continual")
+    sets, resolved, seeds, runs = common.prepare(args, 3, "continual")
     if resolved.stream.kind == "none":
         parser.error(f"{args.scenario} has no [stream] table; use compare_remedies.py for offline scenarios")
     names = args.methods or list(DEFAULT_METHODS)
     methods = {n: m for n, m in continual_methods(args.memory_size).items() if n in names}
     methods = common.with_params(methods, args.params)
-    print(
-        f"{len(methods)} methods x {len(seeds)} seed(s) on {resolved.name}; run folders in {runs}", flush=True
-    )
     machine = common.machine_info()
-    start = time.perf_counter()
-    results = common.run_methods(args.scenario, methods, seeds, sets, runs, args.reuse)
-    total = time.perf_counter() - start
+    results, total = common.run_study(args, args.scenario, methods, seeds, sets, runs)
 
+    metrics = [key for key, _ in CONTINUAL_COLUMNS]
+    table = common.comparison(results, metrics, BASELINE) if any(r.finished for r in results) else None
     stem = f"continual-{resolved.name}" + (f"-{args.tag}" if args.tag else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    table_path, plot_path = args.out / f"{stem}.md", args.out / f"{stem}.png"
+    plot_path = args.out / f"{stem}.png"
     st = resolved.stream
+    period = (
+        f"every {st.eval_period} stream samples read by the federation"
+        if st.eval_period
+        else "after every round that read stream samples"
+    )
     desc = (
-        f"{common.describe(resolved)}; stream {st.kind} T={st.n_tasks} N={st.disjoint_percent:g}% "
-        f"M={st.blurry_percent:g}%, {st.samples_per_round} samples per client-round, "
-        f"{st.online_iter} step(s) per batch, anytime evaluation every {st.eval_period} round(s)"
+        f"{common.describe(resolved)}; stream {st.kind} ({st.schedule}) T={st.n_tasks} "
+        f"N={st.disjoint_percent:g}% M={st.blurry_percent:g}%, {st.samples_per_round} samples per "
+        f"client-round, {st.online_iter} step(s) per batch, anytime evaluation {period}"
     )
     mem = args.memory_size if args.memory_size is not None else "plugin default (500)"
     lines = common.markdown_header(
@@ -180,21 +181,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines += [
         f"Seeds: {' '.join(map(str, seeds))}. Replay memory K = {mem} per client. Accuracies in %, "
         "mean ± sample std over seeds: anytime accuracy on the classes exposed so far "
-        "(A_auc: its mean over evaluations, A_last: the last, A_avg: the mean at task ends), "
-        "F_last: forgetting (lower is better); 'pers.': the same on each client's local view. "
-        + common.wall_note(results, total, runs),
+        "(A_auc: its mean over the periodic evaluations, A_last: the final one, A_avg: the mean at "
+        "the federation's task ends), F_last: forgetting (lower is better); 'pers.': the same on "
+        f"each client's local view. Δ: per-seed paired differences from {BASELINE}, mean [95% t "
+        "interval]. " + common.wall_note(results, total, runs),
         "",
-        *continual_table(results),
-        "",
-        f"![anytime accuracy per round]({plot_path.name})",
-        "",
-        *common.notes(results),
     ]
-    table_path.write_text("\n".join(lines))
-    anytime_plot(results, plot_path, f"{resolved.name}: anytime accuracy, {len(seeds)} seed(s)")
-    common.save_raw(results, runs / "results.json")
-    print(f"wrote {table_path} and {plot_path} ({total / 60:.1f} min)")
-    return 0
+    if table is not None:
+        lines += [*common.summary_table(table, results, CONTINUAL_COLUMNS, CONTINUAL_DELTAS), ""]
+        if not args.no_plot:
+            lines += [f"![anytime accuracy against samples read]({plot_path.name})", ""]
+    lines += common.notes(results)
+    if table is not None:
+        lines += common.stats_section(table)
+    runs.mkdir(parents=True, exist_ok=True)
+    common.save_results(results, table, runs / "results.json")
+    md, _, _ = common.write_outputs(table, lines, args.out, stem)
+    print(f"wrote {md} (+ .csv, .json) and {runs / 'results.json'} ({total / 60:.1f} min)")
+    if table is None or args.no_plot:
+        return 0 if table is not None else 1
+    title = f"{resolved.name}: anytime accuracy, {len(seeds)} seed(s)"
+    ok = common.try_plot(lambda: anytime_plot(table, plot_path, title), plot_path)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -1,17 +1,35 @@
 """Compare FedAvg with each imbalance remedy on one scenario, same seeds, and tabulate the results.
 
 Every method is a list of ``[[plugins]]`` tables put on the scenario (FedAvg is the empty list).
-Each (method, seed) runs through the Python API, ``fedlt.run``, in its own run folder; the script
-then writes a Markdown table (mean ± std over seeds) and a grouped-bar plot of balanced, tail and
-personalised accuracy::
+Each (method, seed) is one run of a :class:`fedlt.sweep.Sweep` (one sweep per method, no grid),
+in its own folder ``RUNS/<method>/seed<seed>``. The table is ``fedlt compare``'s
+(:mod:`fedlt.compare`): runs grouped by setting, mean, sample std and Student-t 95% interval per
+method and metric, and per-seed paired differences from the baseline method (FedAvg)::
 
     python scenarios/compare_remedies.py quickstart --seeds 0 1 2 --out docs/results
     python scenarios/compare_remedies.py scenarios/cifar10_lt.toml --methods fedavg fedloge \\
         --set model.name=cnn --set federation.rounds=30
 
-Methods whose plugins are not installed, or installed but unusable (``fedlt plugins`` says why),
-are skipped with a note in the table; a run that raises is reported as failed and the rest go on.
-``compare_continual.py`` (the ``[stream]`` counterpart) reuses the helpers defined here.
+Options (``--help`` lists them all):
+
+- ``--seeds S ...`` (default: the scenario's own seed), ``--methods M ...`` (default: all);
+- ``--set KEY=VALUE`` scenario override for every method (as ``fedlt run --set``);
+- ``--param PLUGIN.KEY=VALUE`` sets a plugin parameter in every method that lists that plugin;
+- ``--runs DIR`` the run folders (default: a new folder under /tmp). Runs already finished there
+  with the same settings are reused and interrupted ones resumed, so rerunning a command with more
+  seeds only runs the new ones; a folder holding a run with *other* settings stops the script
+  before any training. ``--reuse`` is accepted for old command lines (reuse is the default);
+- ``--jobs N`` runs N runs at once in separate processes (each with cpu_count / N threads);
+- ``--out DIR`` and ``--tag T`` name the outputs: ``DIR/remedies-<scenario>[-T].md`` (the compact
+  table, then every metric's full statistics), ``.csv`` and ``.json`` (``fedlt compare``'s
+  formats) and ``.png`` (balanced / tail / personalised accuracy bars);
+- ``--no-plot`` skips the plot; without it a missing matplotlib stops the script before any run.
+
+``RUNS/results.json`` keeps every run's final metrics and the comparison; it and the tables are
+written before the plot, so a failing plot loses nothing. Methods whose plugins are not installed,
+or installed but unusable (``fedlt plugins`` says why), are skipped with a note in the table; a
+run that raises is reported as failed and the rest go on. ``compare_continual.py`` (the
+``[stream]`` counterpart) reuses the helpers defined here.
 """
 
 from __future__ import annotations
@@ -22,13 +40,13 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +54,10 @@ from typing import Any
 PluginList = list[dict[str, Any]]
 #: A method: its ``[[plugins]]`` tables and any other scenario overrides it needs.
 Method = tuple[PluginList, dict[str, Any]]
+#: Table columns: (summary["final"] key, header).
+Columns = Sequence[tuple[str, str]]
 
-#: Columns of the offline table: (summary["final"] key, header).
+#: Columns of the offline table.
 REMEDY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("accuracy", "acc"),
     ("balanced_accuracy", "bal. acc"),
@@ -47,12 +67,14 @@ REMEDY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("personalized_accuracy", "pers. acc"),
     ("auroc_macro", "AUROC"),
 )
-#: Metrics shown as "difference from FedAvg" columns, and bars of the plot.
+#: Metrics shown as "paired difference from FedAvg" columns, and bars of the plot.
 REMEDY_DELTAS: tuple[tuple[str, str], ...] = (
     ("balanced_accuracy", "Δbal"),
     ("tail_accuracy", "Δtail"),
     ("personalized_accuracy", "Δpers"),
 )
+#: Metrics that are not percentages (shown with three decimals).
+PLAIN_METRICS = frozenset({"auroc_macro"})
 
 
 def _plugins(*tables: dict[str, Any]) -> PluginList:
@@ -62,17 +84,16 @@ def _plugins(*tables: dict[str, Any]) -> PluginList:
 def remedy_methods(rounds: int) -> dict[str, Method]:
     """The offline methods, by the name users see, in table order.
 
-    ``rounds`` sets the round-dependent schedules: LDAM's DRW starts at about 2/3 of the rounds;
-    temperature sampling starts near uniform (tau 10) and cools down linearly to tau 2 over the
-    third of the rounds that starts halfway.
+    ``rounds`` sets temperature sampling's schedule: it starts near uniform (tau 10) and cools down
+    linearly to tau 2 over the third of the rounds that starts halfway. LDAM runs with deferred
+    re-weighting from the plugin's default round (80% of the rounds) and its cosine head (s = 30).
     """
-    drw = max(1, round(2 * rounds / 3))
     cool = max(1, rounds // 2)
     table: dict[str, PluginList] = {
         "fedavg": [],
         "focal": _plugins({"name": "focal"}),
         "class-balanced": _plugins({"name": "class-balanced", "prior": "global"}),
-        "ldam": _plugins({"name": "ldam", "drw": True, "drw_start_round": drw}),
+        "ldam": _plugins({"name": "ldam", "drw": True}),
         "balanced-softmax": _plugins({"name": "balanced-softmax", "prior": "local"}),
         "logit-adjust": _plugins({"name": "logit-adjust", "prior": "global"}),
         "posthoc-adjust": _plugins({"name": "posthoc-adjust", "prior": "global"}),
@@ -95,29 +116,32 @@ def remedy_methods(rounds: int) -> dict[str, Method]:
     return {name: (plugins, {}) for name, plugins in table.items()}
 
 
-# --------------------------------------------------------------------------- running
+# --------------------------------------------------------------------------- overrides
 
 
-@dataclass
-class MethodResult:
-    """All seeds of one method: the summaries that finished, and why the others did not."""
+def toml_inline(value: Any) -> str:
+    """``value`` as a TOML literal that ``fedlt.config.parse_value`` (``--set``) reads back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, Mapping):
+        items = (f"{_toml_key(str(k))} = {toml_inline(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_inline(v) for v in value) + "]"
+    raise TypeError(f"no TOML literal for {value!r}")
 
-    name: str
-    plugins: PluginList
-    summaries: list[dict[str, Any]] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    skipped: str | None = None
-    wall_seconds: list[float] = field(default_factory=list)
-    reused: int = 0
 
-    def values(self, key: str) -> list[float]:
-        """``summary["final"][key]`` of every finished seed (None values dropped)."""
-        out = []
-        for s in self.summaries:
-            v = s["final"].get(key)
-            if isinstance(v, int | float):
-                out.append(float(v))
-        return out
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def method_overrides(plugins: PluginList, extra: Mapping[str, Any]) -> list[str]:
+    """A method as ``--set`` strings: its plugin list, then its other overrides."""
+    return [f"plugins={toml_inline(plugins)}", *(f"{k}={toml_inline(v)}" for k, v in extra.items())]
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
@@ -161,66 +185,260 @@ def unusable_plugins(plugins: PluginList) -> str | None:
     return None
 
 
-def resolve_scenario(scenario: str, sets: Mapping[str, Any]) -> Any:
-    """The validated scenario with ``sets`` applied (to read its name, seed and rounds)."""
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class MethodRuns:
+    """One method's sweep: its finished run folders, and why the others did not finish."""
+
+    name: str
+    plugins: PluginList
+    sweep: Any = None
+    finished: list[Path] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    skipped: str | None = None
+    reused: int = 0
+
+
+def build_sweeps(
+    scenario: str, methods: Mapping[str, Method], seeds: Sequence[int], sets: Sequence[str], runs_dir: Path
+) -> list[MethodRuns]:
+    """One :class:`fedlt.sweep.Sweep` per usable method (validated: a bad override stops here)."""
+    from fedlt.errors import FedltError
+    from fedlt.sweep import Sweep
+
+    out = []
+    for name, (plugins, extra) in methods.items():
+        result = MethodRuns(name, plugins, skipped=unusable_plugins(plugins))
+        if not result.skipped:
+            fixed = [*method_overrides(plugins, extra), *sets]
+            try:
+                result.sweep = Sweep(scenario, runs_dir / name, {}, list(seeds), fixed)
+            except FedltError as exc:
+                raise SystemExit(f"{name}: {exc}") from None
+        out.append(result)
+    return out
+
+
+def check_existing(results: Sequence[MethodRuns]) -> None:
+    """Stop (before any training) when a run folder holds a run with other settings than its job's.
+
+    Settings are compared as ``fedlt compare`` groups runs (seed, engine, data paths and the
+    evaluation cadence aside).
+    """
+    from fedlt.compare import RunRecord, compare, load_run
     from fedlt.config import load_scenario
 
-    return load_scenario(scenario, dict(sets))
-
-
-def run_methods(
-    scenario: str,
-    methods: Mapping[str, Method],
-    seeds: Sequence[int],
-    sets: Mapping[str, Any],
-    runs_dir: Path,
-    reuse: bool = False,
-) -> list[MethodResult]:
-    """Run every method on every seed (same seeds for all) and collect the summaries."""
-    import fedlt
-
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    total = len(methods) * len(seeds)
-    done = 0
-    for name, (plugins, extra) in methods.items():
-        result = MethodResult(name, plugins)
-        results.append(result)
-        result.skipped = unusable_plugins(plugins)
-        if result.skipped:
-            done += len(seeds)
-            print(f"[skip] {name}: {result.skipped}", flush=True)
+    for r in results:
+        if r.sweep is None:
             continue
-        for seed in seeds:
-            done += 1
-            out = runs_dir / f"{name}-s{seed}"
-            if reuse and (out / "summary.json").is_file():
-                summary = json.loads((out / "summary.json").read_text())
-                result.summaries.append(summary)
-                result.wall_seconds.append(float(summary.get("wall_seconds", float("nan"))))
-                result.reused += 1
-                print(f"[{done}/{total}] {name} seed {seed}: reused {out}", flush=True)
+        for job in r.sweep.jobs:
+            if not (job.run_dir / "scenario.toml").is_file():
                 continue
-            overrides = {"plugins": plugins, **extra, "seed": seed, **sets}
-            start = time.perf_counter()
+            found = load_run(job.run_dir, require_summary=False)
+            wanted = load_scenario(r.sweep.scenario, job.overrides).model_dump(mode="json")
+            groups = compare([found, RunRecord(job.run_dir, scenario=wanted)], metrics=[]).groups
+            if len(groups) > 1:
+                raise SystemExit(
+                    f"{job.run_dir} holds a run with other settings ({groups[0].label}; this study "
+                    f"wants {groups[1].label}): pass another --runs folder, or remove that run"
+                )
+
+
+def _brief(run_dir: Path) -> str:
+    """Headline final metrics and wall time of a finished run, for the progress log."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final = summary.get("final", {})
+    keys = ("balanced_accuracy", "tail_accuracy", "personalized_accuracy", "a_auc")
+    text = ", ".join(f"{k}={final[k]:.3f}" for k in keys if isinstance(final.get(k), int | float))
+    return f"{text} ({summary.get('wall_seconds', float('nan')):.0f} s)"
+
+
+def run_sweeps(results: Sequence[MethodRuns], jobs: int = 1) -> None:
+    """Run every job of every method (in this process, or ``jobs`` processes at once).
+
+    Each job goes through :func:`fedlt.sweep.run_job` (run, resume an interrupted run, or skip a
+    finished one). A job that raises is recorded in its method's ``errors`` and the others go on.
+    """
+    from fedlt.sweep import run_job
+
+    pending = []
+    for r in results:
+        if r.sweep is None:
+            continue
+        for job in r.sweep.jobs:
+            if (job.run_dir / "summary.json").is_file():
+                r.finished.append(job.run_dir)
+                r.reused += 1
+                print(f"[reuse] {r.name} {job.run_dir.name}: {_brief(job.run_dir)}", flush=True)
+            else:
+                pending.append((r, job))
+    total = len(pending)
+
+    def done(i: int, r: MethodRuns, job: Any, exc: BaseException | None) -> None:
+        if exc is None:
+            r.finished.append(job.run_dir)
+            print(f"[{i}/{total}] {r.name} {job.run_dir.name}: {_brief(job.run_dir)}", flush=True)
+        else:
+            msg = f"{job.run_dir.name}: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+            r.errors.append(msg)
+            print(f"[{i}/{total}] {r.name} FAILED {msg}", flush=True)
+
+    if jobs <= 1:
+        for i, (r, job) in enumerate(pending, 1):
             try:
-                summary = fedlt.run(scenario, out=out, **overrides)
+                run_job(r.sweep.scenario, job)
             except Exception as exc:  # a broken remedy must not stop the comparison
-                msg = f"seed {seed}: {type(exc).__name__}: {exc}".splitlines()[0][:300]
-                result.errors.append(msg)
-                print(f"[{done}/{total}] {name} seed {seed}: FAILED {msg}", flush=True)
-                continue
-            wall = time.perf_counter() - start
-            result.summaries.append(summary)
-            result.wall_seconds.append(wall)
-            final = summary["final"]
-            brief = ", ".join(
-                f"{k}={final[k]:.3f}"
-                for k in ("balanced_accuracy", "tail_accuracy", "personalized_accuracy", "a_auc")
-                if isinstance(final.get(k), int | float)
-            )
-            print(f"[{done}/{total}] {name} seed {seed}: {brief} ({wall:.0f} s) -> {out}", flush=True)
-    return results
+                done(i, r, job, exc)
+            else:
+                done(i, r, job, None)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_job, r.sweep.scenario, job, threads): (r, job) for r, job in pending}
+        for i, future in enumerate(as_completed(futures), 1):
+            r, job = futures[future]
+            done(i, r, job, future.exception())
+    for r in results:  # in job order, not completion order
+        if r.sweep is not None:
+            order = [j.run_dir for j in r.sweep.jobs]
+            r.finished.sort(key=order.index)
+
+
+# --------------------------------------------------------------------------- the comparison
+
+
+def comparison(results: Sequence[MethodRuns], metrics: Sequence[str], baseline: str | None) -> Any:
+    """``fedlt compare``'s table of the finished runs, its groups labelled by method name.
+
+    Runs are grouped by their resolved settings, not by method: two methods that resolve to the
+    same scenario form one group, labelled ``a = b``. ``baseline`` names the method the paired
+    differences are taken against (ignored when it has no finished run).
+    """
+    from fedlt.compare import collect_runs, compare
+
+    owner = {p.resolve(): r.name for r in results for p in r.finished}
+    runs = collect_runs([p for r in results for p in r.finished])
+    table = compare(runs, metrics=metrics)
+    names = {}
+    order = [r.name for r in results]
+    for g in table.groups:
+        members = sorted({owner[run.path.resolve()] for run in g.runs}, key=order.index)
+        names[g.label] = " = ".join(members)
+    base_label = next((label for label, name in names.items() if baseline in name.split(" = ")), None)
+    if base_label is not None:
+        table = compare(runs, metrics=metrics, baseline=base_label)
+    relabel(table, names)
+    # Groups in method order (the baseline first).
+    table.groups.sort(key=lambda g: (g.label != table.baseline, order.index(g.label.split(" = ")[0])))
+    rank = {g.label: i for i, g in enumerate(table.groups)}
+    table.rows.sort(key=lambda row: (table.metrics.index(row.metric), rank[row.group]))
+    return table
+
+
+def relabel(table: Any, names: Mapping[str, str]) -> None:
+    """Rename ``table``'s groups (label -> method name) everywhere: groups, rows, baseline, notes."""
+    for g in table.groups:
+        g.label = names.get(g.label, g.label)
+    for row in table.rows:
+        row.group = names.get(row.group, row.group)
+    if table.baseline is not None:
+        table.baseline = names.get(table.baseline, table.baseline)
+    notes = []
+    for note in table.notes:
+        for old, new in names.items():
+            if note.startswith(old + ":"):
+                note = new + note[len(old) :]
+                break
+        notes.append(note)
+    table.notes = notes
+
+
+def _scale(metric: str) -> tuple[float, int]:
+    return (1.0, 3) if metric in PLAIN_METRICS else (100.0, 1)
+
+
+def fmt_mean_std(stat: Any, metric: str) -> str:
+    """``mean ± std`` of a :class:`fedlt.compare.Stat` (just the mean for one value), '–' for none."""
+    if stat.mean is None:
+        return "–"
+    scale, digits = _scale(metric)
+    if stat.std is None:
+        return f"{stat.mean * scale:.{digits}f}"
+    return f"{stat.mean * scale:.{digits}f} ± {stat.std * scale:.{digits}f}"
+
+
+def fmt_diff(stat: Any, metric: str) -> str:
+    """A paired difference: ``mean [95% CI]`` (the mean alone for one pair), '–' for none."""
+    if stat is None or stat.mean is None:
+        return "–"
+    scale, digits = _scale(metric)
+    text = f"{stat.mean * scale:+.{digits}f}"
+    if stat.ci_low is not None:
+        text += f" [{stat.ci_low * scale:+.{digits}f}, {stat.ci_high * scale:+.{digits}f}]"
+    return text
+
+
+def plugin_label(plugins: PluginList) -> str:
+    """Plugins of a method as ``name(k=v, ...)`` joined by ' + '; '–' for none."""
+    if not plugins:
+        return "–"
+    parts = []
+    for spec in plugins:
+        params = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name")
+        parts.append(f"{spec['name']}({params})" if params else spec["name"])
+    return " + ".join(parts)
+
+
+def summary_table(table: Any, results: Sequence[MethodRuns], columns: Columns, deltas: Columns) -> list[str]:
+    """The compact table: one row per group (method), ``mean ± std`` per metric, the paired
+    differences from the baseline as ``mean [95% CI]``, seeds, wall time per run and plugins."""
+    from fedlt.compare import summarize
+
+    plugins = {r.name: r.plugins for r in results}
+    head = ["method", *(h for _, h in columns)]
+    if table.baseline is not None:
+        head += [f"{h} vs {table.baseline}" for _, h in deltas]
+    head += ["seeds", "s/run", "plugins"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in table.groups:
+        row = [g.label, *(fmt_mean_std(table.row(g.label, key).stat, key) for key, _ in columns)]
+        if table.baseline is not None:
+            for key, _ in deltas:
+                row.append("–" if g.label == table.baseline else fmt_diff(table.row(g.label, key).diff, key))
+        wall = summarize(float(run.summary.get("wall_seconds", float("nan"))) for run in g.runs).mean
+        seeds = seed_list(g.seeds)
+        label = plugin_label(plugins.get(g.label.split(" = ")[0], []))
+        row += [seeds, f"{wall:.0f}", f"`{label}`"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def seed_list(seeds: Sequence[int | None]) -> str:
+    """Seeds as ``0-9`` / ``0-2,5`` (consecutive runs joined), ``?`` for an unknown one."""
+    known = sorted({s for s in seeds if s is not None})
+    parts: list[str] = []
+    for s in known:
+        if parts and parts[-1].split("-")[-1] == str(s - 1):
+            parts[-1] = f"{parts[-1].split('-')[0]}-{s}"
+        else:
+            parts.append(str(s))
+    return ",".join(parts + ["?"] * (len(seeds) != len([s for s in seeds if s is not None])))
+
+
+def notes(results: Sequence[MethodRuns]) -> list[str]:
+    """Skipped methods and failed runs, as Markdown lines."""
+    lines = []
+    for r in results:
+        if r.skipped:
+            lines.append(f"- **{r.name}** skipped: {r.skipped}")
+        for err in r.errors:
+            lines.append(f"- **{r.name}** failed ({err})")
+    return ["Notes:", "", *lines, ""] if lines else []
 
 
 # --------------------------------------------------------------------------- reporting
@@ -237,7 +455,7 @@ def machine_info() -> dict[str, str]:
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": str(os.cpu_count()),
         "cpu": cpu_model(),
-        "torch": f"{torch.__version__} ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
         "fedlt": getattr(fedlt, "__version__", "?"),
         "python": platform.python_version(),
     }
@@ -259,44 +477,6 @@ def machine_info() -> dict[str, str]:
     return info
 
 
-def fmt_stat(values: Sequence[float], percent: bool = True, signed: bool = False) -> str:
-    """``mean ± std`` (sample std over seeds; just the mean for one value), '–' for none."""
-    if not values:
-        return "–"
-    scale = 100.0 if percent else 1.0
-    digits = 1 if percent else 3
-    sign = "+" if signed else ""
-    mean = statistics.fmean(values) * scale
-    if len(values) == 1:
-        return f"{mean:{sign}.{digits}f}"
-    std = statistics.stdev(values) * scale
-    return f"{mean:{sign}.{digits}f} ± {std:.{digits}f}"
-
-
-def paired_deltas(result: MethodResult, base: MethodResult | None, key: str) -> list[float]:
-    """Per-seed differences from the baseline on the same seed."""
-    if base is None:
-        return []
-    by_seed = {s["seed"]: s["final"].get(key) for s in base.summaries}
-    out = []
-    for s in result.summaries:
-        b, v = by_seed.get(s["seed"]), s["final"].get(key)
-        if isinstance(b, int | float) and isinstance(v, int | float):
-            out.append(float(v) - float(b))
-    return out
-
-
-def plugin_label(plugins: PluginList) -> str:
-    """Plugins of a method as ``name(k=v, ...)`` joined by ' + '; '–' for none."""
-    if not plugins:
-        return "–"
-    parts = []
-    for spec in plugins:
-        params = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name")
-        parts.append(f"{spec['name']}({params})" if params else spec["name"])
-    return " + ".join(parts)
-
-
 def markdown_header(
     title: str, argv: Sequence[str], script: str, scenario_desc: str, machine: Mapping[str, str]
 ) -> list[str]:
@@ -309,80 +489,94 @@ def markdown_header(
     return [*lines, ""]
 
 
-def wall_note(results: Sequence[MethodResult], total: float, runs: Path) -> str:
+def wall_note(results: Sequence[MethodRuns], total: float, runs: Path) -> str:
     """Total wall time of this invocation, runs reused from earlier ones, and where they are."""
     reused = sum(r.reused for r in results)
-    runs_total = sum(sum(r.wall_seconds) for r in results)
-    extra = (
-        f" ({reused} runs reused from an earlier invocation; the runs' own wall time: "
-        f"{runs_total / 60:.1f} min in all)"
-        if reused
-        else ""
-    )
+    extra = f" ({reused} finished runs reused from an earlier invocation)" if reused else ""
     return f"Total wall time {total / 60:.1f} min{extra}; run folders in `{runs}`."
 
 
-def notes(results: Sequence[MethodResult]) -> list[str]:
-    """Skipped methods and failed runs, as Markdown lines."""
-    lines = []
+def stats_section(table: Any) -> list[str]:
+    """Every metric's statistics as ``fedlt compare`` writes them (fractions, not %)."""
+    return [
+        "## Every metric (`fedlt compare`)",
+        "",
+        "Fractions, not percentages. n = runs; 95% CI: Student t over seeds; Δ: per-seed paired "
+        f"difference from {table.baseline or 'no baseline'}.",
+        "",
+        table.to_markdown(),
+    ]
+
+
+def save_results(results: Sequence[MethodRuns], table: Any, path: Path) -> None:
+    """Per-run final metrics and the comparison as JSON (kept with the run folders)."""
+    raw: dict[str, Any] = {}
     for r in results:
-        if r.skipped:
-            lines.append(f"- **{r.name}** skipped: {r.skipped}")
-        for err in r.errors:
-            lines.append(f"- **{r.name}** failed ({err})")
-    return ["Notes:", "", *lines, ""] if lines else []
+        runs = []
+        for p in r.finished:
+            summary = json.loads((p / "summary.json").read_text())
+            runs.append(
+                {
+                    "run": str(p),
+                    "seed": summary.get("seed"),
+                    "wall_seconds": summary.get("wall_seconds"),
+                    "final": summary.get("final"),
+                }
+            )
+        raw[r.name] = {"plugins": r.plugins, "skipped": r.skipped, "errors": r.errors, "runs": runs}
+    out = {"methods": raw, "comparison": None if table is None else table.to_dict()}
+    path.write_text(json.dumps(out, indent=1, default=str))
 
 
-def remedies_table(results: Sequence[MethodResult], baseline: str = "fedavg") -> list[str]:
-    """The offline comparison as Markdown table lines (accuracies in %)."""
-    base = next((r for r in results if r.name == baseline and r.summaries), None)
-    head = ["method", *[h for _, h in REMEDY_COLUMNS]]
-    if base is not None:
-        head += [f"{h} vs {baseline}" for _, h in REMEDY_DELTAS]
-    head += ["seeds", "s/run", "plugins"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        if not r.summaries:
-            continue
-        row = [r.name]
-        for key, _ in REMEDY_COLUMNS:
-            row.append(fmt_stat(r.values(key), percent=key != "auroc_macro"))
-        if base is not None:
-            for key, _ in REMEDY_DELTAS:
-                row.append("–" if r is base else fmt_stat(paired_deltas(r, base, key), signed=True))
-        row += [
-            str(len(r.summaries)),
-            f"{statistics.fmean(r.wall_seconds):.0f}",
-            f"`{plugin_label(r.plugins)}`",
-        ]
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
+def write_outputs(table: Any, lines: Sequence[str], out: Path, stem: str) -> tuple[Path, Path, Path]:
+    """The Markdown report, ``fedlt compare``'s CSV and JSON of ``table``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    md, csv_path, json_path = out / f"{stem}.md", out / f"{stem}.csv", out / f"{stem}.json"
+    md.write_text("\n".join(lines).rstrip("\n") + "\n")
+    if table is not None:
+        csv_path.write_text(table.to_csv())
+        json_path.write_text(table.to_json())
+    return md, csv_path, json_path
 
 
-def bar_plot(
-    results: Sequence[MethodResult],
-    metrics: Sequence[tuple[str, str]],
-    path: Path,
-    title: str,
-) -> None:
+def require_matplotlib() -> None:
+    """Stop now (before any run) when the plot was asked for and matplotlib cannot be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(
+            f"matplotlib is needed for the plot ({exc}); install it (pip install matplotlib) or pass "
+            "--no-plot"
+        ) from None
+
+
+def try_plot(plot: Callable[[], None], path: Path) -> bool:
+    """Draw the plot; on failure say so (the tables and results.json are already written)."""
+    try:
+        plot()
+    except Exception as exc:  # the results must survive a broken plot
+        print(f"plot {path} failed: {type(exc).__name__}: {exc} (tables and results.json are written)")
+        return False
+    return True
+
+
+def bar_plot(table: Any, metrics: Columns, path: Path, title: str) -> None:
     """Grouped bars (one group per method, one bar per metric) with std error bars, to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in results if r.summaries]
+    groups = [g.label for g in table.groups]
     width = 0.8 / max(1, len(metrics))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(shown) + 2), 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(groups) + 2), 4.0))
     for j, (key, label) in enumerate(metrics):
-        means, errs = [], []
-        for r in shown:
-            vals = [100 * v for v in r.values(key)]
-            means.append(statistics.fmean(vals) if vals else 0.0)
-            errs.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
-        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(shown))]
+        stats = [table.row(g, key).stat for g in groups]
+        means = [100 * (s.mean or 0.0) for s in stats]
+        errs = [100 * (s.std or 0.0) for s in stats]
+        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(groups))]
         ax.bar(xs, means, width, yerr=errs, capsize=2, label=label)
-    ax.set_xticks(range(len(shown)), [r.name for r in shown], rotation=35, ha="right")
+    ax.set_xticks(range(len(groups)), groups, rotation=35, ha="right")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 114)
     ax.set_yticks(range(0, 101, 20))
@@ -392,23 +586,6 @@ def bar_plot(
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def save_raw(results: Sequence[MethodResult], path: Path) -> None:
-    """Per-run final metrics as JSON (kept with the run folders, not in the docs)."""
-    raw = {
-        r.name: {
-            "plugins": r.plugins,
-            "skipped": r.skipped,
-            "errors": r.errors,
-            "runs": [
-                {"seed": s["seed"], "wall_seconds": w, "final": s["final"]}
-                for s, w in zip(r.summaries, r.wall_seconds, strict=True)
-            ],
-        }
-        for r in results
-    }
-    path.write_text(json.dumps(raw, indent=1, default=str))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -445,14 +622,22 @@ def build_parser(description: str, methods: Sequence[str], quick_rounds: int) ->
         metavar="PLUGIN.KEY=VALUE",
         help="set parameter KEY of PLUGIN in every method that lists it (repeatable), e.g. sse-c.norm=1",
     )
-    p.add_argument("--out", type=Path, default=Path("results"), help="folder for the table and plot")
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for the tables and plot")
     p.add_argument(
-        "--runs", type=Path, default=None, help="folder for the run folders (default: a new one under /tmp)"
+        "--runs",
+        type=Path,
+        default=None,
+        help="folder of the run folders, RUNS/<method>/seed<seed> (default: a new one under /tmp); "
+        "finished runs with the same settings are reused, interrupted ones resumed",
     )
+    p.add_argument("--tag", default="", help="suffix of the output file names (to keep several studies)")
     p.add_argument(
-        "--tag", default="", help="suffix of the table and plot file names (to keep several studies)"
+        "--reuse",
+        action="store_true",
+        help="accepted for old command lines: finished runs under --runs are always reused",
     )
-    p.add_argument("--reuse", action="store_true", help="reuse run folders under --runs that have a summary")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, in separate processes (default 1)")
+    p.add_argument("--no-plot", action="store_true", help="write the tables only (no matplotlib needed)")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -461,12 +646,24 @@ def build_parser(description: str, methods: Sequence[str], quick_rounds: int) ->
     return p
 
 
-def prepare(
-    args: argparse.Namespace, quick_sets: Mapping[str, Any], kind: str
-) -> tuple[dict[str, Any], Any, list[int], Path]:
-    """Overrides, resolved scenario, seeds and run folder from parsed arguments."""
-    sets = {**(quick_sets if args.quick else {}), **parse_sets(args.sets)}
-    resolved = resolve_scenario(args.scenario, sets)
+def prepare(args: argparse.Namespace, quick_rounds: int, kind: str) -> tuple[list[str], Any, list[int], Path]:
+    """Overrides (as ``--set`` strings), resolved scenario, seeds and run folder from the arguments.
+
+    Checks matplotlib first (unless ``--no-plot``), so nothing runs when the plot cannot be drawn.
+    """
+    if not args.no_plot:
+        require_matplotlib()
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: expected an integer >= 1")
+    sets = [*([f"federation.rounds={quick_rounds}"] if args.quick else []), *args.sets]
+    parse_sets(sets)  # a malformed --set stops here
+    from fedlt.config import load_scenario
+    from fedlt.errors import FedltError
+
+    try:
+        resolved = load_scenario(args.scenario, sets)
+    except FedltError as exc:
+        raise SystemExit(str(exc)) from None
     seeds = args.seeds if args.seeds is not None else [resolved.seed]
     if args.quick and args.seeds is None:
         seeds = seeds[:1]
@@ -481,13 +678,31 @@ def describe(resolved: Any) -> str:
     model = m.name + "".join(f" {k}={v}" for k, v in m.params().items() if v is not None)
     lt, part = resolved.long_tail.params(), resolved.partition.params()
     tail = f" IF {lt['imbalance_factor']:g}" if "imbalance_factor" in lt else ""
+    nmax = f" n_max {lt['n_max']}" if lt.get("n_max") else ""
     alpha = f" alpha {part['alpha']:g}" if "alpha" in part else ""
     return (
-        f"`{resolved.name}`: {resolved.data.dataset}, long tail {resolved.long_tail.profile}{tail}, "
+        f"`{resolved.name}`: {resolved.data.dataset}, long tail {resolved.long_tail.profile}{tail}{nmax}, "
         f"{resolved.partition.kind}{alpha} over {resolved.partition.n_clients} clients, "
         f"{resolved.federation.fraction_clients:g} per round, {resolved.federation.rounds} rounds, "
-        f"{resolved.train.local_epochs} local epoch(s), model {model}"
+        f"{resolved.train.local_epochs} local epoch(s) of batch {resolved.train.batch_size}, model {model}"
     )
+
+
+def run_study(
+    args: argparse.Namespace,
+    scenario: str,
+    methods: Mapping[str, Method],
+    seeds: Sequence[int],
+    sets: Sequence[str],
+    runs: Path,
+) -> tuple[list[MethodRuns], float]:
+    """Build, check and run every method's sweep; returns the results and the wall time."""
+    results = build_sweeps(scenario, methods, seeds, sets, runs)
+    check_existing(results)
+    print(f"{len(methods)} methods x {len(seeds)} seed(s); run folders in {runs}", flush=True)
+    start = time.perf_counter()
+    run_sweeps(results, args.jobs)
+    return results, time.perf_counter() - start
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -495,52 +710,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     all_methods = remedy_methods(1)
     args = build_parser(__doc__.splitlines()[0], list(all_methods), 2).parse_args(argv)
-    sets, resolved, seeds, runs = prepare(args, {"federation.rounds": 2}, "remedies")
+    sets, resolved, seeds, runs = prepare(args, 2, "remedies")
     if resolved.stream.kind != "none":
         print("note: this is a [stream] scenario; compare_continual.py reports its continual metrics")
     names = args.methods or list(all_methods)
     methods = {n: m for n, m in remedy_methods(resolved.federation.rounds).items() if n in names}
     methods = with_params(methods, args.params)
-    print(
-        f"{len(methods)} methods x {len(seeds)} seed(s) on {resolved.name}; run folders in {runs}", flush=True
-    )
     machine = machine_info()
-    start = time.perf_counter()
-    results = run_methods(args.scenario, methods, seeds, sets, runs, args.reuse)
-    total = time.perf_counter() - start
+    results, total = run_study(args, args.scenario, methods, seeds, sets, runs)
 
+    metrics = [key for key, _ in REMEDY_COLUMNS]
+    have = any(r.finished for r in results)
+    table = comparison(results, metrics, "fedavg") if have else None
     stem = f"remedies-{resolved.name}" + (f"-{args.tag}" if args.tag else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    table_path, plot_path = args.out / f"{stem}.md", args.out / f"{stem}.png"
+    plot_path = args.out / f"{stem}.png"
     lines = markdown_header(
         f"Remedies on {resolved.name}", argv, "scenarios/compare_remedies.py", describe(resolved), machine
     )
     lines += [
         f"Seeds: {' '.join(map(str, seeds))}. Accuracies in % on the balanced global test set "
         "(personalised: mean over clients of the accuracy on each client's local test view), "
-        "mean ± sample std over seeds; the Δ columns are per-seed differences from FedAvg. "
-        + wall_note(results, total, runs),
+        "mean ± sample std over seeds; the Δ columns are per-seed paired differences from FedAvg, "
+        "mean [95% t interval]. " + wall_note(results, total, runs),
         "",
-        *remedies_table(results),
-        "",
-        f"![balanced, tail and personalised accuracy]({plot_path.name})",
-        "",
-        *notes(results),
     ]
-    table_path.write_text("\n".join(lines))
-    bar_plot(
-        results,
-        [
-            ("balanced_accuracy", "balanced"),
-            ("tail_accuracy", "tail"),
-            ("personalized_accuracy", "personalised"),
-        ],
-        plot_path,
-        f"{resolved.name}: {len(seeds)} seed(s), {resolved.federation.rounds} rounds",
-    )
-    save_raw(results, runs / "results.json")
-    print(f"wrote {table_path} and {plot_path} ({total / 60:.1f} min)")
-    return 0
+    if table is not None:
+        lines += [*summary_table(table, results, REMEDY_COLUMNS, REMEDY_DELTAS), ""]
+        if not args.no_plot:
+            lines += [f"![balanced, tail and personalised accuracy]({plot_path.name})", ""]
+    lines += notes(results)
+    if table is not None:
+        lines += stats_section(table)
+    runs.mkdir(parents=True, exist_ok=True)
+    save_results(results, table, runs / "results.json")
+    md, _, _ = write_outputs(table, lines, args.out, stem)
+    print(f"wrote {md} (+ .csv, .json) and {runs / 'results.json'} ({total / 60:.1f} min)")
+    if table is None or args.no_plot:
+        return 0 if table is not None else 1
+    bars = [
+        ("balanced_accuracy", "balanced"),
+        ("tail_accuracy", "tail"),
+        ("personalized_accuracy", "personalised"),
+    ]
+    title = f"{resolved.name}: {len(seeds)} seed(s), {resolved.federation.rounds} rounds"
+    ok = try_plot(lambda: bar_plot(table, bars, plot_path, title), plot_path)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,182 @@
+"""scenarios/fedloge_cifar10_lt*.toml (the FedLoGe authors' protocol) and fedloge_matched.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shlex
+import sys
+import tomllib
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import tomli_w
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scenarios"
+FEDAVG = SCRIPTS / "fedloge_cifar10_lt.toml"
+FEDLOGE = SCRIPTS / "fedloge_cifar10_lt_fedloge.toml"
+HEADER = "setting,method,round,global,personalized,global_head,global_medium,global_tail"
+SETTING = "cifar10-lt IF100 dir0.5 N40 frac0.2 resnet18"
+
+
+def _load(name: str) -> ModuleType:
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------- the scenario files
+
+
+def test_fedavg_file_is_the_authors_protocol() -> None:
+    s = tomllib.loads(FEDAVG.read_text())
+    assert s["seed"] == 3407 and "plugins" not in s
+    assert s["data"] == {
+        "dataset": "imagefolder",
+        "root": "../../shared/data/cifar10-jpeg.tar.gz",
+        "augment": "crop-flip",
+    }
+    # The root is relative to the scenario file, as in cifar10_lt.toml: <repo>/../shared/data.
+    assert s["data"]["root"] == tomllib.loads((SCRIPTS / "cifar10_lt.toml").read_text())["data"]["root"]
+    assert (SCRIPTS / s["data"]["root"]).resolve() == SCRIPTS.parents[1] / "shared/data/cifar10-jpeg.tar.gz"
+    assert s["long_tail"] == {"profile": "exponential", "imbalance_factor": 100, "n_max": 5000}
+    assert s["partition"] == {"kind": "dirichlet", "n_clients": 40, "alpha": 0.5}
+    assert s["model"] == {"name": "resnet18"}
+    assert s["train"] == {
+        "local_epochs": 5,
+        "batch_size": 8,
+        "lr": 0.03,
+        "momentum": 0.5,
+        "weight_decay": 0.0,
+    }
+    assert s["federation"]["fraction_clients"] == 0.2 and s["federation"]["rounds"] == 500
+    assert s["eval"]["shot_rule"] == "cumulative"
+
+
+def test_fedloge_file_is_the_fedavg_file_plus_the_plugins() -> None:
+    fedavg, fedloge = tomllib.loads(FEDAVG.read_text()), tomllib.loads(FEDLOGE.read_text())
+    plugins = fedloge.pop("plugins")
+    fedavg.pop("name"), fedloge.pop("name")
+    assert fedloge == fedavg
+    assert plugins == [
+        {"name": "sse-c", "bias": "random"},
+        {"name": "gla-fr", "global_head": "both", "personal_head": "local+aux", "mask": "test"},
+    ]
+
+
+@pytest.mark.parametrize("path", [FEDAVG, FEDLOGE])
+def test_documented_one_line_set_gives_the_fedloge_file(path: Path) -> None:
+    """Both files document the same `--set plugins=...`; applied to the FedAvg file it must give
+    exactly the FedLoGe file's scenario."""
+    from fedlt.config import load_scenario
+
+    commands = [line for line in path.read_text().splitlines() if "--set 'plugins=" in line]
+    assert commands, f"{path.name} documents no one-line --set"
+    argv = shlex.split(commands[0].lstrip("# "))
+    override = argv[argv.index("--set") + 1]
+    from_set = load_scenario(FEDAVG, [override]).model_dump(mode="json")
+    from_file = load_scenario(FEDLOGE).model_dump(mode="json")
+    from_set.pop("name"), from_file.pop("name")
+    assert from_set == from_file
+
+
+# --------------------------------------------------------------------------- fedloge_matched.py
+
+
+def _curves(tmp_path: Path) -> Path:
+    rows = [HEADER]
+    for r in range(12):  # the authors' rounds 0..11 = fedlt rounds 1..12
+        rows.append(f"{SETTING},fedavg,{r},{0.10 + 0.01 * r:.4f},{0.50 + 0.01 * r:.4f},0.8,0.3,0.0{r % 10}")
+        rows.append(f"{SETTING},fedloge,{r},{0.20 + 0.01 * r:.4f},{0.60 + 0.01 * r:.4f},0.7,0.2,0.01")
+    rows.append("other setting,fedavg,4,0.99,0.99,0.99,0.99,0.99")
+    path = tmp_path / "curves.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _run(tmp_path: Path, records: list[dict[str, Any]], plugins: list[dict[str, Any]] | None = None) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps(r) for r in records] + ['{"round": 99, "accur']  # a line cut by a kill
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    summary = {"wall_seconds": 120.0, "rounds_run": 10, "provenance": {"device": "cpu", "threads": 1}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    if plugins is not None:
+        (run / "scenario.toml").write_text(
+            tomli_w.dumps({"plugins": plugins, "federation": {"eval_every": 5}})
+        )
+    return run
+
+
+def _cells(text: str, first: str) -> list[str]:
+    line = next(x for x in text.splitlines() if x.startswith(f"| {first} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_matched_table_fedavg(tmp_path: Path) -> None:
+    mod = _load("fedloge_matched")
+    records = [
+        {"round": 5, "accuracy": 0.20, "personalized_accuracy": 0.60, "head_accuracy": 0.9,
+         "medium_accuracy": 0.25, "tail_accuracy": 0.0},
+        {"round": 10, "accuracy": 0.25, "personalized_accuracy": 0.55, "head_accuracy": 0.85,
+         "medium_accuracy": 0.30, "tail_accuracy": 0.05},
+        {"round": 7, "train_loss": 1.0},  # not an evaluation with accuracy: ignored
+    ]  # fmt: skip
+    run = _run(tmp_path, records, plugins=[])
+    out = tmp_path / "table.md"
+    assert mod.main([str(run), "--curves", str(_curves(tmp_path)), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "### fedavg:" in text
+    head = _cells(text, "round")
+    assert head[:4] == ["round", "global: fedlt", "authors", "gap"]
+    # fedlt round 5 is the authors' logged round 4: global 0.14, personalised 0.54.
+    assert _cells(text, "5")[1:7] == ["20.0", "14.0", "+6.0", "60.0", "54.0", "+6.0"]
+    row10 = _cells(text, "10")
+    assert row10[1:7] == ["25.0", "19.0", "+6.0", "55.0", "59.0", "-4.0"]
+    assert row10[-3:] == ["5.0", "9.0", "-4.0"]  # tail: the authors' round 9 logged 0.09
+    assert "| 20 |" not in text  # not evaluated by the run
+    assert "Wall time per round: fedlt 12.0 s" in text and "190 s" in text
+
+
+def test_matched_table_fedloge_reports_both_heads(tmp_path: Path) -> None:
+    mod = _load("fedloge_matched")
+    record = {
+        "round": 5,
+        "accuracy": 0.30,  # the realigned head
+        "personalized_accuracy": 0.70,
+        "gla-fr.sse_c_accuracy": 0.25,
+        "gla-fr.sse_c_head_accuracy": 0.75,
+        "gla-fr.sse_c_medium_accuracy": 0.15,
+        "gla-fr.sse_c_tail_accuracy": 0.0,
+        "head_accuracy": 0.5,
+    }
+    run = _run(tmp_path, [record], plugins=[{"name": "sse-c"}, {"name": "gla-fr"}])
+    lines = mod.report(mod.read_run(run), _curves(tmp_path), SETTING, None, [5])
+    text = "\n".join(lines)
+    assert "### fedloge:" in text
+    head = _cells(text, "round")
+    assert head[1] == "global, SSE-C head: fedlt" and head[4] == "global, realigned head: fedlt"
+    cells = _cells(text, "5")
+    # SSE-C global against the authors' (their round 4: 0.24), then personalised (0.64).
+    assert cells[1:4] == ["25.0", "24.0", "+1.0"] and cells[4] == "30.0"
+    assert cells[5:8] == ["70.0", "64.0", "+6.0"]
+    assert cells[8:11] == ["75.0", "70.0", "+5.0"]  # head from the SSE-C head, not head_accuracy
+
+
+def test_matched_method_must_be_fedavg_or_fedloge(tmp_path: Path) -> None:
+    mod = _load("fedloge_matched")
+    run = _run(tmp_path, [{"round": 5, "accuracy": 0.1}], plugins=[{"name": "focal"}])
+    with pytest.raises(SystemExit, match="--method"):
+        mod.main([str(run), "--curves", str(_curves(tmp_path))])
+    assert re.search(
+        r"\| 5 \| 10\.0 \| 14\.0 \| -4\.0",
+        "\n".join(mod.report(mod.read_run(run), _curves(tmp_path), SETTING, "fedavg", None)),
+    )
