@@ -593,3 +593,16 @@ def test_available_memory_is_at_most_the_total() -> None:
     )
     available = available_memory()
     assert available is not None and 0 < available <= total
+
+
+def test_digits_read_from_the_file_equal_sklearns_load_digits() -> None:
+    # fedlt reads sklearn's bundled file without importing sklearn; the data must be identical.
+    from sklearn.datasets import load_digits
+
+    from fedlt.data.datasets import digits_arrays
+
+    pixels, labels = digits_arrays()
+    bunch = load_digits()
+    np.testing.assert_array_equal(pixels, bunch.data)
+    np.testing.assert_array_equal(labels, bunch.target)
+    assert labels.dtype == np.int64
