@@ -9,9 +9,12 @@ Each measurement is a fresh subprocess with the same environment (N, PER, R, FRA
 fedlt alternating (the order flips every repeat) so that machine noise hits both alike; the
 ratio is taken from medians. Both sides time only the work, after their imports:
 
-- floor: ``benchmarks/floor_fedavg.py`` times its rounds (client data generated inside them).
-- fedlt: this file with ``--child`` imports torch and fedlt, then times ``fedlt.run(...)``
-  (scenario validation, dataset build, rounds, per-round checkpoints, final evaluation).
+- floor: ``benchmarks/floor_fedavg.py`` times its rounds (client data generated inside them),
+  with ``torch._dynamo`` imported before (its first torch.optim optimizer would import it inside
+  the timer; fedlt's optimizers never import it).
+- fedlt: this file with ``--child`` imports torch and fedlt's run modules, then times
+  ``fedlt.run(...)`` (scenario validation, dataset build, rounds, per-round checkpoints, final
+  evaluation).
 
 Whole-process wall times (interpreter start and imports included) are recorded beside them.
 
@@ -116,6 +119,8 @@ def fedlt_child() -> None:
     import torch
 
     import fedlt
+    import fedlt.api
+    import fedlt.runner  # fedlt imports lazily: load what a run uses before the timer
 
     env = os.environ
     sc = scenario(
@@ -346,7 +351,8 @@ def render(results: list[dict[str, Any]], info: dict[str, Any], command: str, re
         "the same environment (order flipped every repeat); medians of the in-process wall times.",
         "- Floor: `benchmarks/floor_fedavg.py` (a copy of `../shared/bench/raw_fedavg.py`), its own "
         "timer around the rounds. fedlt: time around `fedlt.run(...)` inside the subprocess, after "
-        "`import torch, fedlt`.",
+        "`import torch, fedlt, fedlt.api, fedlt.runner` (fedlt imports its modules lazily; the "
+        "floor imports torch before its timer too).",
         "- Same work: N clients of PER samples (synthetic CIFAR-shaped, 10 classes), FRAC of them a "
         "round, one local epoch, batch 50, SGD lr 0.05 without momentum, the same CNN "
         "(conv 3->16, conv 16->32, max-pool after each, fc 2048->10).",
