@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         f"quickstart now {[round(x, 2) for x in new]}, before {[round(x, 2) for x in old]}.",
         "- Where the time went: `fedlt --help` imports no torch (PEP 562 lazy names, commands import what "
         "they need); the local optimizers (`fedlt/optim.py`) never import torch._dynamo, which torch.optim's "
-        "first optimizer does.",
+        "first optimizer does (2.5 s); runs import no scikit-learn (1.7 s): the confusion matrix is one "
+        "`np.bincount` and the digits are read from sklearn's bundled file.",
         END,
     ]
     section = "\n".join(lines) + "\n"
