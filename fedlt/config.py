@@ -378,7 +378,8 @@ class EngineConfig(_Section):
         "auto",
         description="torch intra-op threads for client training. serial: 'auto' takes the cores other "
         "processes leave idle when the run starts (at least 1; never oversubscribes a busy machine), "
-        "fixed for the run and written to its scenario.toml; ray/flower: per worker, 'auto' = "
+        "more than 1 only if the run's own step, timed at start-up, is clearly faster with them; fixed "
+        "for the run and written to its scenario.toml; ray/flower: per worker, 'auto' = "
         "int(num_cpus). BLAS sums in a thread-count-dependent order, so runs agree bit for bit when this "
         "matches; set a number to pin it.",
     )

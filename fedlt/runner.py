@@ -8,6 +8,7 @@ files, and it loads checkpoints only as plain data (:mod:`fedlt.checkpoint`).
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from fedlt.checkpoint import (
     CHECKPOINT,
@@ -46,7 +48,7 @@ from fedlt.loggers import loggers_for, missing_logger_packages
 from fedlt.provenance import now, provenance
 from fedlt.rounds import aggregate_round, configure_round, select_clients
 from fedlt.rundir import RunDirError, RunLock, check_fresh_dir, claim
-from fedlt.threads import CoreSampler
+from fedlt.threads import CoreSampler, fastest_threads, pinned_threads
 from fedlt.worker import aggregated_keys, build_run_model, setup_context
 
 __all__ = ["RESUMABLE_KEYS", "Run", "continual_summary", "select_clients"]
@@ -181,7 +183,7 @@ class Run:
         )
         if scenario.engine.threads == "auto" and scenario.engine.kind == "serial":
             # Fixed for the run and recorded in its scenario.toml, so a resume uses the same count.
-            scenario.engine.threads = cores.idle()
+            scenario.engine.threads = self._auto_threads(cores)
         if isinstance(scenario.engine.threads, int):
             torch.set_num_threads(scenario.engine.threads)
         self.client_states: dict[int, dict[str, dict[str, Any]]] = {}
@@ -190,6 +192,22 @@ class Run:
         self.engine: Any = None
         self.started = now()
         self._bar: Any = None
+
+    def _auto_threads(self, cores: CoreSampler) -> int:
+        """``engine.threads = "auto"``: the idle cores, if the run's own step is faster with them."""
+        idle = cores.idle()
+        if idle <= 1 or pinned_threads() is not None or self.device.type != "cpu":
+            return idle
+        probe = copy.deepcopy(self.model).train()
+        n = min(self.scenario.train.batch_size, len(self.data.y_train))
+        x, y = self.data.x_train[:n], self.data.y_train[:n]
+
+        def step() -> None:
+            probe.zero_grad(set_to_none=True)
+            F.cross_entropy(probe(x), y).backward()
+
+        with torch.random.fork_rng(devices=[]):  # dropout in the probe draws no run randomness
+            return fastest_threads(step, (1, idle))
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -1,0 +1,76 @@
+"""engine.threads = "auto": idle cores measured, then more threads only when clearly faster."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fedlt
+from fedlt.threads import CoreSampler, fastest_threads, pinned_threads
+
+
+def sleeper(seconds_by_threads: dict[int, float]):
+    """A step whose duration depends on torch's thread count, as a real step's does."""
+
+    def step() -> None:
+        time.sleep(seconds_by_threads[torch.get_num_threads()])
+
+    return step
+
+
+@pytest.fixture
+def keep_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_more_threads_are_kept_when_clearly_faster(keep_threads) -> None:
+    torch.set_num_threads(1)
+    assert fastest_threads(sleeper({1: 0.004, 2: 0.002}), (1, 2), budget_s=0.1) == 2
+    assert torch.get_num_threads() == 1  # the caller's count is restored
+
+
+def test_one_thread_when_more_are_not_clearly_faster(keep_threads) -> None:
+    # A small model: 2 threads slower than 1 (what the quickstart's MLP measured on 2 cores).
+    assert fastest_threads(sleeper({1: 0.002, 2: 0.003}), (1, 2), budget_s=0.1) == 1
+    # 2 threads only 2% faster: not worth the exposure to other processes' load.
+    assert fastest_threads(sleeper({1: 0.0050, 2: 0.0049}), (1, 2), budget_s=0.1) == 1
+
+
+def test_omp_num_threads_pins_the_count(monkeypatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert pinned_threads() == 3
+    assert CoreSampler().idle() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert pinned_threads() is None
+
+
+def test_sampler_sees_a_busy_process(monkeypatch) -> None:
+    if not Path("/proc/stat").exists():
+        pytest.skip("needs /proc/stat")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # let it start spinning
+        sampler = CoreSampler()
+        others = sampler.others_busy(min_seconds=0.6)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert others is not None and others >= 0.5  # one spinning process is about one busy core
+
+
+def test_auto_records_a_thread_count_the_run_used(tmp_path, monkeypatch, keep_threads) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    summary = fedlt.run("quickstart", out=tmp_path / "run", federation__rounds=1)
+    recorded = (tmp_path / "run" / "scenario.toml").read_text()
+    used = summary["provenance"]["threads"]
+    assert 1 <= used <= len(os.sched_getaffinity(0))
+    assert f"threads = {used}" in recorded  # a resume uses the same count
