@@ -22,7 +22,12 @@ from fedlt.data.clients import ClientViews
 from fedlt.data.federated import FederatedData
 from fedlt.dispatch import HookSet
 from fedlt.errors import NonFiniteLossError
-from fedlt.metrics import classification_metrics, personalized_accuracy, shot_groups
+from fedlt.metrics import (
+    classification_metrics,
+    personalized_accuracy,
+    personalized_shot_accuracy,
+    shot_groups,
+)
 from fedlt.recipe import LocalTraining
 from fedlt.worker import client_context
 
@@ -136,6 +141,14 @@ class Evaluator:
                 out["personalized_client_accuracy"] = [
                     c / t if t else None for c, t in zip(correct, total, strict=True)
                 ]
+                groups = out["shot_rule"]  # the global split, as FedLoGe's logs use for both
+                out.update(
+                    personalized_shot_accuracy(
+                        [z.argmax(1).cpu().numpy() for _, z, _ in personal],
+                        [self._view_labels(k).cpu().numpy() for k, _, _ in personal],
+                        groups,
+                    )
+                )
                 out.update(self._client_metric_summary(personal))
         if anytime:
             exposed = self.views.exposed_classes()

@@ -21,7 +21,7 @@ errors are plain ``ValueError``.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -290,3 +290,26 @@ def personalized_accuracy(correct: Sequence[int], total: Sequence[int]) -> float
     if not has_view.any():
         return None
     return float((hit[has_view] / seen[has_view]).mean())
+
+
+def personalized_shot_accuracy(
+    predictions: Sequence[np.ndarray], labels: Sequence[np.ndarray], groups: Mapping[str, Sequence[int]]
+) -> dict[str, float | None]:
+    """Head / medium / tail accuracy of personalised evaluation, as FedLoGe's logs report it.
+
+    For each client (one ``predictions``/``labels`` pair: its local test view) and each group,
+    the fraction of the view's samples of the group's classes predicted right; then the
+    unweighted mean over the clients whose view has samples of that group (``None`` if none has).
+    Returns ``personalized_head_accuracy``, ``personalized_medium_accuracy`` and
+    ``personalized_tail_accuracy``.
+    """
+    out: dict[str, float | None] = {}
+    for name in ("head", "medium", "tail"):
+        classes = np.asarray(groups[name], dtype=np.int64)
+        per_client = []
+        for pred, y in zip(predictions, labels, strict=True):
+            in_group = np.isin(y, classes)
+            if in_group.any():
+                per_client.append(float((pred[in_group] == y[in_group]).mean()))
+        out[f"personalized_{name}_accuracy"] = float(np.mean(per_client)) if per_client else None
+    return out

@@ -62,6 +62,13 @@ class Column:
     theirs: str | None
 
 
+#: Personalised head / medium / tail: each client's local view, the global split, mean over clients.
+PERSONAL_SHOTS = [
+    Column(f"personalised {g}", f"personalized_{g}_accuracy", f"personalized_{g}")
+    for g in ("head", "medium", "tail")
+]
+
+
 def columns(method: str) -> list[Column]:
     """What is compared for ``method`` (``"fedavg"`` or ``"fedloge"``), in table order."""
     if method == "fedloge":
@@ -72,6 +79,7 @@ def columns(method: str) -> list[Column]:
             Column("head (SSE-C)", "gla-fr.sse_c_head_accuracy", "global_head"),
             Column("medium (SSE-C)", "gla-fr.sse_c_medium_accuracy", "global_medium"),
             Column("tail (SSE-C)", "gla-fr.sse_c_tail_accuracy", "global_tail"),
+            *PERSONAL_SHOTS,
         ]
     if method == "fedavg":
         return [
@@ -80,6 +88,7 @@ def columns(method: str) -> list[Column]:
             Column("head", "head_accuracy", "global_head"),
             Column("medium", "medium_accuracy", "global_medium"),
             Column("tail", "tail_accuracy", "global_tail"),
+            *PERSONAL_SHOTS,
         ]
     raise ValueError(f"unknown method {method!r}: fedavg or fedloge")
 

@@ -127,7 +127,7 @@ def test_matched_table_fedavg(tmp_path: Path) -> None:
         {"round": 5, "accuracy": 0.20, "personalized_accuracy": 0.60, "head_accuracy": 0.9,
          "medium_accuracy": 0.25, "tail_accuracy": 0.0},
         {"round": 10, "accuracy": 0.25, "personalized_accuracy": 0.55, "head_accuracy": 0.85,
-         "medium_accuracy": 0.30, "tail_accuracy": 0.05},
+         "medium_accuracy": 0.30, "tail_accuracy": 0.05, "personalized_tail_accuracy": 0.5},
         {"round": 7, "train_loss": 1.0},  # not an evaluation with accuracy: ignored
     ]  # fmt: skip
     run = _run(tmp_path, records, plugins=[])
@@ -141,7 +141,9 @@ def test_matched_table_fedavg(tmp_path: Path) -> None:
     assert _cells(text, "5")[1:7] == ["20.0", "14.0", "+6.0", "60.0", "54.0", "+6.0"]
     row10 = _cells(text, "10")
     assert row10[1:7] == ["25.0", "19.0", "+6.0", "55.0", "59.0", "-4.0"]
-    assert row10[-3:] == ["5.0", "9.0", "-4.0"]  # tail: the authors' round 9 logged 0.09
+    assert row10[13:16] == ["5.0", "9.0", "-4.0"]  # tail: the authors' round 9 logged 0.09
+    # personalised tail: fedlt's value; these curves have no personalized_tail column
+    assert head[22] == "personalised tail: fedlt" and row10[22:25] == ["50.0", "–", "–"]
     assert "| 20 |" not in text  # not evaluated by the run
     assert "Wall time per round: fedlt 12.0 s" in text and "190 s" in text
 

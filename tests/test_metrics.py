@@ -448,3 +448,20 @@ def test_fast_on_cifar100_sized_test_set() -> None:
     # Assert
     assert elapsed < 0.5
     assert 0.45 < result["auroc_macro"] < 0.55  # random scores
+
+
+def test_personalized_shot_accuracy_hand_worked() -> None:
+    from fedlt.metrics import personalized_shot_accuracy
+
+    groups = {"head": [0], "medium": [1], "tail": [2, 3]}
+    # client A: head 2 of 3 right, medium 1 of 1, tail (class 2) 0 of 2
+    # client B: head 1 of 1, no medium sample, tail 3 of 4 (class 2: 1/1, class 3: 2/3)
+    # client C: an empty view counts for no group
+    pred = [np.array([0, 0, 1, 1, 0, 3]), np.array([0, 2, 3, 3, 0]), np.array([], dtype=np.int64)]
+    true = [np.array([0, 0, 0, 1, 2, 2]), np.array([0, 2, 3, 3, 3]), np.array([], dtype=np.int64)]
+    got = personalized_shot_accuracy(pred, true, groups)
+    assert got["personalized_head_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
+    assert got["personalized_medium_accuracy"] == pytest.approx(1.0)  # only A has medium samples
+    assert got["personalized_tail_accuracy"] == pytest.approx((0 + 3 / 4) / 2)  # samples, not classes
+    none = personalized_shot_accuracy(pred[:1], true[:1], {"head": [0], "medium": [1], "tail": [9]})
+    assert none["personalized_tail_accuracy"] is None
