@@ -28,7 +28,7 @@ from fedlt.recipe import LocalTraining
 from fedlt.safe import describe_type, find_unsafe
 from fedlt.spec import HookSpec
 
-__all__ = ["ClientHooks", "Hook", "HookSet", "build_hooks"]
+__all__ = ["ClientHooks", "Hook", "HookSet", "build_hooks", "build_hooks_spelled_out"]
 
 CLIENT_HOOKS = tuple(n for n, s in SPECS.items() if s.side == "client")
 SERVER_HOOKS = tuple(n for n, s in SPECS.items() if s.side != "client")
@@ -488,6 +488,15 @@ def build_hooks(specs: Iterable[Any], available: Mapping[str, Any] | None = None
     from fedlt.discovery import instantiate_plugins
 
     return HookSet(instantiate_plugins(list(specs), available))
+
+
+def build_hooks_spelled_out(specs: Sequence[Any]) -> HookSet:
+    """:func:`build_hooks`, then every plugin parameter, defaults included, written back into its
+    spec, so a resolved scenario says exactly what ran even after a plugin's defaults change."""
+    hooks = build_hooks(specs)
+    for spec, plugin in zip(specs, hooks.plugins, strict=True):
+        spec.params = plugin.params.model_dump()
+    return hooks
 
 
 def check_json_ready(record: Mapping[str, Any]) -> None:

@@ -40,7 +40,7 @@ from fedlt.context import LogContext
 from fedlt.continual_metrics import a_auc, a_avg, crossed, f_last, federation_task_ends, periodic_due
 from fedlt.data.clients import ClientViews
 from fedlt.data.federated import FederatedData, build_federated_data
-from fedlt.dispatch import HookSet, build_hooks
+from fedlt.dispatch import HookSet, build_hooks_spelled_out
 from fedlt.engines import check_engine_available, make_engine
 from fedlt.errors import FedltError, PluginError, ScenarioError
 from fedlt.evaluation import Evaluator
@@ -165,11 +165,7 @@ class Run:
                 key, True, f"false unless {package!r} is installed", hint=f"pip install {package}"
             )
         # Validate plugins before any data is loaded or work starts.
-        self.hooks: HookSet = build_hooks(scenario.plugins)
-        # Every plugin parameter spelled out in the run's scenario.toml, defaults included, so a
-        # run folder says exactly what ran even after a plugin's defaults change.
-        for spec, plugin in zip(scenario.plugins, self.hooks.plugins, strict=True):
-            spec.params = plugin.params.model_dump()
+        self.hooks: HookSet = build_hooks_spelled_out(scenario.plugins)  # scenario.toml: every param
         self.loggers = HookSet(loggers_for(log, scenario.model_dump(mode="json")))
         self.data: FederatedData = build_federated_data(scenario, self.device)
         self.model = build_run_model(scenario, self.data, self.hooks, self.device)

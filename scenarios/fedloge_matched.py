@@ -169,8 +169,11 @@ def protocol_departures(run: RunData, method: str) -> list[str]:
         return []
     from fedlt.compare import RunRecord, compare, load_run
     from fedlt.config import load_scenario
+    from fedlt.dispatch import build_hooks_spelled_out
 
-    protocol = RunRecord(PROTOCOL[method], scenario=load_scenario(PROTOCOL[method]).model_dump(mode="json"))
+    resolved = load_scenario(PROTOCOL[method])
+    build_hooks_spelled_out(resolved.plugins)  # plugin defaults written out, as in a run's scenario.toml
+    protocol = RunRecord(PROTOCOL[method], scenario=resolved.model_dump(mode="json"))
     groups = compare([load_run(run.path, require_summary=False), protocol], metrics=[]).groups
     if len(groups) < 2:
         return []

@@ -182,3 +182,20 @@ def test_matched_method_must_be_fedavg_or_fedloge(tmp_path: Path) -> None:
         r"\| 5 \| 10\.0 \| 14\.0 \| -4\.0",
         "\n".join(mod.report(mod.read_run(run), _curves(tmp_path), SETTING, "fedavg", None)),
     )
+
+
+def test_departures_ignore_plugin_defaults_a_run_spells_out(tmp_path: Path) -> None:
+    """A run's scenario.toml writes every plugin parameter; the protocol file names only some.
+    Only real departures may be reported (a run at 30 rounds departs in that alone)."""
+    from fedlt.config import load_scenario, scenario_to_toml
+    from fedlt.dispatch import build_hooks_spelled_out
+
+    mod = _load("fedloge_matched")
+    resolved = load_scenario(FEDLOGE, ["federation.rounds=30"])
+    build_hooks_spelled_out(resolved.plugins)  # what the runner does before writing scenario.toml
+    assert "n_refit_steps" in resolved.plugins[0].params  # a default the file does not name
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "scenario.toml").write_text(scenario_to_toml(resolved))
+    (run / "metrics.jsonl").write_text("")
+    assert mod.protocol_departures(mod.read_run(run), "fedloge") == ["federation.rounds=30"]
