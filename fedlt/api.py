@@ -43,9 +43,9 @@ def run(
 
     Examples
     --------
-    >>> summary = fedlt.run("scenarios/quickstart.toml", federation__rounds=5)  # doctest: +SKIP
+    >>> summary = fedlt.run("quickstart", out="runs/qs", federation__rounds=5)  # doctest: +SKIP
     >>> summary["final"]["balanced_accuracy"]  # doctest: +SKIP
-    >>> fedlt.history(summary_dir)[-1]["accuracy"]  # doctest: +SKIP
+    >>> fedlt.history("runs/qs")[-1]["accuracy"]  # doctest: +SKIP
     """
     from fedlt.errors import ScenarioError
     from fedlt.rundir import artefacts_in
