@@ -141,12 +141,13 @@ class Evaluator:
                 out["personalized_client_accuracy"] = [
                     c / t if t else None for c, t in zip(correct, total, strict=True)
                 ]
-                groups = out["shot_rule"]  # the global split, as FedLoGe's logs use for both
+                cumulative = ev.shot_thresholds if ev.shot_rule == "cumulative" else None
                 out.update(
                     personalized_shot_accuracy(
                         [z.argmax(1).cpu().numpy() for _, z, _ in personal],
                         [self._view_labels(k).cpu().numpy() for k, _, _ in personal],
-                        groups,
+                        d.num_classes,
+                        cumulative,  # each client split by its own view's counts (FedLoGe's code)
                     )
                 )
                 out.update(self._client_metric_summary(personal))

@@ -21,7 +21,7 @@ errors are plain ``ValueError``.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -293,23 +293,28 @@ def personalized_accuracy(correct: Sequence[int], total: Sequence[int]) -> float
 
 
 def personalized_shot_accuracy(
-    predictions: Sequence[np.ndarray], labels: Sequence[np.ndarray], groups: Mapping[str, Sequence[int]]
+    predictions: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    num_classes: int,
+    thresholds: Sequence[float] | None = None,
 ) -> dict[str, float | None]:
-    """Head / medium / tail accuracy of personalised evaluation, as FedLoGe's logs report it.
+    """Head / medium / tail accuracy of personalised evaluation, as FedLoGe's code computes it.
 
-    For each client (one ``predictions``/``labels`` pair: its local test view) and each group,
-    the fraction of the view's samples of the group's classes predicted right; then the
-    unweighted mean over the clients whose view has samples of that group (``None`` if none has).
-    Returns ``personalized_head_accuracy``, ``personalized_medium_accuracy`` and
+    Each client (one ``predictions``/``labels`` pair: its local test view) has its *own* split:
+    the ``"cumulative"`` rule of :func:`shot_groups` applied to the class counts of its view
+    (``thresholds`` default 0.75 / 0.95), so a client's tail is what is rare *for it*. Per client
+    and group, the fraction of the view's samples of the group's classes predicted right; then
+    the unweighted mean over the clients whose view has samples of that group (``None`` if none
+    has). Returns ``personalized_head_accuracy``, ``personalized_medium_accuracy`` and
     ``personalized_tail_accuracy``.
     """
-    out: dict[str, float | None] = {}
-    for name in ("head", "medium", "tail"):
-        classes = np.asarray(groups[name], dtype=np.int64)
-        per_client = []
-        for pred, y in zip(predictions, labels, strict=True):
-            in_group = np.isin(y, classes)
+    hits: dict[str, list[float]] = {"head": [], "medium": [], "tail": []}
+    for pred, y in zip(predictions, labels, strict=True):
+        if y.size == 0:
+            continue
+        counts = np.bincount(y, minlength=num_classes)
+        for name, classes in shot_groups(counts, "cumulative", thresholds).items():
+            in_group = np.isin(y, np.asarray(classes, dtype=np.int64))
             if in_group.any():
-                per_client.append(float((pred[in_group] == y[in_group]).mean()))
-        out[f"personalized_{name}_accuracy"] = float(np.mean(per_client)) if per_client else None
-    return out
+                hits[name].append(float((pred[in_group] == y[in_group]).mean()))
+    return {f"personalized_{g}_accuracy": float(np.mean(v)) if v else None for g, v in hits.items()}

@@ -451,17 +451,28 @@ def test_fast_on_cifar100_sized_test_set() -> None:
 
 
 def test_personalized_shot_accuracy_hand_worked() -> None:
+    """Each client split by its own view's counts (cumulative 75% / 95%, as FedLoGe's localtest),
+    sample-level accuracy per group, then the mean over the clients that have the group."""
     from fedlt.metrics import personalized_shot_accuracy
 
-    groups = {"head": [0], "medium": [1], "tail": [2, 3]}
-    # client A: head 2 of 3 right, medium 1 of 1, tail (class 2) 0 of 2
-    # client B: head 1 of 1, no medium sample, tail 3 of 4 (class 2: 1/1, class 3: 2/3)
-    # client C: an empty view counts for no group
-    pred = [np.array([0, 0, 1, 1, 0, 3]), np.array([0, 2, 3, 3, 0]), np.array([], dtype=np.int64)]
-    true = [np.array([0, 0, 0, 1, 2, 2]), np.array([0, 2, 3, 3, 3]), np.array([], dtype=np.int64)]
-    got = personalized_shot_accuracy(pred, true, groups)
-    assert got["personalized_head_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
-    assert got["personalized_medium_accuracy"] == pytest.approx(1.0)  # only A has medium samples
-    assert got["personalized_tail_accuracy"] == pytest.approx((0 + 3 / 4) / 2)  # samples, not classes
-    none = personalized_shot_accuracy(pred[:1], true[:1], {"head": [0], "medium": [1], "tail": [9]})
-    assert none["personalized_tail_accuracy"] is None
+    def view(counts_right: dict[int, tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        y, p = [], []
+        for c, (n, right) in counts_right.items():
+            y += [c] * n
+            p += [c] * right + [(c + 1) % 10] * (n - right)
+        return np.array(p), np.array(y)
+
+    # A: 6/3/1 samples of classes 0/1/2 -> head {0, 1} (90%), medium {2}; 5+1 of 9 head right, 0 of 1
+    # B: 8/2 of classes 3/0 -> head {3} (80%), medium {0}; 8 of 8, 0 of 2
+    # C: 18/1/1 of classes 5/6/7 -> head {5} (90%), medium {6} (95%), tail {7}; 9/18, 1/1, 1/1
+    a = view({0: (6, 5), 1: (3, 1), 2: (1, 0)})
+    b = view({3: (8, 8), 0: (2, 0)})
+    c = view({5: (18, 9), 6: (1, 1), 7: (1, 1)})
+    empty = (np.array([], dtype=np.int64), np.array([], dtype=np.int64))
+    preds, labels = zip(a, b, c, empty, strict=True)
+    got = personalized_shot_accuracy(preds, labels, 10)
+    assert got["personalized_head_accuracy"] == pytest.approx((6 / 9 + 1.0 + 0.5) / 3)
+    assert got["personalized_medium_accuracy"] == pytest.approx((0.0 + 0.0 + 1.0) / 3)
+    assert got["personalized_tail_accuracy"] == pytest.approx(1.0)  # only C has a tail sample
+    only_a = personalized_shot_accuracy(preds[:1], labels[:1], 10)
+    assert only_a["personalized_tail_accuracy"] is None
