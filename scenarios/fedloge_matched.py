@@ -62,7 +62,7 @@ class Column:
     theirs: str | None
 
 
-#: Personalised head / medium / tail: each client's local view, the global split, mean over clients.
+#: Personalised head / medium / tail: each client split by its own view's counts, mean over clients.
 PERSONAL_SHOTS = [
     Column(f"personalised {g}", f"personalized_{g}_accuracy", f"personalized_{g}")
     for g in ("head", "medium", "tail")
@@ -275,7 +275,11 @@ def report(
     split = next((h.get("shot_rule") for h in run.history.values() if h.get("shot_rule")), None)
     if isinstance(split, Mapping):
         groups = ", ".join(f"{g} = {split.get(g)}" for g in ("head", "medium", "tail"))
-        lines += ["", f"fedlt's head/medium/tail classes ({split.get('rule')} rule): {groups}."]
+        lines += [
+            "",
+            f"fedlt's global head/medium/tail classes ({split.get('rule')} rule): {groups}; the "
+            "personalised groups split each client by its own local view's counts, as the authors' code.",
+        ]
     return [*lines, ""]
 
 
