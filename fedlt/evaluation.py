@@ -136,20 +136,18 @@ class Evaluator:
         if full:
             out["personalized_accuracy"] = None
             if personal is not None:
-                correct, total = zip(*(self._client_correct(z, k, None) for k, z, _ in personal), strict=True)
+                # Each client's predictions and labels on its view, once, for every metric below.
+                preds = [z.argmax(1).cpu().numpy() for _, z, _ in personal]
+                labels = [self._view_labels(k).cpu().numpy() for k, _, _ in personal]
+                correct = [int((p == y).sum()) for p, y in zip(preds, labels, strict=True)]
+                total = [y.size for y in labels]
                 out["personalized_accuracy"] = personalized_accuracy(correct, total)
                 out["personalized_client_accuracy"] = [
                     c / t if t else None for c, t in zip(correct, total, strict=True)
                 ]
                 cumulative = ev.shot_thresholds if ev.shot_rule == "cumulative" else None
-                out.update(
-                    personalized_shot_accuracy(
-                        [z.argmax(1).cpu().numpy() for _, z, _ in personal],
-                        [self._view_labels(k).cpu().numpy() for k, _, _ in personal],
-                        d.num_classes,
-                        cumulative,  # each client split by its own view's counts (FedLoGe's code)
-                    )
-                )
+                # Each client split by its own view's counts, as FedLoGe's code does.
+                out.update(personalized_shot_accuracy(preds, labels, d.num_classes, cumulative))
                 out.update(self._client_metric_summary(personal))
         if anytime:
             exposed = self.views.exposed_classes()

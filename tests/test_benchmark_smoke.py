@@ -8,28 +8,19 @@ three. No timing is asserted.
 
 from __future__ import annotations
 
-import importlib.util
 import runpy
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from support.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"N": "4", "PER": "20", "R": "1", "FRAC": "0.5"}
 
 
 def _load_bench() -> ModuleType:
-    name = "fedlt_bench_serial"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "bench_serial.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_script(Path("benchmarks/bench_serial.py"), "fedlt_bench_serial")
 
 
 def test_floor_and_fedlt_sides_run_and_print_times(

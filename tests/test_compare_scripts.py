@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import builtins
 import copy
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import matplotlib
 import pytest
 import tomli_w
+from support.scripts import load_script
 
 matplotlib.use("Agg")
 
@@ -31,14 +30,7 @@ STREAM: dict[str, Any] = {
 
 
 def _load(name: str) -> ModuleType:
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPTS / f"{name}.py")
 
 
 def _write(tmp_path: Path, scenario: dict[str, Any], name: str) -> Path:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
-import sys
 import tomllib
 from pathlib import Path
 from types import ModuleType
@@ -14,6 +12,7 @@ from typing import Any
 
 import pytest
 import tomli_w
+from support.scripts import load_script
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scenarios"
 FEDAVG = SCRIPTS / "fedloge_cifar10_lt.toml"
@@ -23,14 +22,7 @@ SETTING = "cifar10-lt IF100 dir0.5 N40 frac0.2 resnet18"
 
 
 def _load(name: str) -> ModuleType:
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPTS / f"{name}.py")
 
 
 # --------------------------------------------------------------------------- the scenario files

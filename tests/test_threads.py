@@ -53,8 +53,8 @@ def test_omp_num_threads_pins_the_count(monkeypatch) -> None:
 
 
 def test_sampler_sees_a_busy_process(monkeypatch) -> None:
-    if not Path("/proc/stat").exists():
-        pytest.skip("needs /proc/stat")
+    """One spinning process is about one busy core; where the OS has no /proc/stat the sampler
+    says it cannot tell (None) and "auto" then assumes an idle machine."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -64,7 +64,10 @@ def test_sampler_sees_a_busy_process(monkeypatch) -> None:
     finally:
         busy.kill()
         busy.wait()
-    assert others is not None and others >= 0.5  # one spinning process is about one busy core
+    if not Path("/proc/stat").exists():
+        assert others is None
+        return
+    assert others is not None and others >= 0.5
 
 
 def test_auto_records_a_thread_count_the_run_used(tmp_path, monkeypatch, keep_threads) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -483,14 +482,9 @@ def test_fedlt_run_api_accepts_the_vectorized_engine(tmp_path):
 def test_gpu_benchmark_runs_at_smoke_size():
     # benchmarks/bench_gpu.py is run by hand on a GPU; this keeps it working in between: the
     # floors, both fedlt engines and the FedLoGe protocol round at tiny sizes on this device.
-    import importlib.util
+    from support.scripts import load_script
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("fedlt_bench_gpu", root / "benchmarks" / "bench_gpu.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
+    bench = load_script(Path("benchmarks/bench_gpu.py"), "fedlt_bench_gpu")
     if bench.find_file(None, bench.FLOOR_CANDIDATES) is None:
         pytest.skip("gpu_floor.py (../shared/bench) is not on this machine")
     lines: list[str] = []
