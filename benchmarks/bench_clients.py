@@ -37,7 +37,7 @@ PER_ROUND = 100
 
 def child(n: int, out: Path) -> None:
     import fedlt
-    from fedlt.runner import Run
+    from fedlt.driver.runner import Run
 
     t0 = time.perf_counter()
     scenario = fedlt.load_scenario(
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     per_round = {n: statistics.median(r["rounds_s"][1:-1]) for n, r in results.items()}
     ratio = per_round[100_000] / per_round[1_000]
-    from fedlt.provenance import cpu_model
+    from fedlt.base.provenance import cpu_model
 
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True

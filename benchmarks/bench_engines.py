@@ -62,7 +62,7 @@ def child(engine: str, n: int, per: int, rounds: int, frac: float, workers: int)
 
     eng = {"kind": "serial"} if engine == "serial" else {"kind": "ray", "num_workers": workers, "num_cpus": 1}
     stamps: list[float] = []
-    from fedlt.runner import Run
+    from fedlt.driver.runner import Run
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -82,7 +82,7 @@ def ceiling_child(threads: int, steps: int) -> None:
     sys.path.insert(0, str(HERE))
     from floor_fedavg import Net
 
-    from fedlt.allocator import keep_freed_memory
+    from fedlt.base.allocator import keep_freed_memory
 
     keep_freed_memory()  # as the serial engine and every Ray worker do
     torch.set_num_threads(threads)
@@ -166,7 +166,7 @@ def measure(kind: str, env: dict[str, str], args: argparse.Namespace) -> dict[st
 def machine() -> str:
     import torch
 
-    from fedlt.provenance import cpu_model
+    from fedlt.base.provenance import cpu_model
 
     cores = f"{os.cpu_count()} cores ({cpu_model()})"
     return f"{cores}, Python {platform.python_version()}, torch {torch.__version__}"

@@ -107,7 +107,7 @@ def ensure_fedlt() -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules["fedlt_plugins"] = module
         spec.loader.exec_module(module)
-    from fedlt.discovery import EXTRA_PLUGINS_ENV, discover_plugins
+    from fedlt.hooks.discovery import EXTRA_PLUGINS_ENV, discover_plugins
 
     found = discover_plugins()
     extra = {"sse-c": "fedlt_plugins.etf:SSEC", "gla-fr": "fedlt_plugins.gla_fr:GLAFR"}
@@ -177,10 +177,10 @@ def fedlt_rate(scenario: Any, data: Any, w: Workload, k: int, vectorize: str, dt
     """Samples/s of fedlt rounds of the first ``k`` clients: train_round + FedAvg, as the runner."""
     import torch
 
-    from fedlt.aggregation import FedAvg
-    from fedlt.client import ClientTask
-    from fedlt.dispatch import build_hooks
     from fedlt.engines.vectorized import VectorizedEngine
+    from fedlt.hooks.dispatch import build_hooks
+    from fedlt.server.aggregation import FedAvg
+    from fedlt.training.client import ClientTask
 
     device = torch.device(scenario.engine.device)
     engine = VectorizedEngine(
@@ -209,8 +209,8 @@ def fedlt_rate(scenario: Any, data: Any, w: Workload, k: int, vectorize: str, dt
 
 def fedloge_seconds(cifar: Path | None, device: str, smoke: bool) -> dict[str, float]:
     """Seconds of round 2 of the FedLoGe protocol, serial and vectorized."""
-    from fedlt.config import load_scenario
-    from fedlt.runner import Run
+    from fedlt.driver.runner import Run
+    from fedlt.scenario.config import load_scenario
 
     if smoke:
         data: dict[str, Any] = {
@@ -277,7 +277,7 @@ def machine(device: Any) -> str:
 
     import torch
 
-    from fedlt.provenance import cpu_model
+    from fedlt.base.provenance import cpu_model
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_model()})"
     cuda = f", CUDA {torch.version.cuda}" if device.type == "cuda" else ""
@@ -382,8 +382,8 @@ def measure(
     """The floors, both engines and the FedLoGe round; the doc section written unless told not to."""
     import torch
 
-    from fedlt.config import load_scenario
     from fedlt.data.federated import build_federated_data
+    from fedlt.scenario.config import load_scenario
 
     floor_path = find_file(args.floor, FLOOR_CANDIDATES)
     if floor_path is None:

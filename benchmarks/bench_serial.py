@@ -120,7 +120,7 @@ def fedlt_child() -> None:
 
     import fedlt
     import fedlt.api
-    import fedlt.runner  # fedlt imports lazily: load what a run uses before the timer
+    import fedlt.driver.runner  # fedlt imports lazily: load what a run uses before the timer
 
     env = os.environ
     sc = scenario(
@@ -296,7 +296,7 @@ def machine() -> dict[str, Any]:
     """Cores, CPU model, torch version and thread count, for the record."""
     import torch
 
-    from fedlt.provenance import cpu_model
+    from fedlt.base.provenance import cpu_model
 
     return {
         "cores": os.cpu_count(),
@@ -351,7 +351,7 @@ def render(results: list[dict[str, Any]], info: dict[str, Any], command: str, re
         "the same environment (order flipped every repeat); medians of the in-process wall times.",
         "- Floor: `benchmarks/floor_fedavg.py` (a copy of `../shared/bench/raw_fedavg.py`), its own "
         "timer around the rounds. fedlt: time around `fedlt.run(...)` inside the subprocess, after "
-        "`import torch, fedlt, fedlt.api, fedlt.runner` (fedlt imports its modules lazily; the "
+        "`import torch, fedlt, fedlt.api, fedlt.driver.runner` (fedlt imports its modules lazily; the "
         "floor imports torch before its timer too).",
         "- Same work: N clients of PER samples (synthetic CIFAR-shaped, 10 classes), FRAC of them a "
         "round, one local epoch, batch 50, SGD lr 0.05 without momentum, the same CNN "
@@ -364,11 +364,11 @@ def render(results: list[dict[str, Any]], info: dict[str, Any], command: str, re
         "round and writes metrics.jsonl and summary.json. The floor builds a new model per client; "
         "fedlt reuses one resident model.",
         "- torch._dynamo: a hand-written loop's first `torch.optim` optimizer imports it (about "
-        "2.5 s, once per process); fedlt's optimizers (`fedlt/optim.py`, same numerics) never do. "
+        "2.5 s, once per process); fedlt's optimizers (`fedlt/training/optim.py`, same numerics) never do. "
         "The floor subprocess imports it before its timer starts, so the in-process times compare "
         "the loops alone; the whole-process times include it on the floor side only.",
         "- Where fedlt gains: the serial engine raises glibc's mmap/trim thresholds "
-        "(`fedlt/allocator.py`), so the buffers each step frees are reused instead of being returned "
+        "(`fedlt/base/allocator.py`), so the buffers each step frees are reused instead of being returned "
         "to the OS and page-faulted back in (in a bare loop of the W1 step with 2 threads: 22 ms a "
         "step with glibc's defaults, 15 ms with these thresholds). The floor runs with glibc's "
         "defaults, as a hand-written loop does; the same thresholds given to the floor through "

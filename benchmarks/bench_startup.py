@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    from fedlt.provenance import cpu_model
+    from fedlt.base.provenance import cpu_model
 
     lines = [
         BEGIN,
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- Runs (s): help now {[round(x, 2) for x in help_new]}, before {[round(x, 2) for x in help_old]}; "
         f"quickstart now {[round(x, 2) for x in new]}, before {[round(x, 2) for x in old]}.",
         "- Where the time went: `fedlt --help` imports no torch (PEP 562 lazy names, commands import what "
-        "they need); the local optimizers (`fedlt/optim.py`) never import torch._dynamo, which torch.optim's "
+        "they need); the local optimizers (`fedlt/training/optim.py`) never import torch._dynamo, "
+        "which torch.optim's "
         "first optimizer does (2.5 s); runs import no scikit-learn (1.7 s): the confusion matrix is one "
         "`np.bincount` and the digits are read from sklearn's bundled file.",
         END,

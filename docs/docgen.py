@@ -1,8 +1,8 @@
 """The generated docs: scenario reference, hook and context reference, module tables.
 
 Documentation tooling, not part of the runtime package. Every key, type, default, constraint and
-description comes from :mod:`fedlt.config` (pydantic ``Field`` metadata), every built-in plugin's
-parameters from its ``Params`` model, every hook from its declaration in :mod:`fedlt.hookspecs`,
+description comes from :mod:`fedlt.scenario.config` (pydantic ``Field`` metadata), every built-in plugin's
+parameters from its ``Params`` model, every hook from its declaration in :mod:`fedlt.hooks.hookspecs`,
 every context field from its class docstring. ``tests/test_docs.py`` fails when a committed page
 differs from what this generates.
 
@@ -31,11 +31,11 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from fedlt import context, hookspecs
-from fedlt.config import PluginSpec, RegistrySection, Scenario, scenario_to_toml
-from fedlt.discovery import ENTRY_POINT_GROUP, PluginInfo, discover_plugins, type_name
-from fedlt.plugin import Plugin
-from fedlt.spec import COMBINE_RULES, SIDES
+from fedlt.hooks import context, hookspecs
+from fedlt.hooks.discovery import ENTRY_POINT_GROUP, PluginInfo, discover_plugins, type_name
+from fedlt.hooks.plugin import Plugin
+from fedlt.hooks.spec import COMBINE_RULES, SIDES
+from fedlt.scenario.config import PluginSpec, RegistrySection, Scenario, scenario_to_toml
 
 __all__ = [
     "BLOCKS",
@@ -151,7 +151,8 @@ def _intro() -> list[str]:
     return [
         "# Scenario reference",
         "",
-        "<!-- Generated from fedlt/config.py by `python docs/docgen.py --write`; do not edit by hand. -->",
+        "<!-- Generated from fedlt/scenario/config.py by `python docs/docgen.py --write`; "
+        "do not edit by hand. -->",
         "",
         "A scenario is a TOML file (or a dict in Python) validated into typed models when it is loaded; "
         "plugin parameters are validated next, before any data is read. Every key except a plugin's "

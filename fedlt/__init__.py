@@ -9,30 +9,30 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+from fedlt.version import __version__
 
 #: Public name -> module that defines it.
 _EXPORTS: dict[str, str] = {
-    "Aggregator": "fedlt.aggregation",
-    "FedAvg": "fedlt.aggregation",
+    "Aggregator": "fedlt.server.aggregation",
+    "FedAvg": "fedlt.server.aggregation",
     "run": "fedlt.api",
     "resume": "fedlt.api",
     "history": "fedlt.api",
-    "Scenario": "fedlt.config",
-    "load_scenario": "fedlt.config",
-    "ClientContext": "fedlt.context",
-    "EvalContext": "fedlt.context",
-    "Forward": "fedlt.context",
-    "LogContext": "fedlt.context",
-    "RoundContext": "fedlt.context",
-    "SetupContext": "fedlt.context",
+    "Scenario": "fedlt.scenario.config",
+    "load_scenario": "fedlt.scenario.config",
+    "ClientContext": "fedlt.hooks.context",
+    "EvalContext": "fedlt.hooks.context",
+    "Forward": "fedlt.hooks.context",
+    "LogContext": "fedlt.hooks.context",
+    "RoundContext": "fedlt.hooks.context",
+    "SetupContext": "fedlt.hooks.context",
     "FedltError": "fedlt.errors",
     "NonFiniteLossError": "fedlt.errors",
     "PluginError": "fedlt.errors",
     "ScenarioError": "fedlt.errors",
-    "Plugin": "fedlt.plugin",
-    "hookimpl": "fedlt.plugin",
-    "LocalTraining": "fedlt.recipe",
+    "Plugin": "fedlt.hooks.plugin",
+    "hookimpl": "fedlt.hooks.plugin",
+    "LocalTraining": "fedlt.hooks.recipe",
 }
 
 __all__ = [
@@ -60,13 +60,20 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from fedlt.aggregation import Aggregator, FedAvg
     from fedlt.api import history, resume, run
-    from fedlt.config import Scenario, load_scenario
-    from fedlt.context import ClientContext, EvalContext, Forward, LogContext, RoundContext, SetupContext
     from fedlt.errors import FedltError, NonFiniteLossError, PluginError, ScenarioError
-    from fedlt.plugin import Plugin, hookimpl
-    from fedlt.recipe import LocalTraining
+    from fedlt.hooks.context import (
+        ClientContext,
+        EvalContext,
+        Forward,
+        LogContext,
+        RoundContext,
+        SetupContext,
+    )
+    from fedlt.hooks.plugin import Plugin, hookimpl
+    from fedlt.hooks.recipe import LocalTraining
+    from fedlt.scenario.config import Scenario, load_scenario
+    from fedlt.server.aggregation import Aggregator, FedAvg
 
 
 def __getattr__(name: str) -> Any:

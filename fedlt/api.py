@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from fedlt.config import Scenario, load_scenario
+from fedlt.scenario.config import Scenario, load_scenario
 
 __all__ = ["history", "resume", "run"]
 
@@ -47,9 +47,9 @@ def run(
     >>> summary["final"]["balanced_accuracy"]  # doctest: +SKIP
     >>> fedlt.history("runs/qs")[-1]["accuracy"]  # doctest: +SKIP
     """
+    from fedlt.driver.runner import SCENARIO, Run, finished_summary
     from fedlt.errors import ScenarioError
-    from fedlt.rundir import artefacts_in
-    from fedlt.runner import SCENARIO, Run, finished_summary
+    from fedlt.store.rundir import artefacts_in
 
     if if_exists not in ("error", "overwrite", "resume"):
         raise ScenarioError("if_exists", if_exists, "'error', 'overwrite' or 'resume'")
@@ -88,9 +88,9 @@ def resume(
     """Continue a run folder from its last checkpoint; returns the summary.
 
     ``overrides`` may change settings that keep the checkpoint valid (learning rate, rounds,
-    engine...; see ``fedlt.runner.RESUMABLE_KEYS``), written as for :func:`run`.
+    engine...; see ``fedlt.driver.runner.RESUMABLE_KEYS``), written as for :func:`run`.
     """
-    from fedlt.runner import Run, finished_summary
+    from fedlt.driver.runner import Run, finished_summary
 
     if not overrides:
         done = finished_summary(Path(run_dir))
@@ -101,6 +101,6 @@ def resume(
 
 def history(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every evaluation record of a run folder, in order (the lines of its metrics.jsonl)."""
-    from fedlt.checkpoint import read_metrics
+    from fedlt.store.checkpoint import read_metrics
 
     return read_metrics(Path(run_dir) / "metrics.jsonl")

@@ -127,8 +127,8 @@ def _execute(run: Any) -> dict[str, Any]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedlt.config import load_scenario
-    from fedlt.runner import Run
+    from fedlt.driver.runner import Run
+    from fedlt.scenario.config import load_scenario
 
     scenario = load_scenario(args.scenario, args.overrides)
     run = Run.create(scenario, args.out, progress=not args.quiet)
@@ -138,7 +138,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from fedlt.runner import Run, finished_summary
+    from fedlt.driver.runner import Run, finished_summary
 
     done = finished_summary(args.run_dir) if not args.overrides else None
     if done is not None:
@@ -156,7 +156,7 @@ def _print_final(summary: dict[str, Any]) -> None:
     def fmt(v: Any) -> str:
         return "-" if v is None else f"{v:.4f}"
 
-    from fedlt.compare import DEFAULT_METRICS
+    from fedlt.analysis.compare import DEFAULT_METRICS
 
     rounds = summary.get("rounds_run", summary["rounds"])
     print(f"{summary['scenario']}: {rounds} rounds in {summary['wall_seconds']:.1f}s")
@@ -173,18 +173,18 @@ def _print_final(summary: dict[str, Any]) -> None:
 def _cmd_validate(args: argparse.Namespace) -> int:
     import torch
 
-    from fedlt.config import load_scenario
-    from fedlt.data.federated import build_federated_data
-    from fedlt.dispatch import build_hooks
+    from fedlt.driver.runner import check_requirements, resolve_device
     from fedlt.engines import check_engine_available
-    from fedlt.runner import check_requirements, resolve_device
-    from fedlt.worker import build_run_model
+    from fedlt.hooks.dispatch import build_hooks
+    from fedlt.scenario.config import load_scenario
+    from fedlt.scenario.prepare import build_data
+    from fedlt.training.worker import build_run_model
 
     scenario = load_scenario(args.scenario, args.overrides)
     resolve_device(scenario.engine.device)
     check_engine_available(scenario.engine.kind)
     hooks = build_hooks(scenario.plugins)
-    data = build_federated_data(scenario, "cpu")
+    data = build_data(scenario, "cpu")
     check_requirements(scenario, hooks, build_run_model(scenario, data, hooks, torch.device("cpu")))
     print(
         f"{args.scenario}: valid ({data.n_clients} clients, {int(data.train_class_counts.sum())} training "
@@ -194,15 +194,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from fedlt.config import load_scenario
-    from fedlt.data.federated import build_federated_data
+    from fedlt.scenario.config import load_scenario
+    from fedlt.scenario.prepare import build_data
 
     if args.plot is not None:
-        from fedlt.plotting import require_matplotlib
+        from fedlt.analysis.plotting import require_matplotlib
 
         require_matplotlib()
     scenario = load_scenario(args.scenario, args.overrides)
-    data = build_federated_data(scenario, "cpu")
+    data = build_data(scenario, "cpu")
     info = data.describe(with_indices=args.with_indices)
     if args.plot is not None:
         _inspect_plots(data, args.plot)
@@ -229,7 +229,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _inspect_plots(data: Any, out: Path) -> None:
-    from fedlt.plotting import plot_client_class_counts, plot_stream_timeline, stream_labels
+    from fedlt.analysis.plotting import plot_client_class_counts, plot_stream_timeline, stream_labels
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_client_class_counts(data.client_counts, out / "client_class_counts.png", data.class_names)]
@@ -245,7 +245,7 @@ def _inspect_plots(data: Any, out: Path) -> None:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from fedlt.discovery import discover_plugins
+    from fedlt.hooks.discovery import discover_plugins
 
     plugins = discover_plugins()
     if args.names:
@@ -285,7 +285,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from fedlt.plotting import plot_runs, require_matplotlib
+    from fedlt.analysis.plotting import plot_runs, require_matplotlib
 
     require_matplotlib()
     for run in args.runs:
@@ -304,7 +304,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from fedlt.compare import collect_runs, compare
+    from fedlt.analysis.compare import collect_runs, compare
 
     try:
         runs = collect_runs(args.runs)
@@ -327,7 +327,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from fedlt.sweep import Sweep, parse_grid, parse_seeds
+    from fedlt.analysis.sweep import Sweep, parse_grid, parse_seeds
 
     sweep = Sweep(
         args.scenario,
@@ -349,8 +349,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_flower(args: argparse.Namespace) -> int:
-    from fedlt.config import load_scenario
     from fedlt.flower.export import export_flower, flwr_run_command
+    from fedlt.scenario.config import load_scenario
 
     app_dir = export_flower(args.scenario, args.dir, args.overrides, args.out)
     print(f"wrote Flower App project {app_dir}; run it with:")

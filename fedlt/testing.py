@@ -55,7 +55,7 @@ class PluginCheckError(AssertionError):
 @contextmanager
 def _registered(name: str, cls: type | None) -> Iterator[None]:
     """Make ``cls`` discoverable as ``name`` here and in worker processes (via the environment)."""
-    from fedlt.discovery import EXTRA_PLUGINS_ENV
+    from fedlt.hooks.discovery import EXTRA_PLUGINS_ENV
 
     if cls is None:
         yield
@@ -137,9 +137,9 @@ def check_plugin(
         ``{"checks": [names passed], "skipped": [notes], "final": final metrics}``.
     """
     import fedlt
-    from fedlt.discovery import PluginInfo, discover_plugins, instantiate_plugins
-    from fedlt.plugin import Plugin, implementations
-    from fedlt.runner import Run
+    from fedlt.driver.runner import Run
+    from fedlt.hooks.discovery import PluginInfo, discover_plugins, instantiate_plugins
+    from fedlt.hooks.plugin import Plugin, implementations
 
     report: dict[str, Any] = {"checks": [], "skipped": []}
     if isinstance(plugin, str):

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedlt import ClientContext, EvalContext, Plugin, RoundContext, SetupContext, hookimpl
-from fedlt.seeding import torch_generator
+from fedlt.base.seeding import torch_generator
 
 __all__ = [
     "CReFF",

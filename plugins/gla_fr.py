@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedlt import ClientContext, EvalContext, Plugin, SetupContext, hookimpl
-from fedlt.seeding import torch_generator
+from fedlt.base.seeding import torch_generator
 
 __all__ = [
     "AUX_NAME",

@@ -2,7 +2,7 @@
 
 The continual counterpart of ``compare_remedies.py``, with the same command line and outputs
 (its docstring lists them): each method is a list of ``[[plugins]]`` tables (plus, for MVP, a ViT
-model), run for every seed as a :class:`fedlt.sweep.Sweep` in ``RUNS/<method>/seed<seed>``; the
+model), run for every seed as a :class:`fedlt.analysis.sweep.Sweep` in ``RUNS/<method>/seed<seed>``; the
 table is ``fedlt compare``'s (mean, std, 95% interval per method, paired differences by seed
 from ``finetune``) of A_auc / A_last / A_avg / F_last, their personalised versions and the final
 balanced accuracy; the plot shows anytime accuracy against the stream samples the federation has

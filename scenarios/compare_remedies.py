@@ -1,9 +1,9 @@
 """Compare FedAvg with each imbalance remedy on one scenario, same seeds, and tabulate the results.
 
 Every method is a list of ``[[plugins]]`` tables put on the scenario (FedAvg is the empty list).
-Each (method, seed) is one run of a :class:`fedlt.sweep.Sweep` (one sweep per method, no grid),
+Each (method, seed) is one run of a :class:`fedlt.analysis.sweep.Sweep` (one sweep per method, no grid),
 in its own folder ``RUNS/<method>/seed<seed>``. The table is ``fedlt compare``'s
-(:mod:`fedlt.compare`): runs grouped by setting, mean, sample std and Student-t 95% interval per
+(:mod:`fedlt.analysis.compare`): runs grouped by setting, mean, sample std and Student-t 95% interval per
 method and metric, and per-seed paired differences from the baseline method (FedAvg)::
 
     python scenarios/compare_remedies.py quickstart --seeds 0 1 2 --out docs/results
@@ -120,7 +120,7 @@ def remedy_methods(rounds: int) -> dict[str, Method]:
 
 
 def toml_inline(value: Any) -> str:
-    """``value`` as a TOML literal that ``fedlt.config.parse_value`` (``--set``) reads back."""
+    """``value`` as a TOML literal that ``fedlt.scenario.config.parse_value`` (``--set``) reads back."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -146,7 +146,7 @@ def method_overrides(plugins: PluginList, extra: Mapping[str, Any]) -> list[str]
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
     """``["a.b=1", ...]`` into ``{"a.b": 1, ...}``, in order (values parsed as ``fedlt --set`` does)."""
-    from fedlt.config import parse_value
+    from fedlt.scenario.config import parse_value
 
     out: dict[str, Any] = {}
     for item in items:
@@ -173,7 +173,7 @@ def with_params(methods: Mapping[str, Method], params: Sequence[str]) -> dict[st
 
 def unusable_plugins(plugins: PluginList) -> str | None:
     """Why a method cannot run here (a plugin missing or unusable), or None."""
-    from fedlt.discovery import discover_plugins
+    from fedlt.hooks.discovery import discover_plugins
 
     found = discover_plugins()
     for spec in plugins:
@@ -204,9 +204,9 @@ class MethodRuns:
 def build_sweeps(
     scenario: str, methods: Mapping[str, Method], seeds: Sequence[int], sets: Sequence[str], runs_dir: Path
 ) -> list[MethodRuns]:
-    """One :class:`fedlt.sweep.Sweep` per usable method (validated: a bad override stops here)."""
+    """One :class:`fedlt.analysis.sweep.Sweep` per usable method (validated: a bad override stops here)."""
+    from fedlt.analysis.sweep import Sweep
     from fedlt.errors import FedltError
-    from fedlt.sweep import Sweep
 
     out = []
     for name, (plugins, extra) in methods.items():
@@ -227,8 +227,8 @@ def check_existing(results: Sequence[MethodRuns]) -> None:
     Settings are compared as ``fedlt compare`` groups runs (seed, engine, data paths and the
     evaluation cadence aside).
     """
-    from fedlt.compare import RunRecord, compare, load_run
-    from fedlt.config import load_scenario
+    from fedlt.analysis.compare import RunRecord, compare, load_run
+    from fedlt.scenario.config import load_scenario
 
     for r in results:
         if r.sweep is None:
@@ -258,10 +258,10 @@ def _brief(run_dir: Path) -> str:
 def run_sweeps(results: Sequence[MethodRuns], jobs: int = 1) -> None:
     """Run every job of every method (in this process, or ``jobs`` processes at once).
 
-    Each job goes through :func:`fedlt.sweep.run_job` (run, resume an interrupted run, or skip a
+    Each job goes through :func:`fedlt.analysis.sweep.run_job` (run, resume an interrupted run, or skip a
     finished one). A job that raises is recorded in its method's ``errors`` and the others go on.
     """
-    from fedlt.sweep import run_job
+    from fedlt.analysis.sweep import run_job
 
     pending = []
     for r in results:
@@ -319,7 +319,7 @@ def comparison(results: Sequence[MethodRuns], metrics: Sequence[str], baseline: 
     same scenario form one group, labelled ``a = b``. ``baseline`` names the method the paired
     differences are taken against (ignored when it has no finished run).
     """
-    from fedlt.compare import collect_runs, compare
+    from fedlt.analysis.compare import collect_runs, compare
 
     owner = {p.resolve(): r.name for r in results for p in r.finished}
     runs = collect_runs([p for r in results for p in r.finished])
@@ -363,7 +363,8 @@ def _scale(metric: str) -> tuple[float, int]:
 
 
 def fmt_mean_std(stat: Any, metric: str) -> str:
-    """``mean ± std`` of a :class:`fedlt.compare.Stat` (just the mean for one value), '–' for none."""
+    """``mean ± std`` of a :class:`fedlt.analysis.compare.Stat` (the mean alone for one value), '–' for
+    none."""
     if stat.mean is None:
         return "–"
     scale, digits = _scale(metric)
@@ -397,7 +398,7 @@ def plugin_label(plugins: PluginList) -> str:
 def summary_table(table: Any, results: Sequence[MethodRuns], columns: Columns, deltas: Columns) -> list[str]:
     """The compact table: one row per group (method), ``mean ± std`` per metric, the paired
     differences from the baseline as ``mean [95% CI]``, seeds, wall time per run and plugins."""
-    from fedlt.compare import summarize
+    from fedlt.analysis.compare import summarize
 
     plugins = {r.name: r.plugins for r in results}
     head = ["method", *(h for _, h in columns)]
@@ -449,7 +450,7 @@ def machine_info() -> dict[str, str]:
     import torch
 
     import fedlt
-    from fedlt.provenance import cpu_model, gpu_model
+    from fedlt.base.provenance import cpu_model, gpu_model
 
     info = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -657,8 +658,8 @@ def prepare(args: argparse.Namespace, quick_rounds: int, kind: str) -> tuple[lis
         raise SystemExit(f"--jobs {args.jobs}: expected an integer >= 1")
     sets = [*([f"federation.rounds={quick_rounds}"] if args.quick else []), *args.sets]
     parse_sets(sets)  # a malformed --set stops here
-    from fedlt.config import load_scenario
     from fedlt.errors import FedltError
+    from fedlt.scenario.config import load_scenario
 
     try:
         resolved = load_scenario(args.scenario, sets)

@@ -167,9 +167,9 @@ def protocol_departures(run: RunData, method: str) -> list[str]:
     (``key=value`` in the run, as ``fedlt compare`` labels groups), or ``[]``."""
     if not run.scenario or not PROTOCOL[method].is_file():
         return []
-    from fedlt.compare import RunRecord, compare, load_run
-    from fedlt.config import load_scenario
-    from fedlt.dispatch import build_hooks_spelled_out
+    from fedlt.analysis.compare import RunRecord, compare, load_run
+    from fedlt.hooks.dispatch import build_hooks_spelled_out
+    from fedlt.scenario.config import load_scenario
 
     resolved = load_scenario(PROTOCOL[method])
     build_hooks_spelled_out(resolved.plugins)  # plugin defaults written out, as in a run's scenario.toml

@@ -34,7 +34,7 @@ def interrupted_run() -> Callable[[dict[str, Any], Path, int], Any]:
     resume it with ``fedlt.resume(run_dir)`` and compare with an uninterrupted run.
     """
     import fedlt
-    from fedlt.runner import Run
+    from fedlt.driver.runner import Run
 
     def interrupt(scenario: dict[str, Any], run_dir: Path, after: int) -> Run:
         run = Run.create(fedlt.load_scenario(scenario), run_dir)
@@ -95,7 +95,7 @@ def one_thread(restore_threads: None) -> None:
 def install_plugins(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     """``install_plugins(name=Class, ...)``: make inline plugin classes discoverable, as if a
     distribution registered them (next to the installed ones)."""
-    from fedlt import discovery
+    from fedlt.hooks import discovery
 
     real = discovery.discover_plugins
 

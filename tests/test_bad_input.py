@@ -34,7 +34,7 @@ from support.scenarios import TINY
 
 import fedlt
 from fedlt.cli import main
-from fedlt.runner import Run
+from fedlt.driver.runner import Run
 
 
 def S(*overrides: str) -> list[str]:

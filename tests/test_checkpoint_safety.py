@@ -24,8 +24,10 @@ import pytest
 import torch
 
 import fedlt
-import fedlt.checkpoint as ckpt_mod
-from fedlt.checkpoint import (
+import fedlt.store.checkpoint as ckpt_mod
+from fedlt.cli import main as cli_main
+from fedlt.errors import FedltError
+from fedlt.store.checkpoint import (
     CHECKPOINT,
     FORMAT,
     CheckpointError,
@@ -38,8 +40,6 @@ from fedlt.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
-from fedlt.cli import main as cli_main
-from fedlt.errors import FedltError
 
 TEMP_NAME = re.compile(r"^checkpoint\.pt\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
 

@@ -1,4 +1,4 @@
-"""fedlt.compare: grouping by experiment, means, sample std, t intervals and paired differences.
+"""fedlt.analysis.compare: grouping by experiment, means, sample std, t intervals and paired differences.
 
 Run folders are written by hand (summary.json + scenario.toml with known numbers); every expected
 statistic is computed here from the textbook formulas, with t quantiles copied from a t table.
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-from fedlt.compare import (
+from fedlt.analysis.compare import (
     DEFAULT_METRICS,
     ComparisonTable,
     collect_runs,

@@ -160,16 +160,16 @@ def test_unknown_plugin_is_skipped_and_failures_do_not_stop_the_study(
     results = mod.build_sweeps(scenario, methods, [0], ["federation.rounds=1"], tmp_path / "runs")
     assert results[1].skipped and "not installed" in results[1].skipped and results[1].sweep is None
 
-    import fedlt.sweep
+    import fedlt.analysis.sweep
 
-    real = fedlt.sweep.run_job
+    real = fedlt.analysis.sweep.run_job
 
     def crash_focal(scenario: str, job: Any, threads: int | None = None) -> str:
         if "focal" in str(job.run_dir):
             raise ValueError("broken remedy")
         return real(scenario, job, threads)
 
-    monkeypatch.setattr(fedlt.sweep, "run_job", crash_focal)
+    monkeypatch.setattr(fedlt.analysis.sweep, "run_job", crash_focal)
     mod.run_sweeps(results)
     assert [p.name for p in results[0].finished] == ["seed0"]
     assert results[2].finished == [] and "broken remedy" in results[2].errors[0]
@@ -179,7 +179,7 @@ def test_unknown_plugin_is_skipped_and_failures_do_not_stop_the_study(
 
 
 def test_method_overrides_read_back_as_set_values() -> None:
-    from fedlt.config import parse_value
+    from fedlt.scenario.config import parse_value
 
     mod = _load("compare_remedies")
     plugins = [{"name": "replay", "policy": "cbrs", "memory_size": 32, "rate": 0.5, "flag": True}]

@@ -6,7 +6,13 @@ import tomllib
 
 import pytest
 
-from fedlt.config import (
+from fedlt.data.datasets import DATASETS
+from fedlt.data.longtail import PROFILES
+from fedlt.data.partition import PARTITIONS
+from fedlt.data.stream import STREAM_KINDS
+from fedlt.errors import ScenarioError
+from fedlt.models import MODELS
+from fedlt.scenario.config import (
     DataConfig,
     LongTailConfig,
     ModelConfig,
@@ -18,12 +24,6 @@ from fedlt.config import (
     scenario_from_dict,
     scenario_to_toml,
 )
-from fedlt.data.datasets import DATASETS
-from fedlt.data.longtail import PROFILES
-from fedlt.data.partition import PARTITIONS
-from fedlt.data.stream import STREAM_KINDS
-from fedlt.errors import ScenarioError
-from fedlt.models import MODELS
 
 
 def test_quickstart_loads_with_documented_defaults():

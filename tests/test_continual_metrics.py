@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlt.continual_metrics import a_auc, a_avg, a_last, crossed, f_last, federation_task_ends, periodic_due
+from fedlt.metrics.continual import (
+    a_auc,
+    a_avg,
+    a_last,
+    crossed,
+    f_last,
+    federation_task_ends,
+    periodic_due,
+)
 
 
 def test_anytime_accuracies() -> None:

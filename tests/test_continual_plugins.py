@@ -17,11 +17,11 @@ from support.contexts import client_ctx, client_hooks, hook_set, per_batch
 from torch import nn
 
 import fedlt
-from fedlt.client import train_client
-from fedlt.context import ClientContext, Forward
-from fedlt.discovery import discover_plugins
-from fedlt.plugin import Plugin, hookimpl
-from fedlt.recipe import LocalTraining
+from fedlt.hooks.context import ClientContext, Forward
+from fedlt.hooks.discovery import discover_plugins
+from fedlt.hooks.plugin import Plugin, hookimpl
+from fedlt.hooks.recipe import LocalTraining
+from fedlt.training.client import train_client
 
 LN3 = math.log(3.0)
 

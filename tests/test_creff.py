@@ -21,10 +21,10 @@ from support.contexts import client_ctx, client_hooks, eval_ctx, round_ctx, setu
 from torch import nn
 
 import fedlt
-from fedlt.checkpoint import load_checkpoint
-from fedlt.context import ClientContext, RoundContext
-from fedlt.dispatch import build_hooks
-from fedlt.seeding import torch_generator
+from fedlt.base.seeding import torch_generator
+from fedlt.hooks.context import ClientContext, RoundContext
+from fedlt.hooks.dispatch import build_hooks
+from fedlt.store.checkpoint import load_checkpoint
 
 # Small enough that a tiny run's server work takes milliseconds.
 SMALL = {"n_features": 8, "n_match_steps": 10, "n_retrain_epochs": 20, "n_grad_batches": 2}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fedlt
-from fedlt.runner import Run
+from fedlt.driver.runner import Run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -14,6 +14,7 @@ import torchvision
 from PIL import Image
 
 import fedlt.data.imagefolder as imagefolder
+from fedlt.base.registry import ParameterError
 from fedlt.data.datasets import (
     DATASET_NAMES,
     DATASETS,
@@ -26,7 +27,6 @@ from fedlt.data.datasets import (
     to_tensor,
 )
 from fedlt.data.imagefolder import ImageFolderError
-from fedlt.registry import ParameterError
 
 # --------------------------------------------------------------------------- registry
 
@@ -513,8 +513,8 @@ def _tiny(**stream) -> dict:
 
 
 def test_shared_schedule_is_one_class_order_for_every_client() -> None:
-    from fedlt.config import load_scenario
     from fedlt.data.federated import build_federated_data
+    from fedlt.scenario.config import load_scenario
 
     # All classes disjoint, 2 tasks, i-blurry: the schedule cuts the 10 classes into 5 + 5.
     stream = {"kind": "i-blurry", "n_tasks": 2, "disjoint_percent": 100, "schedule": "shared"}
@@ -531,8 +531,8 @@ def test_shared_schedule_is_one_class_order_for_every_client() -> None:
 
 
 def test_describe_reports_tasks_settings_and_schedule() -> None:
-    from fedlt.config import load_scenario
     from fedlt.data.federated import build_federated_data
+    from fedlt.scenario.config import load_scenario
 
     stream = {"kind": "si-blurry", "n_tasks": 3, "schedule": "shared"}
     data = build_federated_data(load_scenario(_tiny(**stream)))
@@ -555,9 +555,9 @@ def test_describe_reports_tasks_settings_and_schedule() -> None:
 
 
 def test_more_tasks_than_a_client_has_samples_names_stream_n_tasks() -> None:
-    from fedlt.config import load_scenario
     from fedlt.data.federated import build_federated_data
     from fedlt.errors import ScenarioError
+    from fedlt.scenario.config import load_scenario
 
     # iid over 3 clients splits the 1257 training digits into 419 each.
     with pytest.raises(ScenarioError, match="at most 419, the sample count") as excinfo:
@@ -568,8 +568,8 @@ def test_more_tasks_than_a_client_has_samples_names_stream_n_tasks() -> None:
 
 def test_data_that_cannot_fit_in_memory_is_refused_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     import fedlt.data.federated as federated
-    from fedlt.config import load_scenario
     from fedlt.errors import ScenarioError
+    from fedlt.scenario.config import load_scenario
 
     monkeypatch.setattr(federated, "available_memory", lambda: 2**30)  # 1 GiB free
     fits = {"dataset": "synthetic", "n_train": 10000, "n_test": 1000, "shape": [3, 32, 32]}

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from fedlt import context, hookspecs
 from fedlt.cli import _parser
-from fedlt.config import Scenario, builtin_scenario_path
+from fedlt.hooks import context, hookspecs
+from fedlt.scenario.config import Scenario, builtin_scenario_path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -10,12 +10,12 @@ from fedlt_plugins.etf import refit_sparse_etf, simplex_etf, sparse_etf_loss, sp
 from support.contexts import setup_ctx
 
 import fedlt
-from fedlt.context import SetupContext
-from fedlt.dispatch import build_hooks
+from fedlt.base.seeding import torch_generator
+from fedlt.driver.runner import Run
+from fedlt.hooks.context import SetupContext
+from fedlt.hooks.dispatch import build_hooks
 from fedlt.models import build_model
-from fedlt.runner import Run
-from fedlt.seeding import torch_generator
-from fedlt.worker import aggregated_keys
+from fedlt.training.worker import aggregated_keys
 
 
 def _plugin(name, **params):

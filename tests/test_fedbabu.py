@@ -9,9 +9,9 @@ import torch
 from fedlt_plugins.fedbabu import finetune
 
 import fedlt
-from fedlt.metrics import personalized_accuracy
-from fedlt.runner import Run
-from fedlt.worker import aggregated_keys
+from fedlt.driver.runner import Run
+from fedlt.metrics.classification import personalized_accuracy
+from fedlt.training.worker import aggregated_keys
 
 
 def _run(tiny, tmp_path, personalized=True, **params) -> tuple[Run, dict]:

@@ -71,7 +71,7 @@ def test_fedloge_file_is_the_fedavg_file_plus_the_plugins() -> None:
 def test_documented_one_line_set_gives_the_fedloge_file(path: Path) -> None:
     """Both files document the same `--set plugins=...`; applied to the FedAvg file it must give
     exactly the FedLoGe file's scenario."""
-    from fedlt.config import load_scenario
+    from fedlt.scenario.config import load_scenario
 
     commands = [line for line in path.read_text().splitlines() if "--set 'plugins=" in line]
     assert commands, f"{path.name} documents no one-line --set"
@@ -182,8 +182,8 @@ def test_matched_method_must_be_fedavg_or_fedloge(tmp_path: Path) -> None:
 def test_departures_ignore_plugin_defaults_a_run_spells_out(tmp_path: Path) -> None:
     """A run's scenario.toml writes every plugin parameter; the protocol file names only some.
     Only real departures may be reported (a run at 30 rounds departs in that alone)."""
-    from fedlt.config import load_scenario, scenario_to_toml
-    from fedlt.dispatch import build_hooks_spelled_out
+    from fedlt.hooks.dispatch import build_hooks_spelled_out
+    from fedlt.scenario.config import load_scenario, scenario_to_toml
 
     mod = _load("fedloge_matched")
     resolved = load_scenario(FEDLOGE, ["federation.rounds=30"])

@@ -28,13 +28,13 @@ from support.scenarios import TINY  # noqa: E402
 
 import fedlt  # noqa: E402
 from fedlt.cli import main as cli_main  # noqa: E402
-from fedlt.client import ClientResult, ClientTask  # noqa: E402
-from fedlt.engines import flower_engine  # noqa: E402
+from fedlt.driver.runner import Run  # noqa: E402
 from fedlt.errors import PluginError, ScenarioError  # noqa: E402
+from fedlt.flower import engine as flower_engine  # noqa: E402
 from fedlt.flower import wire  # noqa: E402
 from fedlt.flower.export import export_flower  # noqa: E402
 from fedlt.flower.simulation import FlowerSimulation  # noqa: E402
-from fedlt.runner import Run  # noqa: E402
+from fedlt.training.client import ClientResult, ClientTask  # noqa: E402
 
 SUPPORT = Path(__file__).parent / "support"
 STATEFUL = [
@@ -165,7 +165,7 @@ def test_task_survives_the_wire_as_records_with_types_and_order():
 
 
 def test_forged_tree_is_refused_without_running_anything():
-    from fedlt.safe import decode_tree
+    from fedlt.base.safe import decode_tree
 
     with pytest.raises(ValueError, match="unknown tag"):
         decode_tree('{"py": "os.system"}', [])
@@ -298,7 +298,7 @@ def test_more_clients_than_the_shared_simulation_has_nodes(simulation, tiny, tmp
 
 def test_export_flower_writes_a_flower_app(tiny, tmp_path, capsys):
     tiny["name"] = "tiny run_1"
-    (tmp_path / "s.toml").write_text(fedlt.config.scenario_to_toml(fedlt.load_scenario(tiny)))
+    (tmp_path / "s.toml").write_text(fedlt.scenario.config.scenario_to_toml(fedlt.load_scenario(tiny)))
     app = tmp_path / "tiny-app"
     assert (
         cli_main(["export-flower", str(tmp_path / "s.toml"), str(app), "--set", "federation.rounds=2"]) == 0

@@ -13,12 +13,12 @@ from fedlt_plugins.gla_fr import MASK_VALUE
 from support.contexts import eval_ctx
 
 import fedlt
-from fedlt.client import ClientTask
-from fedlt.context import EvalContext
 from fedlt.data.federated import build_federated_data
-from fedlt.dispatch import build_hooks
-from fedlt.runner import Run
-from fedlt.worker import ClientTrainer, aggregated_keys, build_run_model
+from fedlt.driver.runner import Run
+from fedlt.hooks.context import EvalContext
+from fedlt.hooks.dispatch import build_hooks
+from fedlt.training.client import ClientTask
+from fedlt.training.worker import ClientTrainer, aggregated_keys, build_run_model
 
 
 def _plugin(name, **params):
@@ -138,7 +138,7 @@ def test_local_head_is_trained_but_never_sent(tiny):
 
 
 def _client_ctx(trainer, client_id):
-    from fedlt.worker import client_context
+    from fedlt.training.worker import client_context
 
     return client_context(
         trainer.scenario, trainer.data, ClientTask(client_id, 1, {}), torch.device("cpu"), trainer.recipe

@@ -13,10 +13,10 @@ from support.contexts import client_ctx, client_hooks, hook_set, per_batch, setu
 from torch import nn
 
 import fedlt
-from fedlt.client import train_client
-from fedlt.context import ClientContext
+from fedlt.hooks.context import ClientContext
+from fedlt.hooks.recipe import LocalTraining
 from fedlt.models import CosineLinear
-from fedlt.recipe import LocalTraining
+from fedlt.training.client import train_client
 
 #: Class-balanced weights of counts [3, 1] at beta 0.9 (both classes present, so every prior
 #: normalises over the same classes). Raw w = (1-b)/(1-b^n): 0.1/0.271 = 0.369004, 0.1/0.1 = 1;

@@ -1,4 +1,4 @@
-"""Tests for fedlt.metrics: hand-worked examples, shot-split boundaries, edge cases, speed."""
+"""Tests for fedlt.metrics.classification: hand-worked examples, shot-split boundaries, edge cases, speed."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
 
-from fedlt.config import scenario_from_dict
+from fedlt.base.registry import ParameterError
 from fedlt.errors import ScenarioError
-from fedlt.metrics import (
+from fedlt.metrics.classification import (
     SHOT_RULES,
     classification_metrics,
     personalized_accuracy,
     shot_groups,
     shot_thresholds,
 )
-from fedlt.registry import ParameterError
+from fedlt.scenario.config import scenario_from_dict
 
 CIFAR10_LT_IF100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
@@ -453,7 +453,7 @@ def test_fast_on_cifar100_sized_test_set() -> None:
 def test_personalized_shot_accuracy_hand_worked() -> None:
     """Each client split by its own view's counts (cumulative 75% / 95%, as FedLoGe's localtest),
     sample-level accuracy per group, then the mean over the clients that have the group."""
-    from fedlt.metrics import personalized_shot_accuracy
+    from fedlt.metrics.classification import personalized_shot_accuracy
 
     def view(counts_right: dict[int, tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
         y, p = [], []

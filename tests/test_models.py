@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedlt.base.registry import ParameterError
 from fedlt.models import (
     CNN,
     MLP,
@@ -23,7 +24,6 @@ from fedlt.models import (
     model_params,
     use_cosine_head,
 )
-from fedlt.registry import ParameterError
 
 
 class Net(nn.Module):

@@ -15,12 +15,12 @@ from support.contexts import client_hooks, setup_ctx
 from torch import nn
 
 import fedlt
-from fedlt.checkpoint import load_checkpoint
-from fedlt.context import SetupContext
-from fedlt.discovery import discover_plugins
-from fedlt.dispatch import build_hooks
+from fedlt.base.seeding import torch_generator
+from fedlt.hooks.context import SetupContext
+from fedlt.hooks.discovery import discover_plugins
+from fedlt.hooks.dispatch import build_hooks
 from fedlt.models import build_model
-from fedlt.seeding import torch_generator
+from fedlt.store.checkpoint import load_checkpoint
 
 VIT = {"name": "vit", "dim": 16, "depth": 2, "heads": 2}
 R2 = 1.0 / math.sqrt(2.0)

@@ -1,6 +1,6 @@
-"""fedlt.optim against torch.optim itself and against the update formulas written out here.
+"""fedlt.training.optim against torch.optim itself and against the update formulas written out here.
 
-Equality is bit for bit (torch.equal) throughout, not a tolerance: fedlt.optim runs the same
+Equality is bit for bit (torch.equal) throughout, not a tolerance: fedlt.training.optim runs the same
 element-wise operations in the same order as torch.optim's foreach implementation, and on CPU
 the foreach ops fall back to the very per-tensor kernels of torch.optim's default loop. Only the
 formula tests use a tolerance, because a hand-written ``a - lr * b`` may round differently from
@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedlt.optim import LocalAdam, LocalOptimizer, LocalSGD, adam_update, make_local_optimizer, sgd_update
+from fedlt.training.optim import (
+    LocalAdam,
+    LocalOptimizer,
+    LocalSGD,
+    adam_update,
+    make_local_optimizer,
+    sgd_update,
+)
 
 DEVICES = [
     "cpu",
@@ -315,7 +322,7 @@ import sys
 import torch
 torch.set_num_threads(1)
 from torch import nn
-import fedlt.optim as o
+import fedlt.training.optim as o
 net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
 params = list(net.parameters())
 for name in ("sgd", "adam"):

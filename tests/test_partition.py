@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedlt.base.registry import ParameterError
 from fedlt.data.longtail import exponential_counts
 from fedlt.data.partition import (
     PARTITIONS,
@@ -14,7 +15,6 @@ from fedlt.data.partition import (
     partition_iid,
     partition_shards,
 )
-from fedlt.registry import ParameterError
 
 NUM_CLASSES = 10
 

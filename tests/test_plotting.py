@@ -1,4 +1,4 @@
-"""fedlt.plotting: the figures hold exactly the numbers of the run folders they draw.
+"""fedlt.analysis.plotting: the figures hold exactly the numbers of the run folders they draw.
 
 Run folders are written by hand here (known numbers) and by real tiny runs on digits. Figures are
 checked through their artists (line data, scatter offsets, image arrays), not by pixels.
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import tomli_w
 
-from fedlt.plotting import (
+from fedlt.analysis.plotting import (
     FIGURE_FILES,
     PlotFiles,
     build_figures,
@@ -120,7 +120,7 @@ def _nan_equal(got: Sequence[float], want: Sequence[float | None]) -> bool:
 
 
 def test_importing_plotting_does_not_import_matplotlib() -> None:
-    code = "import sys, fedlt.plotting, fedlt.compare; print('matplotlib' in sys.modules)"
+    code = "import sys, fedlt.analysis.plotting, fedlt.analysis.compare; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -367,8 +367,8 @@ def real_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_real_runs_draw_every_figure_they_have_data_for(real_runs: dict[str, Path], tmp_path: Path) -> None:
-    from fedlt.config import load_scenario
     from fedlt.data.federated import build_federated_data
+    from fedlt.scenario.config import load_scenario
 
     runs = [real_runs["offline"], real_runs["continual"]]
     files = plot_runs(runs, tmp_path)
@@ -389,9 +389,9 @@ def test_real_runs_draw_every_figure_they_have_data_for(real_runs: dict[str, Pat
 
 
 def test_stream_labels_of_real_continual_data(real_runs: dict[str, Path], tmp_path: Path) -> None:
-    from fedlt.config import load_scenario
+    from fedlt.analysis.plotting import stream_labels
     from fedlt.data.federated import build_federated_data
-    from fedlt.plotting import stream_labels
+    from fedlt.scenario.config import load_scenario
 
     data = build_federated_data(load_scenario(real_runs["continual"] / "scenario.toml"))
     labels, ends = stream_labels(data)
@@ -478,9 +478,9 @@ def render_examples(out: Path, real_root: Path) -> list[Path]:
     from support.scenarios import TINY
 
     import fedlt
-    from fedlt.config import load_scenario
+    from fedlt.analysis.plotting import stream_labels
     from fedlt.data.federated import build_federated_data
-    from fedlt.plotting import stream_labels
+    from fedlt.scenario.config import load_scenario
 
     written = []
     for p in plot_runs(synthetic_runs(real_root / "synthetic", continual=True), real_root / "png"):

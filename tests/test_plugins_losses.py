@@ -10,7 +10,7 @@ import torch
 from support.contexts import client_ctx, client_hooks, per_batch
 
 import fedlt
-from fedlt.context import ClientContext
+from fedlt.hooks.context import ClientContext
 
 
 def _ctx(local, global_) -> ClientContext:

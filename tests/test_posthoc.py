@@ -9,8 +9,8 @@ import torch
 from support.contexts import eval_ctx, hook_set
 
 import fedlt
-from fedlt.context import EvalContext
-from fedlt.dispatch import HookSet
+from fedlt.hooks.context import EvalContext
+from fedlt.hooks.dispatch import HookSet
 
 LOG_PI = torch.tensor([math.log(0.75), math.log(0.25)])  # counts [3, 1]: [-0.287682, -1.386294]
 

@@ -11,8 +11,8 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import fedlt  # noqa: E402
+from fedlt.driver.runner import Run  # noqa: E402
 from fedlt.errors import PluginError  # noqa: E402
-from fedlt.runner import Run  # noqa: E402
 
 SUPPORT = Path(__file__).parent
 

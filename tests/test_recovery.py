@@ -36,7 +36,7 @@ from support.scenarios import TINY
 
 import fedlt
 from fedlt.cli import main
-from fedlt.config import scenario_to_toml
+from fedlt.scenario.config import scenario_to_toml
 
 TESTS = Path(__file__).resolve().parent
 
@@ -122,7 +122,7 @@ def test_resume_after_an_interruption_with_a_new_learning_rate(
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A focal run of 3 rounds stopped after round 1 (what resume would continue)."""
-    from fedlt.runner import Run
+    from fedlt.driver.runner import Run
 
     folder = tmp_path_factory.mktemp("stopped") / "run"
     threads = torch.get_num_threads()
@@ -324,8 +324,8 @@ def test_sigkill_of_a_ray_run_leaves_only_ray_processes_that_die_by_pid(
 def test_a_plugin_that_cannot_be_built_on_a_ray_worker_fails_the_run_with_its_error(
     tmp_path: Path, monkeypatch, ray_tmp: Path, restore_threads
 ) -> None:
+    from fedlt.driver.runner import Run
     from fedlt.errors import PluginError
-    from fedlt.runner import Run
 
     monkeypatch.setenv("FEDLT_EXTRA_PLUGINS", "driver-only=support.worker_plugins:DriverOnly")
     monkeypatch.setenv(

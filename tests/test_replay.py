@@ -19,10 +19,10 @@ from fedlt_plugins.replay import Replay
 from support.contexts import client_hooks, hook_set, per_batch
 
 import fedlt
-from fedlt.checkpoint import load_checkpoint
-from fedlt.context import ClientContext
-from fedlt.dispatch import ClientHooks
-from fedlt.runner import Run
+from fedlt.driver.runner import Run
+from fedlt.hooks.context import ClientContext
+from fedlt.hooks.dispatch import ClientHooks
+from fedlt.store.checkpoint import load_checkpoint
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -30,9 +30,9 @@ from support.scenarios import TINY
 
 import fedlt
 from fedlt import Plugin, hookimpl
-from fedlt.checkpoint import read_metrics
 from fedlt.cli import main
-from fedlt.config import scenario_to_toml
+from fedlt.scenario.config import scenario_to_toml
+from fedlt.store.checkpoint import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SIBLURRY = ROOT / "scenarios" / "siblurry_quick.toml"

@@ -2,7 +2,7 @@
 
 The claim tests use real processes: a child that holds a claim while the parent tries, a child
 killed with SIGKILL (its OS lock goes, its lock file stays), and a lock file naming a pid that has
-exited. Children import only ``fedlt.rundir`` (and ``fedlt.errors``), not the whole package, so
+exited. Children import only ``fedlt.store.rundir`` (and ``fedlt.errors``), not the whole package, so
 each starts in a fraction of a second instead of the seconds torch takes to import.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlt.rundir import (
+from fedlt.store.rundir import (
     FEDLT_ARTEFACTS,
     LOCK,
     RunDirError,
@@ -32,13 +32,13 @@ from fedlt.rundir import (
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: Child preamble: a bare ``fedlt`` package object, so ``import fedlt.rundir`` skips fedlt/__init__.
+#: Child preamble: a bare ``fedlt`` package object, so ``import fedlt.store.rundir`` skips fedlt/__init__.
 _LIGHT_IMPORT = f"""
 import sys, types
 pkg = types.ModuleType("fedlt")
 pkg.__path__ = [{str(ROOT / "fedlt")!r}]
 sys.modules["fedlt"] = pkg
-from fedlt.rundir import claim
+from fedlt.store.rundir import claim
 """
 
 
@@ -258,7 +258,7 @@ def test_only_one_of_many_simultaneous_claims_wins(tmp_path):
     """Children race to claim one folder: exactly one wins, the others are refused."""
     code = _LIGHT_IMPORT + textwrap.dedent(
         f"""
-        from fedlt.rundir import RunDirError
+        from fedlt.store.rundir import RunDirError
         sys.stdin.readline()  # start together
         try:
             lock = claim({str(tmp_path)!r})

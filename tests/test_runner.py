@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import fedlt
+from fedlt.driver.runner import select_clients
 from fedlt.errors import NonFiniteLossError
-from fedlt.runner import select_clients
 
 
 def _final(summary):
@@ -93,7 +93,7 @@ def _kill_and_resume(scenario: dict, tmp_path: Path, monkeypatch) -> tuple[dict,
     monkeypatch.syspath_prepend(str(SUPPORT.parent))
     scenario["plugins"] = [*scenario.get("plugins", []), {"name": "pause", "seconds": 0.3}]
     path = tmp_path / "s.toml"
-    path.write_text(fedlt.config.scenario_to_toml(fedlt.load_scenario(scenario)))
+    path.write_text(fedlt.scenario.config.scenario_to_toml(fedlt.load_scenario(scenario)))
     full = fedlt.run(path, out=tmp_path / "full")
 
     out = tmp_path / "killed"
@@ -152,7 +152,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
 
 
 def test_refuses_to_overwrite_a_run_naming_out(tiny, tmp_path):
-    from fedlt.rundir import RunDirError
+    from fedlt.store.rundir import RunDirError
 
     fedlt.run(tiny, out=tmp_path / "r")
     with pytest.raises(RunDirError, match=r"out=.*fedlt resume"):
@@ -190,7 +190,7 @@ def test_quickstart_learns(tmp_path):
 
 
 def test_nan_loss_names_round_client_and_plugins(install_plugins, tiny, tmp_path):
-    from fedlt.plugin import Plugin, hookimpl
+    from fedlt.hooks.plugin import Plugin, hookimpl
 
     class NanInRound2(Plugin):
         @hookimpl

@@ -10,7 +10,7 @@ import torch
 from support.contexts import client_hooks, hook_set, round_ctx
 
 import fedlt
-from fedlt.context import ClientContext
+from fedlt.hooks.context import ClientContext
 
 COUNTS = [400, 100, 20]
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from fedlt.allocator import keep_freed_memory
-from fedlt.seeding import derive_seed, numpy_rng, seed_torch, torch_generator
+from fedlt.base.allocator import keep_freed_memory
+from fedlt.base.seeding import derive_seed, numpy_rng, seed_torch, torch_generator
 
 
 def test_derive_seed_is_stable_and_separates_streams() -> None:

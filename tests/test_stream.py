@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from fedlt.base.seeding import numpy_rng
 from fedlt.data.stream import (
     STREAM_KINDS,
     ClientStream,
@@ -17,7 +18,6 @@ from fedlt.data.stream import (
     check_task_count,
     shared_schedule,
 )
-from fedlt.seeding import numpy_rng
 
 NUM_CLASSES = 10
 

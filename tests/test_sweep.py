@@ -29,10 +29,10 @@ from support.processes import alive, descendants, private_ray_tmpdir
 from support.scenarios import TINY
 
 import fedlt
+from fedlt.analysis.sweep import Sweep, parse_grid, parse_seeds
 from fedlt.cli import main
-from fedlt.config import scenario_to_toml
-from fedlt.runner import Run
-from fedlt.sweep import Sweep, parse_grid, parse_seeds
+from fedlt.driver.runner import Run
+from fedlt.scenario.config import scenario_to_toml
 
 GRID = ["--grid", "train.lr=0.1,0.05", "--seeds", "0-1", "--set", "engine.threads=1"]
 NAMES = ["lr=0.05-seed0", "lr=0.05-seed1", "lr=0.1-seed0", "lr=0.1-seed1"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fedlt
-from fedlt.threads import CoreSampler, fastest_threads, pinned_threads
+from fedlt.driver.threads import CoreSampler, fastest_threads, pinned_threads
 
 
 def sleeper(seconds_by_threads: dict[int, float]):

@@ -25,18 +25,18 @@ from fedlt_plugins.gla_fr import linear_init
 
 import fedlt
 from fedlt import ClientContext, Plugin, PluginError, hookimpl
-from fedlt.augment import crop_flip
-from fedlt.client import ClientTask
-from fedlt.config import load_scenario
+from fedlt.base.seeding import torch_generator
 from fedlt.data.federated import build_federated_data
-from fedlt.dispatch import build_hooks
+from fedlt.driver.runner import Run
 from fedlt.engines import make_engine
 from fedlt.engines.serial import SerialEngine
 from fedlt.engines.vectorized import VectorizedEngine, resolve_vectorize, wants_vectorized_engine
 from fedlt.engines.vgroup import crop_flip_drawn, draw_crop_flip
 from fedlt.errors import ScenarioError
-from fedlt.runner import Run
-from fedlt.seeding import torch_generator
+from fedlt.hooks.dispatch import build_hooks
+from fedlt.scenario.config import load_scenario
+from fedlt.training.augment import crop_flip
+from fedlt.training.client import ClientTask
 
 #: Weights after 3 rounds: |vectorized - serial| <= atol + rtol * |serial|, elementwise.
 WEIGHTS_TOL = {"rtol": 1e-4, "atol": 5e-5}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlt.data.views import class_counts, client_class_counts, local_test_views
+from fedlt.data.clients import class_counts, client_class_counts, local_test_views
 
 
 def test_class_counts_all_and_subset() -> None:

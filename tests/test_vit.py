@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlt.config import scenario_from_dict
+from fedlt.base.registry import ParameterError
 from fedlt.errors import ScenarioError
 from fedlt.models import MODEL_NAMES, FedModel, ViT, build_model, check_model, model_params
-from fedlt.registry import ParameterError
+from fedlt.scenario.config import scenario_from_dict
 
 TINY = {"dim": 16, "depth": 2, "heads": 2}
 

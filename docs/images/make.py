@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 import fedlt
+from fedlt.analysis.plotting import plot_client_class_counts, plot_runs, plot_stream_timeline, stream_labels
 from fedlt.data.federated import build_federated_data
-from fedlt.plotting import plot_client_class_counts, plot_runs, plot_stream_timeline, stream_labels
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

@@ -5,6 +5,7 @@ arrays into them, so a client never holds a copy of the data. The registries (:d
 :data:`PROFILES`, :data:`PARTITIONS`) declare each choice once, with its parameters.
 """
 
+from fedlt.data.clients import class_counts, client_class_counts, local_test_views
 from fedlt.data.datasets import (
     DATASET_NAMES,
     DATASETS,
@@ -30,7 +31,6 @@ from fedlt.data.partition import (
     partition_shards,
 )
 from fedlt.data.raw import RawDataset, RawSplit, stratified_split
-from fedlt.data.views import class_counts, client_class_counts, local_test_views
 
 __all__ = [
     "DATASETS",

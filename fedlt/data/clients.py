@@ -1,117 +1,95 @@
-"""A client's view of its data: what it trains on this round and what it has read so far.
+"""Class counts and per-client local test views.
 
-Offline, a client always sees all of its indices. In a continual scenario it reads its stream
-``samples_per_round`` at a time, and everything that touches the client (the round's task, the
-personalised evaluation, the anytime metrics, checkpoints) must agree on how far it has read:
-that position lives here, in :class:`ClientViews`, and nowhere else.
+Remedies and metrics need each client's class counts (priors for logit adjustment, the class
+mask for personalised heads); personalised accuracy needs a local test set per client that
+mirrors its training mix, built from the balanced global test set as FedLoGe does
+(``util/dataset.py:152-179``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 
-from fedlt.data.federated import FederatedData
-
-__all__ = ["ClientViews", "RoundSlice"]
+__all__ = ["class_counts", "client_class_counts", "local_test_views"]
 
 
-@dataclass(frozen=True)
-class RoundSlice:
-    """A client's stream slice for one round.
+def class_counts(labels: np.ndarray, num_classes: int, indices: np.ndarray | None = None) -> np.ndarray:
+    """Samples per class among ``labels[indices]`` (all of ``labels`` when ``indices`` is None).
 
-    Attributes
-    ----------
-    indices : np.ndarray
-        Dataset indices the client reads this round, in stream order.
-    seen_before : np.ndarray
-        ``(C,)`` class counts of what it had read before this slice.
-    end : int
-        Its stream position after the round.
+    Returns
+    -------
+    np.ndarray
+        int64 ``(num_classes,)``.
     """
+    labels = np.asarray(labels)
+    picked = labels if indices is None else labels[np.asarray(indices, dtype=np.int64)]
+    if len(picked) and (picked.min() < 0 or picked.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{picked.min()}, {picked.max()}]")
+    return np.bincount(picked, minlength=num_classes).astype(np.int64)
 
-    indices: np.ndarray
-    seen_before: np.ndarray
-    end: int
+
+def client_class_counts(
+    labels: np.ndarray, client_indices: Sequence[np.ndarray], num_classes: int
+) -> np.ndarray:
+    """Class counts of every client, one row per client.
+
+    Returns
+    -------
+    np.ndarray
+        int64 ``(K, num_classes)``.
+    """
+    rows = [class_counts(labels, num_classes, idx) for idx in client_indices]
+    if not rows:
+        return np.zeros((0, num_classes), dtype=np.int64)
+    return np.stack(rows)
 
 
-class ClientViews:
-    """How far every client has read its stream (sparse: only clients that have read something).
+def local_test_views(
+    client_counts: np.ndarray, test_labels: np.ndarray, rngs: Sequence[np.random.Generator]
+) -> list[np.ndarray]:
+    """Each client's local test set, drawn from the global test set to mirror its training mix.
+
+    Client ``k`` gets ``floor(n_kc / N_train * N_test)`` test samples of class ``c``, where
+    ``N_train`` is the total training size over all clients and ``N_test = len(test_labels)``,
+    capped at the test samples class ``c`` has; they are drawn without replacement with
+    ``rngs[k]`` (one stream per client, so a client's view does not depend on the others).
+    A class the client does not train on never appears in its view.
 
     Parameters
     ----------
-    data : FederatedData
-        The run's data (its ``streams`` are ``None`` offline).
-    samples_per_round : int or None
-        Stream samples a selected client reads per round.
+    client_counts : np.ndarray
+        ``(K, C)`` training class counts (see :func:`client_class_counts`).
+    test_labels : np.ndarray
+        Labels of the global test set.
+    rngs : sequence of np.random.Generator
+        One generator per client.
+
+    Returns
+    -------
+    list of np.ndarray
+        Sorted int64 indices into the test set, one array per client.
     """
-
-    def __init__(self, data: FederatedData, samples_per_round: int | None) -> None:
-        self.data = data
-        self.samples_per_round = samples_per_round
-        self.positions: dict[int, int] = {}
-
-    @property
-    def streaming(self) -> bool:
-        return self.data.streams is not None
-
-    def position(self, client: int) -> int:
-        """Samples of its stream the client has read (offline: all of its samples)."""
-        if not self.streaming:
-            return len(self.data.client_indices[client])
-        return self.positions.get(client, 0)
-
-    def stream_length(self, client: int) -> int:
-        assert self.data.streams is not None
-        return len(self.data.streams[client].indices)
-
-    def next_slice(self, client: int) -> RoundSlice:
-        """The slice the client reads if trained this round (nothing is advanced yet)."""
-        assert self.data.streams is not None and self.samples_per_round is not None
-        stream = self.data.streams[client].indices
-        pos = self.positions.get(client, 0)
-        end = min(pos + self.samples_per_round, len(stream))
-        return RoundSlice(stream[pos:end], self.seen_counts(client), end)
-
-    def advance(self, ends: Mapping[int, int]) -> None:
-        """Record the positions reached by the clients trained in a finished round."""
-        self.positions.update({c: e for c, e in ends.items() if e > 0})
-
-    def seen_indices(self, client: int) -> np.ndarray:
-        """Dataset indices the client has read so far (offline: all of its indices)."""
-        if not self.streaming:
-            return self.data.client_indices[client]
-        assert self.data.streams is not None
-        return self.data.streams[client].indices[: self.positions.get(client, 0)]
-
-    def seen_counts(self, client: int) -> np.ndarray:
-        """``(C,)`` class counts of what the client has read so far."""
-        if not self.streaming:
-            return self.data.client_counts[client]
-        return np.bincount(self.data.y_train_np[self.seen_indices(client)], minlength=self.data.num_classes)
-
-    def exposed_classes(self) -> np.ndarray:
-        """Boolean ``(C,)``: classes some client has read (all present classes offline)."""
-        exposed = np.zeros(self.data.num_classes, dtype=bool)
-        clients = self.positions if self.streaming else range(self.data.n_clients)
-        for c in clients:
-            exposed |= self.seen_counts(c) > 0
-        return exposed
-
-    def consumed(self) -> int:
-        """Stream samples read by the whole federation so far."""
-        return int(sum(self.positions.values())) if self.streaming else 0
-
-    def exhausted(self) -> bool:
-        """Every client has read its whole stream (always False offline)."""
-        if not self.streaming:
-            return False
-        return all(self.positions.get(c, 0) >= self.stream_length(c) for c in range(self.data.n_clients))
-
-    def state_dict(self) -> dict[int, int]:
-        return dict(self.positions)
-
-    def load_state_dict(self, positions: Mapping[int, int]) -> None:
-        self.positions = {int(c): int(p) for c, p in positions.items()}
+    client_counts = np.asarray(client_counts, dtype=np.int64)
+    test_labels = np.asarray(test_labels)
+    if client_counts.ndim != 2:
+        raise ValueError(f"client_counts must be (K, C), got shape {client_counts.shape}")
+    n_clients, num_classes = client_counts.shape
+    if len(rngs) != n_clients:
+        raise ValueError(f"need one rng per client: {n_clients} clients, {len(rngs)} rngs")
+    n_train = int(client_counts.sum())
+    n_test = len(test_labels)
+    test_by_class = [np.flatnonzero(test_labels == c) for c in range(num_classes)]
+    available = np.array([len(t) for t in test_by_class], dtype=np.int64)
+    # Integer arithmetic gives the exact floor, which float division can miss by one.
+    wanted = client_counts * n_test // n_train if n_train else np.zeros_like(client_counts)
+    wanted = np.minimum(wanted, available[None, :])
+    views: list[np.ndarray] = []
+    for k in range(n_clients):
+        picks = [
+            rngs[k].choice(test_by_class[c], size=int(m), replace=False) for c, m in enumerate(wanted[k]) if m
+        ]
+        view = np.concatenate(picks) if picks else np.empty(0, dtype=np.int64)
+        views.append(np.sort(view).astype(np.int64, copy=False))
+    return views

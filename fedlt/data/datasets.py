@@ -1,12 +1,12 @@
 """Dataset registry: every dataset loads into plain uint8/float arrays once, then clients index it.
 
 :data:`DATASETS` declares each dataset once, with the parameters a scenario may set under
-``[data]``; :mod:`fedlt.config` derives that section from it. Images stay uint8 ``(N, C, H, W)``
+``[data]``; :mod:`fedlt.scenario.config` derives that section from it. Images stay uint8 ``(N, C, H, W)``
 (a quarter of float32's memory) until :func:`to_tensor` normalises the samples a caller asks for;
 tabular and synthetic data are float32.
 
 Errors are plain: bad arguments are ``ValueError``; a dataset the given ``root`` does not hold is a
-:class:`~fedlt.registry.ParameterError` naming ``root``, and image-folder problems are
+:class:`~fedlt.base.registry.ParameterError` naming ``root``, and image-folder problems are
 :class:`~fedlt.data.imagefolder.ImageFolderError`. The scenario boundary
 (:func:`fedlt.data.federated.build_federated_data`) turns them into scenario errors.
 """
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from pydantic import Field, NonNegativeFloat, PositiveInt
 
+from fedlt.base.registry import Entry, ParameterError, Params, Registry
+from fedlt.base.seeding import numpy_rng
 from fedlt.data.raw import RawDataset, RawSplit, n_test_samples, stratified_split
-from fedlt.registry import Entry, ParameterError, Params, Registry
-from fedlt.seeding import numpy_rng
 
 __all__ = [
     "DATASETS",

@@ -3,7 +3,7 @@
 Built once per run from the scenario, deterministically from its seed. Tensors live on the
 run's device; clients hold index arrays into them, never copies.
 
-This is the scenario's second boundary (the first is :mod:`fedlt.config`, which checks every rule
+This is the scenario's second boundary (the first is :mod:`fedlt.scenario.config`, which checks every rule
 the scenario alone decides): what only the data or the machine can tell (a root folder that does
 not exist, a broken archive, a model that does not fit the samples' shape, more clients or tasks
 than samples, data that cannot fit in memory) is raised by library code as a plain error and
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,16 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedlt.base.registry import ParameterError
+from fedlt.base.seeding import numpy_rng
+from fedlt.data.clients import class_counts, client_class_counts, local_test_views
 from fedlt.data.datasets import RawDataset, estimate_bytes, known_train_size, load_dataset, to_tensor
 from fedlt.data.imagefolder import ImageFolderError
 from fedlt.data.longtail import long_tail_counts, subsample_long_tail
 from fedlt.data.partition import partition
 from fedlt.data.stream import ClientStream, TaskSchedule, build_stream, check_task_count, shared_schedule
-from fedlt.data.views import class_counts, client_class_counts, local_test_views
 from fedlt.errors import ScenarioError
-from fedlt.models import check_model
-from fedlt.registry import ParameterError
-from fedlt.seeding import numpy_rng
 
 __all__ = ["FederatedData", "available_memory", "build_federated_data", "check_data_feasible"]
 
@@ -178,7 +177,7 @@ def _boundary(scenario: Any, section: str) -> Iterator[None]:
     """Turn the plain errors library code raises about the scenario into scenario errors.
 
     The one place this happens. ``section`` is the scenario section the wrapped step reads
-    (``"data"``, ``"model"``, ``"partition"``): a :class:`~fedlt.registry.ParameterError` names a
+    (``"data"``, ``"model"``, ``"partition"``): a :class:`~fedlt.base.registry.ParameterError` names a
     parameter of it. An :class:`~fedlt.data.imagefolder.ImageFolderError` names its own key. An
     ``OSError`` while loading data (permissions, a failed download) is about ``data.root``. Other
     errors are bugs and pass through unchanged.
@@ -275,8 +274,16 @@ def _task_count_error(n_tasks: int, clients: list[np.ndarray]) -> ScenarioError:
     )
 
 
-def build_federated_data(scenario: Any, device: torch.device | str = "cpu") -> FederatedData:
+def build_federated_data(
+    scenario: Any,
+    device: torch.device | str = "cpu",
+    check_raw: Callable[[RawDataset], None] | None = None,
+) -> FederatedData:
     """Load, long-tail, partition and place the scenario's data; every draw seeded by the scenario.
+
+    ``check_raw`` is called with the dataset as loaded, before anything else is built: where
+    checks that need the samples' shape (does the model fit?) run, without this layer knowing
+    about models (:func:`fedlt.scenario.prepare.build_data` passes the model check).
 
     Raises
     ------
@@ -288,8 +295,9 @@ def build_federated_data(scenario: Any, device: torch.device | str = "cpu") -> F
     seed, lt, part, st = scenario.seed, scenario.long_tail, scenario.partition, scenario.stream
     with _boundary(scenario, "data"):
         raw: RawDataset = load_dataset(scenario.data.dataset, seed=seed, **scenario.data.params())
-    with _boundary(scenario, "model"):
-        check_model(scenario.model.name, tuple(raw.input_shape), raw.num_classes, **scenario.model.params())
+    if check_raw is not None:
+        with _boundary(scenario, "model"):
+            check_raw(raw)
     available = class_counts(raw.train.y, raw.num_classes)
     counts = long_tail_counts(available, lt.profile, **lt.params())
     keep = subsample_long_tail(raw.train.y, counts, numpy_rng(seed, "long-tail"))

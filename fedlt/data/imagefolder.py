@@ -43,8 +43,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
+from fedlt.base.seeding import numpy_rng
 from fedlt.data.raw import RawDataset, RawSplit, stratified_split
-from fedlt.seeding import numpy_rng
 
 __all__ = [
     "IMAGE_EXTENSIONS",

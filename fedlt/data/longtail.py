@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from fedlt.registry import Entry, NoParams, Params, Registry
+from fedlt.base.registry import Entry, NoParams, Params, Registry
 
 __all__ = ["PROFILES", "exponential_counts", "long_tail_counts", "step_counts", "subsample_long_tail"]
 

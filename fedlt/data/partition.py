@@ -13,7 +13,7 @@ index of ``labels`` exactly once. Clients hold these index arrays, never copies 
 :data:`PARTITIONS` declares them once, with the parameters a scenario may set under
 ``[partition]``. Errors are plain: bad arguments are ``ValueError``; a parameter that the labels at
 hand cannot satisfy (a minimum client size no draw reaches, more shards than samples) is a
-:class:`~fedlt.registry.ParameterError` naming it, which the scenario boundary turns into a
+:class:`~fedlt.base.registry.ParameterError` naming it, which the scenario boundary turns into a
 scenario error.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, NonNegativeInt, PositiveInt
 
-from fedlt.registry import Entry, NoParams, ParameterError, Params, Registry
+from fedlt.base.registry import Entry, NoParams, ParameterError, Params, Registry
 
 __all__ = [
     "PARTITIONS",

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from fedlt.client import ClientResult, ClientTask
 from fedlt.data.federated import FederatedData
-from fedlt.dispatch import HookSet
+from fedlt.hooks.dispatch import HookSet
+from fedlt.training.client import ClientResult, ClientTask
 
 __all__ = ["Engine"]
 

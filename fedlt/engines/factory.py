@@ -6,16 +6,23 @@ and the factory (which imports them) form no import cycle.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
 
 from fedlt.data.federated import FederatedData
-from fedlt.dispatch import HookSet
 from fedlt.engines.base import Engine
 from fedlt.errors import ScenarioError
+from fedlt.hooks.dispatch import HookSet
 
 __all__ = ["check_engine_available", "make_engine"]
+
+#: Engines other than the serial one, by ``engine.kind``: where each class lives, imported only
+#: when a scenario asks for it. Flower's engine lives with fedlt's Flower apps (``fedlt.flower``),
+#: whose ServerApp runs the driver's round loop: naming it here, not importing it, keeps the
+#: layers one-way (``tests/test_layout.py``).
+ENGINE_CLASSES = {"ray": "fedlt.engines.ray_engine:RayEngine", "flower": "fedlt.flower.engine:FlowerEngine"}
 
 #: What each engine needs beyond fedlt's core dependencies: (module to find, extra that installs it).
 _ENGINE_NEEDS = {"ray": ("ray", "ray"), "flower": ("flwr", "flower")}
@@ -45,10 +52,9 @@ def make_engine(scenario: Any, data: FederatedData, hooks: HookSet, device: torc
     """
     kind = scenario.engine.kind
     check_engine_available(kind)
-    if kind == "ray":
-        from fedlt.engines.ray_engine import RayEngine as engine_cls
-    elif kind == "flower":
-        from fedlt.engines.flower_engine import FlowerEngine as engine_cls
+    if kind in ENGINE_CLASSES:
+        module, _, name = ENGINE_CLASSES[kind].partition(":")
+        engine_cls = getattr(importlib.import_module(module), name)
     else:
         from fedlt.engines.vectorized import wants_vectorized_engine
 

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedlt.client import ClientResult, ClientTask
 from fedlt.data.federated import FederatedData
-from fedlt.dispatch import HookSet
 from fedlt.engines.base import Engine
 from fedlt.errors import FedltError
+from fedlt.hooks.dispatch import HookSet
+from fedlt.training.client import ClientResult, ClientTask
 
 __all__ = ["RayEngine"]
 
@@ -38,9 +38,9 @@ class _Worker:
     """Actor body: one resident model and the shared data; trains one client per call."""
 
     def __init__(self, scenario: Any, shared: dict[str, Any], device: str, threads: int) -> None:
-        from fedlt.allocator import keep_freed_memory
-        from fedlt.dispatch import build_hooks
-        from fedlt.worker import ClientTrainer
+        from fedlt.base.allocator import keep_freed_memory
+        from fedlt.hooks.dispatch import build_hooks
+        from fedlt.training.worker import ClientTrainer
 
         keep_freed_memory()
         torch.set_num_threads(threads)

@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from fedlt.allocator import keep_freed_memory
-from fedlt.client import ClientResult, ClientTask
+from fedlt.base.allocator import keep_freed_memory
 from fedlt.data.federated import FederatedData
-from fedlt.dispatch import HookSet
 from fedlt.engines.base import Engine
-from fedlt.worker import ClientTrainer
+from fedlt.hooks.dispatch import HookSet
+from fedlt.training.client import ClientResult, ClientTask
+from fedlt.training.worker import ClientTrainer
 
 __all__ = ["SerialEngine"]
 

@@ -7,16 +7,16 @@ client dimension) lets each launch do every client's work: the same step for 100
 about what one costs. On a CPU there are no launches to save and ``vmap`` is slower (0.52-0.77x
 of one by one on 2 cores), so ``engine.vectorize = "auto"`` uses it only on CUDA.
 
-What stays exactly as on the serial engine (:mod:`fedlt.client`): each client-round gets its own
-:class:`~fedlt.context.ClientContext` (generator seeded from (seed, round, client)) and fresh plugin
+What stays exactly as on the serial engine (:mod:`fedlt.training.client`): each client-round gets its own
+:class:`~fedlt.hooks.context.ClientContext` (generator seeded from (seed, round, client)) and fresh plugin
 instances; ``client_start``, ``client_configure_training``, ``client_trainable_parameters`` and
 the step plan (``client_select_indices`` or a permutation per epoch) run per client, un-vectorized;
 so do ``client_stream_batch`` and ``client_update_memory`` in a stream, and ``client_end`` after
 training, with the resident model holding that client's trained weights. The local recipe (SGD with
 momentum and weight decay or Adam, epochs or steps, batch size, clipping, crop-flip augmentation)
 and the loss (per-sample loss x sample weights, class weights normalised by their sum, extra losses)
-are those of ``train_client``, and the updates are :func:`fedlt.optim.sgd_update` /
-:func:`~fedlt.optim.adam_update`, torch.optim's arithmetic, applied to the stacked tensors.
+are those of ``train_client``, and the updates are :func:`fedlt.training.optim.sgd_update` /
+:func:`~fedlt.training.optim.adam_update`, torch.optim's arithmetic, applied to the stacked tensors.
 
 What is vectorized: per optimizer step, the forward pass, the per-batch hooks
 (``client_forward``, ``client_transform_logits``, ``client_loss``, ``client_sample_weights``,
@@ -54,18 +54,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlt.client import ClientResult, ClientTask, Step, batch_loss, plan_steps
-from fedlt.context import ClientContext
+from fedlt.base.seeding import seed_torch
 from fedlt.data.federated import FederatedData
-from fedlt.dispatch import CLIENT_HOOKS, ClientHooks, Hook, HookSet
 from fedlt.engines.serial import SerialEngine
 from fedlt.engines.vgroup import PER_STEP_HOOKS, GroupContext, HookViews, crop_flip_drawn, draw_crop_flip
 from fedlt.errors import FedltError, PluginError, ScenarioError
-from fedlt.optim import adam_update, sgd_update
-from fedlt.plugin import implementations
-from fedlt.recipe import LocalTraining
-from fedlt.seeding import seed_torch
-from fedlt.worker import client_context
+from fedlt.hooks.context import ClientContext
+from fedlt.hooks.dispatch import CLIENT_HOOKS, ClientHooks, Hook, HookSet
+from fedlt.hooks.plugin import implementations
+from fedlt.hooks.recipe import LocalTraining
+from fedlt.training.client import ClientResult, ClientTask, Step, batch_loss, plan_steps
+from fedlt.training.optim import adam_update, sgd_update
+from fedlt.training.worker import client_context
 
 __all__ = [
     "DTYPES",
@@ -194,7 +194,7 @@ class VectorizedEngine(SerialEngine):
     A ``serial`` scenario gets this engine from :func:`~fedlt.engines.make_engine` when
     ``engine.vectorize`` resolves to on (or ``engine.dtype`` asks for autocast); its name stays
     ``"serial"``. Clients that cannot be vectorized go through the serial engine's own
-    :class:`~fedlt.worker.ClientTrainer`, on the same resident model.
+    :class:`~fedlt.training.worker.ClientTrainer`, on the same resident model.
 
     Parameters
     ----------

@@ -14,7 +14,7 @@ and be put back on a stand-in instance while the hooks run. The pieces here do t
   so reading it fails with a message saying where per-client facts belong (``client_start``).
 - :class:`HookViews`: the per-batch hooks of a group, bound to stand-in plugin instances whose
   tensor attributes are swapped for the vmapped ones at each call.
-- :func:`crop_flip_drawn`: :func:`fedlt.augment.crop_flip` for many clients' batches at once,
+- :func:`crop_flip_drawn`: :func:`fedlt.training.augment.crop_flip` for many clients' batches at once,
   with each client's random draws made from its own generator beforehand.
 """
 
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedlt.context import ClientContext
-from fedlt.dispatch import ClientHooks, Hook
-from fedlt.plugin import Plugin
+from fedlt.hooks.context import ClientContext
+from fedlt.hooks.dispatch import ClientHooks, Hook
+from fedlt.hooks.plugin import Plugin
 
 __all__ = [
     "PER_STEP_HOOKS",
@@ -240,7 +240,7 @@ class HookViews:
     with equal keys can share a vmapped call) and the tensors to stack over them. :meth:`bind`
     puts one call's vmapped tensors on the stand-ins; the hooks in :attr:`hooks`
     (``client_loss``, ``sample_weights``, ...) then run on them, combined and checked by the
-    same :class:`~fedlt.dispatch.Hook` as on the serial path.
+    same :class:`~fedlt.hooks.dispatch.Hook` as on the serial path.
 
     Parameters
     ----------
@@ -333,7 +333,7 @@ def _instance_of(hooks: ClientHooks, plugin: str, names: Sequence[str]) -> Plugi
 
 
 def draw_crop_flip(generator: torch.Generator, b: int, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """The random draws :func:`fedlt.augment.crop_flip` makes for a batch of ``b`` images, in its
+    """The random draws :func:`fedlt.training.augment.crop_flip` makes for a batch of ``b`` images, in its
     order: ``(2, b)`` crop offsets in ``[0, 2 pad]``, then ``b`` flip decisions."""
     offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
     flips = torch.rand(b, generator=generator) < 0.5
@@ -343,7 +343,7 @@ def draw_crop_flip(generator: torch.Generator, b: int, pad: int = 4) -> tuple[to
 def crop_flip_drawn(
     x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int = 4
 ) -> torch.Tensor:
-    """:func:`fedlt.augment.crop_flip` with its draws given, for any number of images at once.
+    """:func:`fedlt.training.augment.crop_flip` with its draws given, for any number of images at once.
 
     Sample ``i`` of ``x`` (N, C, H, W) is zero-padded by ``pad``, cropped to H x W at rows
     ``offsets[0, i] + [0, H)`` and columns ``offsets[1, i] + [0, W)``, and mirrored when

@@ -22,7 +22,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlt.context import frozen_config
 from fedlt.flower.wire import (
     ARRAYS,
     FEDLT,
@@ -33,6 +32,7 @@ from fedlt.flower.wire import (
     encode_tree_into,
     needs_state_reply,
 )
+from fedlt.hooks.context import frozen_config
 
 __all__ = ["make_client_app"]
 
@@ -51,17 +51,17 @@ def _trainer(scenario_toml: str) -> Any:
     """
     key = hashlib.sha256(scenario_toml.encode()).hexdigest()
     if key not in _TRAINERS:
-        from fedlt.config import load_scenario
-        from fedlt.data.federated import build_federated_data
-        from fedlt.dispatch import build_hooks
-        from fedlt.worker import ClientTrainer
+        from fedlt.hooks.dispatch import build_hooks
+        from fedlt.scenario.config import load_scenario
+        from fedlt.scenario.prepare import build_data
+        from fedlt.training.worker import ClientTrainer
 
         scenario = load_scenario(tomllib.loads(scenario_toml))
         cfg = scenario.engine
         threads = cfg.threads if isinstance(cfg.threads, int) else max(int(cfg.num_cpus), 1)
         torch.set_num_threads(threads)
         device = torch.device("cuda" if cfg.num_gpus > 0 else cfg.device)
-        data = build_federated_data(scenario, device)
+        data = build_data(scenario, device)
         trainer = ClientTrainer(scenario, data, build_hooks(scenario.plugins), device)
         _TRAINERS.clear()  # one scenario at a time per worker: free the previous model and data
         _TRAINERS[key] = (trainer, threads)

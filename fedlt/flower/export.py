@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedlt.config import Scenario, load_scenario, scenario_to_toml
 from fedlt.errors import ScenarioError
+from fedlt.scenario.config import Scenario, load_scenario, scenario_to_toml
 
 __all__ = ["export_flower", "flwr_run_command"]
 
@@ -128,7 +128,7 @@ def export_flower(
         The run folder the ServerApp writes (default ``app_dir/runs/fedlt-<scenario name>``).
     """
     from fedlt.data.federated import check_data_feasible
-    from fedlt.dispatch import build_hooks
+    from fedlt.hooks.dispatch import build_hooks
 
     resolved = load_scenario(scenario, overrides)
     resolved.engine.kind = "flower"

@@ -28,9 +28,9 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Any) -> None:
-        from fedlt.config import load_scenario
+        from fedlt.driver.runner import Run
         from fedlt.flower.simulation import attach_grid
-        from fedlt.runner import Run
+        from fedlt.scenario.config import load_scenario
 
         base = Path(app_dir) if app_dir is not None else Path.cwd()
         cfg = context.run_config

@@ -1,7 +1,7 @@
 """The wire format between fedlt's driver and its Flower ClientApps: Flower records only.
 
 Nothing is pickled in either direction, so neither side ever runs code the other sent. Plain
-trees (round config, plugin state, ``client_end`` payloads; see :mod:`fedlt.safe`) travel as
+trees (round config, plugin state, ``client_end`` payloads; see :mod:`fedlt.base.safe`) travel as
 JSON in a ConfigRecord with their tensors in an ArrayRecord. A train message holds
 
 - ``"arrays"`` (ArrayRecord): the global weights of the entries clients train;
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedlt.client import ClientResult, ClientTask
+from fedlt.base.safe import decode_tree, encode_tree
 from fedlt.errors import FedltError, NonFiniteLossError, PluginError, ScenarioError
-from fedlt.safe import decode_tree, encode_tree
+from fedlt.training.client import ClientResult, ClientTask
 
 __all__ = [
     "ARRAYS",

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 import fedlt
-from fedlt.context import ClientContext, EvalContext, RoundContext, SetupContext
-from fedlt.dispatch import ClientHooks, HookSet, build_hooks
+from fedlt.hooks.context import ClientContext, EvalContext, RoundContext, SetupContext
+from fedlt.hooks.dispatch import ClientHooks, HookSet, build_hooks
 
 Counts = Sequence[int] | np.ndarray
 

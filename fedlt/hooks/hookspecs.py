@@ -58,7 +58,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fedlt.spec import HookSpec, hookspec
+from fedlt.hooks.spec import HookSpec, hookspec
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -66,8 +66,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from fedlt.aggregation import Aggregator
-    from fedlt.context import (
+    from fedlt.hooks.context import (
         ClientContext,
         EvalContext,
         Forward,
@@ -75,7 +74,8 @@ if TYPE_CHECKING:
         RoundContext,
         SetupContext,
     )
-    from fedlt.recipe import LocalTraining
+    from fedlt.hooks.recipe import LocalTraining
+    from fedlt.server.aggregation import Aggregator
 
 # =========================================================================== model
 
@@ -156,7 +156,7 @@ def server_make_aggregator(
     :param global_weights: the current global weights of the entries clients train (read-only:
         copy what you keep).
     :param ctx: the round.
-    :return: an :class:`~fedlt.aggregation.Aggregator` (``add(weights, n_samples, client_id)``
+    :return: an :class:`~fedlt.server.aggregation.Aggregator` (``add(weights, n_samples, client_id)``
         per update in task order, then ``result()``: new values for some or all of the
         ``global_weights`` keys, same shapes, or ``None`` to keep the model), or ``None`` to
         leave the choice to later plugins and finally to streaming FedAvg.
@@ -294,7 +294,7 @@ def client_forward(
     """Compute features and logits of a training batch (e.g. adaptive feature scaling).
 
     :param y: the batch labels (training-time forwards may use them).
-    :return: a :class:`~fedlt.context.Forward` ``(features, logits, head_input)`` where
+    :return: a :class:`~fedlt.hooks.context.Forward` ``(features, logits, head_input)`` where
         ``head_input`` is what the linear head actually received (when it differs from the
         features, e.g. rescaled), or a pair ``(features, logits)``; or ``None`` for the default
         ``h = model.features(x); z = model.head(h)``. Logits must be ``(B, C)``.

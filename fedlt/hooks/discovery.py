@@ -55,7 +55,7 @@ class PluginInfo:
     def _load(self) -> None:
         if self._cls is not None or self._error is not None:
             return
-        from fedlt.plugin import Plugin, implementations
+        from fedlt.hooks.plugin import Plugin, implementations
 
         try:
             cls = self._ep.load() if self._ep is not None else None
@@ -74,10 +74,10 @@ class PluginInfo:
 
     @property
     def cls(self) -> type:
-        """The plugin class (the bare :class:`~fedlt.plugin.Plugin` when it cannot be used)."""
+        """The plugin class (the bare :class:`~fedlt.hooks.plugin.Plugin` when it cannot be used)."""
         self._load()
         if self._cls is None:
-            from fedlt.plugin import Plugin
+            from fedlt.hooks.plugin import Plugin
 
             return Plugin
         return self._cls
@@ -89,7 +89,7 @@ class PluginInfo:
 
     @property
     def hooks(self) -> list[str]:
-        from fedlt.plugin import implementations
+        from fedlt.hooks.plugin import implementations
 
         return [] if self.error else list(implementations(self.cls, self.name))
 

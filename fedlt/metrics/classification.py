@@ -13,7 +13,7 @@ and re-sorts each class separately, about ten times slower at CIFAR-100 scale (1
 classes, evaluated every few rounds and per client view), and rejects the ``-inf`` logits of masked
 classes.
 
-The shot rules' thresholds are checked by :func:`shot_thresholds`, which :mod:`fedlt.config` calls
+The shot rules' thresholds are checked by :func:`shot_thresholds`, which :mod:`fedlt.scenario.config` calls
 when a scenario is loaded, so a bad ``eval.shot_thresholds`` is reported before any training; here
 errors are plain ``ValueError``.
 """
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedlt.registry import ParameterError
+from fedlt.base.registry import ParameterError
 
 __all__ = [
     "SHOT_RULES",

@@ -2,8 +2,8 @@
 
 Rounds are numbered from 1. After round ``r`` the run directory holds a checkpoint of round
 ``r`` (every ``checkpoint.every`` rounds) and, on evaluation rounds, a line in metrics.jsonl.
-A run claims its folder for its lifetime (:mod:`fedlt.rundir`), so two runs never mix their
-files, and it loads checkpoints only as plain data (:mod:`fedlt.checkpoint`).
+A run claims its folder for its lifetime (:mod:`fedlt.store.rundir`), so two runs never mix their
+files, and it loads checkpoints only as plain data (:mod:`fedlt.store.checkpoint`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fedlt.checkpoint import (
+from fedlt.base.provenance import now, provenance
+from fedlt.data.federated import FederatedData
+from fedlt.data.views import ClientViews
+from fedlt.driver.loggers import loggers_for, missing_logger_packages
+from fedlt.driver.threads import CoreSampler, fastest_threads, pinned_threads
+from fedlt.engines import check_engine_available, make_engine
+from fedlt.errors import FedltError, PluginError, ScenarioError
+from fedlt.evaluation.evaluator import Evaluator
+from fedlt.hooks.context import LogContext
+from fedlt.hooks.dispatch import HookSet, build_hooks_spelled_out
+from fedlt.metrics.continual import a_auc, a_avg, crossed, f_last, federation_task_ends, periodic_due
+from fedlt.scenario.config import Scenario, load_scenario, scenario_to_toml
+from fedlt.scenario.prepare import build_data
+from fedlt.server.rounds import aggregate_round, configure_round, select_clients
+from fedlt.store.checkpoint import (
     CHECKPOINT,
     append_metrics,
     check_compatible,
@@ -34,22 +48,9 @@ from fedlt.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
-from fedlt.client import ClientResult, ClientTask
-from fedlt.config import Scenario, load_scenario, scenario_to_toml
-from fedlt.context import LogContext
-from fedlt.continual_metrics import a_auc, a_avg, crossed, f_last, federation_task_ends, periodic_due
-from fedlt.data.clients import ClientViews
-from fedlt.data.federated import FederatedData, build_federated_data
-from fedlt.dispatch import HookSet, build_hooks_spelled_out
-from fedlt.engines import check_engine_available, make_engine
-from fedlt.errors import FedltError, PluginError, ScenarioError
-from fedlt.evaluation import Evaluator
-from fedlt.loggers import loggers_for, missing_logger_packages
-from fedlt.provenance import now, provenance
-from fedlt.rounds import aggregate_round, configure_round, select_clients
-from fedlt.rundir import RunDirError, RunLock, check_fresh_dir, claim
-from fedlt.threads import CoreSampler, fastest_threads, pinned_threads
-from fedlt.worker import aggregated_keys, build_run_model, setup_context
+from fedlt.store.rundir import RunDirError, RunLock, check_fresh_dir, claim
+from fedlt.training.client import ClientResult, ClientTask
+from fedlt.training.worker import aggregated_keys, build_run_model, setup_context
 
 __all__ = ["RESUMABLE_KEYS", "Run", "continual_summary", "select_clients"]
 
@@ -167,7 +168,7 @@ class Run:
         # Validate plugins before any data is loaded or work starts.
         self.hooks: HookSet = build_hooks_spelled_out(scenario.plugins)  # scenario.toml: every param
         self.loggers = HookSet(loggers_for(log, scenario.model_dump(mode="json")))
-        self.data: FederatedData = build_federated_data(scenario, self.device)
+        self.data: FederatedData = build_data(scenario, self.device)
         self.model = build_run_model(scenario, self.data, self.hooks, self.device)
         self.keys = aggregated_keys(self.model)  # what clients train and the server averages
         check_requirements(scenario, self.hooks, self.model)

@@ -1,7 +1,7 @@
 """The plugin base class, the ``@hookimpl`` marker, and the checks a plugin class must pass.
 
 A plugin is a :class:`Plugin` subclass with typed ``Params`` and methods marked ``@hookimpl``,
-each named after a hook declared in :mod:`fedlt.hookspecs`. :func:`implementations` validates a
+each named after a hook declared in :mod:`fedlt.hooks.hookspecs`. :func:`implementations` validates a
 class against the contract once (cached): unknown hook names, arguments the hook does not have,
 and methods named like a hook but not marked are errors that name the plugin and the method.
 """
@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from fedlt.errors import PluginError
-from fedlt.hookspecs import SPECS
+from fedlt.hooks.hookspecs import SPECS
 
 __all__ = ["Impl", "NoParams", "Plugin", "hookimpl", "implementations"]
 
@@ -52,7 +52,7 @@ class Plugin:
 
     Server-side hooks run on the one instance the driver keeps for the run; client-side hooks
     run on a fresh instance made by :meth:`client_instance` for every client-round, so the
-    instance's attributes are that client-round's scratch space (see :mod:`fedlt.hookspecs`).
+    instance's attributes are that client-round's scratch space (see :mod:`fedlt.hooks.hookspecs`).
 
     Attributes
     ----------

@@ -16,20 +16,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlt.client import ClientTask
-from fedlt.context import EvalContext
-from fedlt.data.clients import ClientViews
 from fedlt.data.federated import FederatedData
-from fedlt.dispatch import HookSet
+from fedlt.data.views import ClientViews
 from fedlt.errors import NonFiniteLossError
-from fedlt.metrics import (
+from fedlt.hooks.context import EvalContext
+from fedlt.hooks.dispatch import HookSet
+from fedlt.hooks.recipe import LocalTraining
+from fedlt.metrics.classification import (
     classification_metrics,
     personalized_accuracy,
     personalized_shot_accuracy,
     shot_groups,
 )
-from fedlt.recipe import LocalTraining
-from fedlt.worker import client_context
+from fedlt.training.client import ClientTask
+from fedlt.training.worker import client_context
 
 __all__ = ["Evaluator"]
 

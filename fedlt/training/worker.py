@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlt.client import ClientResult, ClientTask, train_client
-from fedlt.context import ClientContext, SetupContext
+from fedlt.base.seeding import seed_torch, torch_generator
 from fedlt.data.federated import FederatedData
-from fedlt.dispatch import HookSet
+from fedlt.hooks.context import ClientContext, SetupContext
+from fedlt.hooks.dispatch import HookSet
+from fedlt.hooks.recipe import LocalTraining
 from fedlt.models import build_model
-from fedlt.recipe import LocalTraining
-from fedlt.seeding import seed_torch, torch_generator
+from fedlt.training.client import ClientResult, ClientTask, train_client
 
 __all__ = ["ClientTrainer", "aggregated_keys", "build_run_model", "client_context", "setup_context"]
 

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from fedlt.context import Forward
+from fedlt.base.safe import describe_type, find_unsafe
 from fedlt.errors import FedltError, PluginError
-from fedlt.hookspecs import SPECS
-from fedlt.plugin import Impl, Plugin, implementations
-from fedlt.recipe import LocalTraining
-from fedlt.safe import describe_type, find_unsafe
-from fedlt.spec import HookSpec
+from fedlt.hooks.context import Forward
+from fedlt.hooks.hookspecs import SPECS
+from fedlt.hooks.plugin import Impl, Plugin, implementations
+from fedlt.hooks.recipe import LocalTraining
+from fedlt.hooks.spec import HookSpec
 
 __all__ = ["ClientHooks", "Hook", "HookSet", "build_hooks", "build_hooks_spelled_out"]
 
@@ -485,7 +485,7 @@ def as_forward(out: Any) -> Forward:
 
 def build_hooks(specs: Iterable[Any], available: Mapping[str, Any] | None = None) -> HookSet:
     """Discover, validate and register the scenario's plugins; the entry point for engines."""
-    from fedlt.discovery import instantiate_plugins
+    from fedlt.hooks.discovery import instantiate_plugins
 
     return HookSet(instantiate_plugins(list(specs), available))
 

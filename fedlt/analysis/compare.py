@@ -11,7 +11,7 @@ settings that do not change results (:data:`IGNORED_KEYS`: engine, checkpointing
 size, data locations) are removed. A group is labelled by the settings in which the groups differ,
 e.g. ``plugins=[focal]`` or ``train.lr=0.1``.
 
-Nothing here imports matplotlib; ``fedlt.plotting`` reuses :func:`load_run` to read run folders.
+Nothing here imports matplotlib; ``fedlt.analysis.plotting`` reuses :func:`load_run` to read run folders.
 """
 
 from __future__ import annotations
@@ -249,8 +249,8 @@ def _number(value: Any) -> float | None:
 def _normalise_scenario(raw: dict[str, Any]) -> dict[str, Any]:
     """The scenario with every default filled in (plugins as ``{"name", "params"}``), or ``raw``
     itself (plugins brought to the same shape) when it no longer validates."""
-    from fedlt.config import scenario_from_dict
     from fedlt.errors import FedltError
+    from fedlt.scenario.config import scenario_from_dict
 
     try:
         return scenario_from_dict(raw).model_dump(mode="json")

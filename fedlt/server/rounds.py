@@ -15,14 +15,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlt.aggregation import FedAvg
-from fedlt.client import ClientResult
-from fedlt.context import RoundContext, frozen_config
+from fedlt.base.safe import describe_type
+from fedlt.base.seeding import numpy_rng
 from fedlt.data.federated import FederatedData
-from fedlt.dispatch import HookSet
 from fedlt.errors import NonFiniteLossError, PluginError
-from fedlt.safe import describe_type
-from fedlt.seeding import numpy_rng
+from fedlt.hooks.context import RoundContext, frozen_config
+from fedlt.hooks.dispatch import HookSet
+from fedlt.server.aggregation import FedAvg
+from fedlt.training.client import ClientResult
 
 __all__ = ["aggregate_round", "configure_round", "round_context", "select_clients"]
 

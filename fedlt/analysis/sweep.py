@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlt.config import load_scenario, parse_value
 from fedlt.errors import FedltError, ScenarioError
+from fedlt.scenario.config import load_scenario, parse_value
 
 __all__ = ["Job", "Sweep", "parse_grid", "parse_seeds", "run_job"]
 
@@ -87,7 +87,7 @@ class Job:
 
 def run_job(scenario: str, job: Job, threads: int | None = None) -> str:
     """Run, resume or skip one job; returns a one-line report. Safe to call in a fresh process."""
-    from fedlt.runner import SCENARIO, Run, finished_summary
+    from fedlt.driver.runner import SCENARIO, Run, finished_summary
 
     if threads is not None:
         import torch
@@ -211,7 +211,7 @@ class Sweep:
 
     def table(self, baseline: str | None = None) -> Any:
         """The comparison table of the sweep's finished runs (``fedlt compare``)."""
-        from fedlt.compare import collect_runs, compare
+        from fedlt.analysis.compare import collect_runs, compare
 
         return compare(
             collect_runs([job.run_dir for job in self.jobs if (job.run_dir / "summary.json").is_file()]),

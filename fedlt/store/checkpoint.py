@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
+from fedlt.base.safe import describe_type, find_unsafe
 from fedlt.errors import FedltError
-from fedlt.safe import describe_type, find_unsafe
 
 __all__ = [
     "CHECKPOINT",
@@ -156,7 +156,7 @@ def save_checkpoint(run_dir: Path, payload: Mapping[str, Any]) -> None:
     Raises
     ------
     TypeError
-        Something in ``payload`` is not a plain tree (see :mod:`fedlt.safe`), naming where, e.g.
+        Something in ``payload`` is not a plain tree (see :mod:`fedlt.base.safe`), naming where, e.g.
         ``client_states[3]['replay']['memory'] is a function``. The engine checks plugin state
         earlier and names the plugin; this is the last line of defence, because such a file could
         not be loaded with ``weights_only=True`` and the run would be lost.
@@ -334,7 +334,7 @@ def check_compatible(
 def remove_stale_temps(run_dir: Path) -> list[str]:
     """Delete temporary files that killed writers left in ``run_dir``; returns their names.
 
-    Call it only while holding the folder's claim (:func:`fedlt.rundir.claim`): then no other
+    Call it only while holding the folder's claim (:func:`fedlt.store.rundir.claim`): then no other
     writer is active there, so every such file is debris from a crash and never a live write.
     """
     removed = []

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlt.augment import crop_flip
-from fedlt.context import ClientContext
-from fedlt.dispatch import ClientHooks, as_forward
-from fedlt.optim import make_local_optimizer
-from fedlt.recipe import LocalTraining
+from fedlt.hooks.context import ClientContext
+from fedlt.hooks.dispatch import ClientHooks, as_forward
+from fedlt.hooks.recipe import LocalTraining
+from fedlt.training.augment import crop_flip
+from fedlt.training.optim import make_local_optimizer
 
 __all__ = ["ClientResult", "ClientTask", "LocalTraining", "batch_loss", "default_order", "train_client"]
 
@@ -134,7 +134,7 @@ def batch_loss(model: nn.Module, hooks: Any, ctx: Any, x: torch.Tensor, y: torch
     the per-sample loss times sample weights, class weights normalised by their sum, extra losses.
 
     The one definition of the training loss: ``train_client`` calls it per batch with a client's
-    :class:`~fedlt.dispatch.ClientHooks`; the vectorized engine calls it under vmap (one client's
+    :class:`~fedlt.hooks.dispatch.ClientHooks`; the vectorized engine calls it under vmap (one client's
     slice of every tensor) with hooks bound to the group's stand-in plugin instances.
     ``hooks[name]`` gives each per-batch hook (falsy when no plugin implements it).
     """

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedlt.compare import RunRecord, load_run
+from fedlt.analysis.compare import RunRecord, load_run
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -275,8 +275,8 @@ class _CountCache:
         return self._by_data[key]
 
     def _rebuild(self, run: _Run) -> np.ndarray | None:
-        from fedlt.config import load_scenario
         from fedlt.data.federated import build_federated_data
+        from fedlt.scenario.config import load_scenario
 
         try:
             data = build_federated_data(load_scenario(run.record.path / "scenario.toml"))

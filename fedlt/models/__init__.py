@@ -8,7 +8,7 @@ this split and the ``head.weight`` / ``head.bias`` state-dict keys are the same 
 ``weight`` of shape ``(num_classes, feature_dim)``, but without a bias), as LDAM-DRW does.
 
 Models draw their initial weights from torch's global RNG only, in a fixed order, so seeding it
-(``fedlt.seeding.seed_torch``) fixes the initial model.
+(``fedlt.base.seeding.seed_torch``) fixes the initial model.
 
 The registry :data:`MODELS` (declared once, at the bottom of this module, with each model's typed
 parameters; the scenario's ``[model]`` section is derived from it):
@@ -27,7 +27,7 @@ parameters; the scenario's ``[model]`` section is derived from it):
 
 Errors are plain: a bad argument is a ``ValueError``; a parameter that does not fit the data (an image
 model on flat samples, more conv blocks than the image has pixels, a patch size that does not divide
-it, a pretrained file that does not match) is a :class:`~fedlt.registry.ParameterError` naming the
+it, a pretrained file that does not match) is a :class:`~fedlt.base.registry.ParameterError` naming the
 parameter. :func:`check_model` finds the latter without allocating a weight, so the scenario boundary
 reports them before any work.
 """
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
-from fedlt.registry import Entry, ParameterError, Params, Registry
+from fedlt.base.registry import Entry, ParameterError, Params, Registry
 
 __all__ = [
     "CNN",

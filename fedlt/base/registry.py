@@ -4,7 +4,7 @@ Datasets (:data:`fedlt.data.datasets.DATASETS`), models (:data:`fedlt.models.MOD
 (:data:`fedlt.data.partition.PARTITIONS`) and long-tail profiles (:data:`fedlt.data.longtail.PROFILES`)
 each list their entries in one :class:`Registry`: a name, a pydantic model of the parameters a
 scenario may set (types, defaults, constraints, descriptions), a one-line summary and the function
-that builds it. :mod:`fedlt.config` derives its scenario sections from them and the scenario
+that builds it. :mod:`fedlt.scenario.config` derives its scenario sections from them and the scenario
 reference is generated from them, so a name or a parameter is written in exactly one place.
 
 Library code raises plain errors: an unknown name is a ``ValueError``, and a parameter value that

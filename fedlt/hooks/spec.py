@@ -1,7 +1,7 @@
 """How a hook is declared: one :class:`HookSpec` per hook, made by the :func:`hookspec` decorator.
 
 A declaration is the single source of a hook's signature, its combine rule, where it runs, how
-often, and since which version. The dispatcher (:mod:`fedlt.dispatch`) combines results by it,
+often, and since which version. The dispatcher (:mod:`fedlt.hooks.dispatch`) combines results by it,
 the validator checks implementations against it, and the docs are generated from it.
 """
 

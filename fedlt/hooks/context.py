@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from fedlt.seeding import numpy_rng, torch_generator
+from fedlt.base.seeding import numpy_rng, torch_generator
 
 __all__ = ["ClientContext", "EvalContext", "Forward", "LogContext", "RoundContext", "SetupContext"]
 

@@ -34,14 +34,14 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from fedlt.base.registry import Entry, ParameterError, Registry
 from fedlt.data.datasets import DATASETS
 from fedlt.data.longtail import PROFILES
 from fedlt.data.partition import PARTITIONS
 from fedlt.data.stream import SCHEDULES, STREAM_KINDS
 from fedlt.errors import ScenarioError, readable_constraint
-from fedlt.metrics import SHOT_RULES, shot_thresholds
+from fedlt.metrics.classification import SHOT_RULES, shot_thresholds
 from fedlt.models import MODELS
-from fedlt.registry import Entry, ParameterError, Registry
 
 __all__ = [
     "CheckpointConfig",
@@ -514,7 +514,7 @@ class Scenario(_Section):
 
 def builtin_scenario_path(name: str) -> Path:
     """Path of a scenario shipped inside the package (``quickstart`` is the embedded default)."""
-    path = Path(__file__).parent / "scenarios" / f"{name}.toml"
+    path = Path(__file__).parent / "builtin" / f"{name}.toml"
     if not path.is_file():
         raise ScenarioError("scenario", name, "a scenario file path or a built-in name: quickstart")
     return path

@@ -22,15 +22,15 @@ from typing import Any
 
 import torch
 
-from fedlt.client import ClientResult, ClientTask
-from fedlt.config import scenario_to_toml
 from fedlt.data.federated import FederatedData
-from fedlt.dispatch import HookSet
 from fedlt.engines.base import Engine
 from fedlt.errors import FedltError, ScenarioError
 from fedlt.flower.nodes import map_clients_to_nodes
 from fedlt.flower.simulation import FlowerSimulation, Link, active_link
 from fedlt.flower.wire import decode_error, decode_result, encode_task, reply_needs_state
+from fedlt.hooks.dispatch import HookSet
+from fedlt.scenario.config import scenario_to_toml
+from fedlt.training.client import ClientResult, ClientTask
 
 __all__ = ["FlowerEngine"]
 

@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedlt.checkpoint import read_metrics
-from fedlt.context import LogContext, SetupContext
-from fedlt.plugin import Plugin, hookimpl
+from fedlt.hooks.context import LogContext, SetupContext
+from fedlt.hooks.plugin import Plugin, hookimpl
+from fedlt.store.checkpoint import read_metrics
 
 __all__ = ["CSVLog", "TensorBoardLog", "WandbLog", "loggers_for", "missing_logger_packages", "scalars"]
 

@@ -1,0 +1,1 @@
+"""Working with finished runs: comparing, plotting and sweeping."""

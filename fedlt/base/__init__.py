@@ -1,0 +1,1 @@
+"""Foundations every layer uses: seeding, plain-data checks, registries, provenance, memory."""

@@ -1,0 +1,1 @@
+"""Measuring a model after a round: the global test set, personalised views, anytime evaluation."""

@@ -1,0 +1,1 @@
+"""Scenarios: the TOML schema, loading with overrides, and validation at the boundary."""

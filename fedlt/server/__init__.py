@@ -1,0 +1,1 @@
+"""The server side of a round: client selection, configuration and aggregation."""
