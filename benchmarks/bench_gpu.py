@@ -177,15 +177,15 @@ def fedlt_rate(scenario: Any, data: Any, w: Workload, k: int, vectorize: str, dt
     """Samples/s of fedlt rounds of the first ``k`` clients: train_round + FedAvg, as the runner."""
     import torch
 
-    from fedlt.engines.vectorized import VectorizedEngine
+    from fedlt.engines.serial import SerialEngine
     from fedlt.hooks.dispatch import build_hooks
     from fedlt.server.aggregation import FedAvg
-    from fedlt.training.client import ClientTask
+    from fedlt.training.round import ClientTask
 
     device = torch.device(scenario.engine.device)
-    engine = VectorizedEngine(
-        scenario, data, build_hooks(scenario.plugins), device, vectorize=vectorize, dtype=dtype
-    )
+    settings = {"vectorize": vectorize, "dtype": dtype}
+    scenario = scenario.model_copy(update={"engine": scenario.engine.model_copy(update=settings)})
+    engine = SerialEngine(scenario, data, build_hooks(scenario.plugins), device)
     state = engine.trainer.model.state_dict()
     global_state = {key: state[key].clone() for key in engine.trainer.keys}
 

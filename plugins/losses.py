@@ -7,7 +7,7 @@ client instance, so the per-batch hooks only index them.
 Classes with a zero count are treated as having one sample (as FedETF and
 :func:`~fedlt_plugins.priors.log_prior_tensor` do), so every formula stays finite.
 
-Class weights (``class-balanced``, LDAM's DRW) are declared ``class_weighting``: the batch loss
+Class weights (``class-balanced``, LDAM's DRW) come from ``client_class_weights``: the batch loss
 is ``sum_i w_{y_i} l_i / sum_i w_{y_i}``, as weighted cross-entropy (``F.cross_entropy(weight=)``)
 defines it, so re-weighting changes the balance between classes but not the effective learning
 rate.
@@ -125,7 +125,7 @@ class ClassBalanced(Plugin):
     Each sample's loss is weighted by its class weight ``w_y`` with
     ``w_c = (1 - beta) / (1 - beta^{n_c})``, and the batch loss is the weighted mean
     ``sum_i w_{y_i} l_i / sum_i w_{y_i}`` (weighted cross-entropy; the plugin declares
-    ``class_weighting``). The weights multiply whatever ``client_loss`` is active: alone they
+    ``client_class_weights``). The weights multiply whatever ``client_loss`` is active: alone they
     weight cross-entropy, together with ``focal`` they give class-balanced focal loss.
 
     With ``drw_start_round`` the weights are all 1 before that round (plain training learns the
@@ -138,7 +138,6 @@ class ClassBalanced(Plugin):
 
     Params = ClassBalancedParams
     vectorized = True
-    class_weighting = True
 
     def _active(self, round: int) -> bool:
         start = self.params.drw_start_round
@@ -156,7 +155,7 @@ class ClassBalanced(Plugin):
     client_stream_batch = hookimpl(client_start)
 
     @hookimpl
-    def client_sample_weights(self, y: torch.Tensor) -> torch.Tensor | None:
+    def client_class_weights(self, y: torch.Tensor) -> torch.Tensor | None:
         return None if self.weights is None else self.weights[y]
 
 
@@ -230,7 +229,6 @@ class LDAM(Plugin):
     Params = LDAMParams
     vectorized = True
     requires = frozenset({"head"})
-    class_weighting = True
 
     @hookimpl
     def configure_model(self, model: nn.Module, ctx: SetupContext) -> None:
@@ -258,7 +256,7 @@ class LDAM(Plugin):
         return F.cross_entropy(self.params.scale * shifted, y, reduction="none")
 
     @hookimpl
-    def client_sample_weights(self, y: torch.Tensor) -> torch.Tensor | None:
+    def client_class_weights(self, y: torch.Tensor) -> torch.Tensor | None:
         return None if self.weights is None else self.weights[y]
 
 

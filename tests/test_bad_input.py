@@ -116,6 +116,10 @@ CASES = [
         "data.cache_dir",
     ),
     (Q, S("engine.threads=0"), "engine.threads"),
+    # the serial engine's vectorized mode means nothing to Ray and Flower workers
+    (Q, S("engine.kind=ray", "engine.vectorize=on"), "engine.vectorize"),
+    (Q, S("engine.kind=flower", "engine.vectorize=off"), "engine.vectorize"),
+    (Q, S("engine.kind=ray", "engine.group_size=4"), "engine.group_size"),
 ]
 
 # Runner-side bad input: (arguments, what the message must contain). "{tmp}" is the test's

@@ -21,7 +21,7 @@ from fedlt.hooks.context import ClientContext, Forward
 from fedlt.hooks.discovery import discover_plugins
 from fedlt.hooks.plugin import Plugin, hookimpl
 from fedlt.hooks.recipe import LocalTraining
-from fedlt.training.client import train_client
+from fedlt.training.serial import train_alone as train_client
 
 LN3 = math.log(3.0)
 

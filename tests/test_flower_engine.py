@@ -34,7 +34,7 @@ from fedlt.flower import engine as flower_engine  # noqa: E402
 from fedlt.flower import wire  # noqa: E402
 from fedlt.flower.export import export_flower  # noqa: E402
 from fedlt.flower.simulation import FlowerSimulation  # noqa: E402
-from fedlt.training.client import ClientResult, ClientTask  # noqa: E402
+from fedlt.training.round import ClientResult, ClientTask  # noqa: E402
 
 SUPPORT = Path(__file__).parent / "support"
 STATEFUL = [

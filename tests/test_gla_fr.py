@@ -17,7 +17,7 @@ from fedlt.data.federated import build_federated_data
 from fedlt.driver.runner import Run
 from fedlt.hooks.context import EvalContext
 from fedlt.hooks.dispatch import build_hooks
-from fedlt.training.client import ClientTask
+from fedlt.training.round import ClientTask
 from fedlt.training.worker import ClientTrainer, aggregated_keys, build_run_model
 
 
@@ -138,7 +138,7 @@ def test_local_head_is_trained_but_never_sent(tiny):
 
 
 def _client_ctx(trainer, client_id):
-    from fedlt.training.worker import client_context
+    from fedlt.training.context import client_context
 
     return client_context(
         trainer.scenario, trainer.data, ClientTask(client_id, 1, {}), torch.device("cpu"), trainer.recipe

@@ -17,7 +17,7 @@ from fedlt.errors import PluginError, ScenarioError
 from fedlt.hooks import hookspecs
 from fedlt.hooks.discovery import PluginInfo, discover_plugins
 from fedlt.hooks.dispatch import build_hooks
-from fedlt.hooks.plugin import Plugin, hookimpl
+from fedlt.hooks.plugin import Plugin, hookimpl, implementations
 from fedlt.hooks.spec import COMBINE_RULES, HookSpec
 from fedlt.server.aggregation import FedAvg
 from fedlt.server.rounds import select_clients
@@ -491,30 +491,37 @@ def test_round_context_generator_is_seeded_by_seed_round_and_purpose():
 
 
 def test_class_weights_normalise_the_loss_by_their_sum(install_plugins, tiny, tmp_path):
-    """Constant class weights c: with ``class_weighting`` the loss is sum(c l) / sum(c) = mean(l),
-    so training equals plain FedAvg; as plain sample weights they scale the loss by c."""
+    """Constant class weights c: the loss is sum(c l) / sum(c) = mean(l), so training equals plain
+    FedAvg; as sample weights they scale the loss by c. A plugin still declaring the deprecated
+    ``class_weighting`` has its sample weights taken as class weights, with a warning."""
 
-    def weights(flag: bool) -> type[Plugin]:
-        class Constant(Plugin):
-            class_weighting = flag
+    class ClassWeights(Plugin):
+        @hookimpl
+        def client_class_weights(self, y):
+            return torch.full(y.shape, 3.0)
 
-            @hookimpl
-            def client_sample_weights(self, y):
-                return torch.full(y.shape, 3.0)
+    class SampleWeights(Plugin):
+        @hookimpl
+        def client_sample_weights(self, y):
+            return torch.full(y.shape, 3.0)
 
-        return Constant
+    class Legacy(SampleWeights):
+        class_weighting = True
 
-    install_plugins(cw=weights(True), sw=weights(False))
+    with pytest.warns(DeprecationWarning, match="class_weighting = True is deprecated"):
+        install_plugins(cw=ClassWeights, sw=SampleWeights, legacy=Legacy)
+        implementations(Legacy, "legacy")
     tiny["federation"]["rounds"] = 2
     base = fedlt.run(tiny, out=tmp_path / "base")["final"]["accuracy"]
     w = {}
-    for name in ("cw", "sw"):
+    for name in ("cw", "sw", "legacy"):
         tiny["plugins"] = [{"name": name}]
         fedlt.run(tiny, out=tmp_path / name)
         w[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["global"]
     plain = torch.load(tmp_path / "base" / "checkpoint.pt", weights_only=True)["global"]
     assert base is not None
     assert all(torch.allclose(w["cw"][k], plain[k], atol=1e-6) for k in plain)
+    assert all(torch.equal(w["legacy"][k], w["cw"][k]) for k in plain)
     assert not all(torch.allclose(w["sw"][k], plain[k], atol=1e-3) for k in plain)
 
 

@@ -16,7 +16,7 @@ import fedlt
 from fedlt.hooks.context import ClientContext
 from fedlt.hooks.recipe import LocalTraining
 from fedlt.models import CosineLinear
-from fedlt.training.client import train_client
+from fedlt.training.serial import train_alone as train_client
 
 #: Class-balanced weights of counts [3, 1] at beta 0.9 (both classes present, so every prior
 #: normalises over the same classes). Raw w = (1-b)/(1-b^n): 0.1/0.271 = 0.369004, 0.1/0.1 = 1;
@@ -40,7 +40,8 @@ def _round(ctx: ClientContext, *plugins):
 
 
 def _weights(ctx: ClientContext, y: torch.Tensor, *plugins):
-    return _round(ctx, *plugins).client_sample_weights(
+    """The class weights of the plugins' client_class_weights (class-balanced, LDAM's DRW)."""
+    return _round(ctx, *plugins).client_class_weights(
         **per_batch(ctx, torch.zeros(len(y), len(ctx.local_class_counts)), y)
     )
 
@@ -121,14 +122,13 @@ def test_class_balanced_drw_switches_on_at_its_round():
 def test_class_balanced_composes_with_focal():
     # class-balanced focal: the focal per-sample loss, with the class weights as class weights.
     hooks = hook_set({"name": "focal", "gamma": 2.0}, {"name": "class-balanced", "beta": 0.9})
-    assert hooks.class_weighting == {"class-balanced"}
     ctx = _ctx([3, 1])
     logits, y = torch.tensor([[2.0, 0.0], [0.0, 0.0]]), torch.tensor([0, 1])
     ch = client_hooks(hooks)
     ch.client_start(model=None, ctx=ctx)
     loss = ch.client_loss(**per_batch(ctx, logits, y))
-    assert not ch.sample_weights  # class-balanced's weights are class weights, not sample weights
-    c = ch.class_weights(**per_batch(ctx, logits, y))
+    assert not ch.client_sample_weights  # class-balanced's weights are class weights, not sample weights
+    c = ch.client_class_weights(**per_batch(ctx, logits, y))
     p0 = math.exp(2) / (math.exp(2) + 1)
     focal = torch.tensor([-((1 - p0) ** 2) * math.log(p0), -(0.5**2) * math.log(0.5)])
     torch.testing.assert_close(loss, focal)
@@ -235,7 +235,7 @@ def test_ldam_drw_weights_from_its_round():
     y = torch.tensor([0, 1])
     assert _weights(_ctx([3, 1], round=1), y, spec) is None
     torch.testing.assert_close(_weights(_ctx([3, 1], round=2), y, spec), CB_3_1)
-    assert hook_set(spec).class_weighting == {"ldam"}
+    assert hook_set(spec).implements("client_class_weights")
 
 
 @pytest.mark.parametrize("n_rounds", [10, 7, 200])

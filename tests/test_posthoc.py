@@ -26,7 +26,7 @@ class _Adjust:
         self.hooks = hooks
 
     def eval_logits(self, logits, model, ctx):
-        return self.hooks.eval_logits(logits=logits, features=None, model=model, ctx=ctx, states={})
+        return self.hooks.eval_logits(logits=logits, features=None, model=model, ctx=ctx, state={})
 
 
 def _plugin(**params):

@@ -13,7 +13,6 @@ turned into a :class:`~fedlt.errors.ScenarioError` here, by :func:`_boundary`, a
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedlt.base.memory import available_memory
 from fedlt.base.registry import ParameterError
 from fedlt.base.seeding import numpy_rng
 from fedlt.data.clients import class_counts, client_class_counts, local_test_views
@@ -199,25 +199,6 @@ def _boundary(scenario: Any, section: str) -> Iterator[None]:
             f"a location fedlt can read the {scenario.data.dataset} data from",
             hint=f"Loading it failed: {type(exc).__name__}: {exc}.",
         ) from None
-
-
-def available_memory() -> int | None:
-    """Bytes of memory the system can give this process now, or None where that is unknown.
-
-    Linux's ``MemAvailable`` (free memory plus what the kernel can reclaim); elsewhere the free
-    physical pages ``os.sysconf`` reports.
-    """
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, OSError, ValueError):
-        return None
 
 
 def _memory_error(scenario: Any, need: int, available: int) -> ScenarioError:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fedlt.base.memory import PeakMemory
 from fedlt.base.provenance import now, provenance
 from fedlt.data.federated import FederatedData
 from fedlt.data.views import ClientViews
@@ -49,8 +50,9 @@ from fedlt.store.checkpoint import (
     truncate_metrics,
 )
 from fedlt.store.rundir import RunDirError, RunLock, check_fresh_dir, claim
-from fedlt.training.client import ClientResult, ClientTask
-from fedlt.training.worker import aggregated_keys, build_run_model, setup_context
+from fedlt.training.context import setup_context
+from fedlt.training.round import ClientResult, ClientTask
+from fedlt.training.worker import aggregated_keys, build_run_model
 
 __all__ = ["RESUMABLE_KEYS", "Run", "continual_summary", "select_clients"]
 
@@ -185,6 +187,10 @@ class Run:
             torch.set_num_threads(scenario.engine.threads)
         self.client_states: dict[int, dict[str, dict[str, Any]]] = {}
         self.history: list[dict[str, Any]] = []
+        #: Per round: how its clients were trained (vectorized or not, and why; groups) and the
+        #: round's peak memory. Checkpointed, and written to summary.json as ``training``.
+        self.training: list[dict[str, Any]] = []
+        self._peak = PeakMemory(self.device)
         self.on_round: Callable[[int, dict[str, Any] | None], None] | None = None
         self.engine: Any = None
         self.started = now()
@@ -289,6 +295,7 @@ class Run:
             self.hooks.load_state_dict(ckpt["plugins"])
             self.client_states = ckpt["client_states"]
             self.views.load_state_dict(ckpt.get("stream_pos", {}))
+            self.training = [t for t in ckpt.get("training", []) if t.get("round", 0) <= ckpt["round"]]
             start, elapsed = ckpt["round"] + 1, ckpt["elapsed"]
             self.history = truncate_metrics(self.run_dir / METRICS, ckpt["round"])
         else:
@@ -358,10 +365,19 @@ class Run:
                 task.indices, task.seen_counts = part.indices, part.seen_before
                 ends[task.client_id] = part.end
         state = self.model.state_dict()
+        self._peak.start()
         results = engine.train_round(tasks, {k: state[k] for k in self.keys})
         if self._bar is not None:
             results = self._track(results, len(tasks))
         loss, _ = aggregate_round(self.hooks, self.model, self.keys, ctx, results, self.client_states)
+        self.training.append(
+            {
+                "round": r,
+                **engine.round_report(),
+                "peak_memory_mb": self._peak.peak_mb(),
+                "memory": self._peak.kind,
+            }
+        )
         self.views.advance(ends)
         return loss
 
@@ -401,6 +417,7 @@ class Run:
                 "plugins": self.hooks.state_dict(),
                 "client_states": self.client_states,
                 "stream_pos": self.views.state_dict(),
+                "training": self.training,
             },
         )
 
@@ -463,6 +480,7 @@ class Run:
             "seed": self.scenario.seed,
             "plugins": self.hooks.names,
             "final": final,
+            "training": self.training,
             "wall_seconds": round(wall, 3),
             "provenance": {
                 **provenance(str(self.device), torch.get_num_threads()),

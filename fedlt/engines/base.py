@@ -15,7 +15,7 @@ import torch
 
 from fedlt.data.federated import FederatedData
 from fedlt.hooks.dispatch import HookSet
-from fedlt.training.client import ClientResult, ClientTask
+from fedlt.training.round import ClientResult, ClientTask
 
 __all__ = ["Engine"]
 
@@ -43,6 +43,11 @@ class Engine(ABC):
 
         A result's ``weights`` may be live tensors valid only until the next result is requested.
         """
+
+    def round_report(self) -> dict[str, Any]:
+        """How the last round's clients were trained, for the run's summary: at least
+        ``vectorized`` (bool) and ``why`` (the setting or the reason that decided it)."""
+        return {"vectorized": False, "why": f"engine.kind = {self.name!r} trains one client per task"}
 
     def close(self) -> None:  # noqa: B027 - optional override; the serial engine holds nothing
         """Release workers and resources."""

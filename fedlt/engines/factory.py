@@ -47,8 +47,8 @@ def check_engine_available(kind: str) -> None:
 def make_engine(scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> Engine:
     """The engine the scenario's ``[engine] kind`` names (imported only when asked for).
 
-    ``serial`` gives the :class:`~fedlt.engines.vectorized.VectorizedEngine` when
-    ``engine.vectorize`` resolves to on ("auto": on CUDA) or ``engine.dtype`` asks for autocast.
+    ``serial`` trains one by one or, with ``engine.vectorize``, in vectorized groups: an option of
+    the serial engine, not an engine of its own.
     """
     kind = scenario.engine.kind
     check_engine_available(kind)
@@ -56,12 +56,5 @@ def make_engine(scenario: Any, data: FederatedData, hooks: HookSet, device: torc
         module, _, name = ENGINE_CLASSES[kind].partition(":")
         engine_cls = getattr(importlib.import_module(module), name)
     else:
-        from fedlt.engines.vectorized import wants_vectorized_engine
-
-        # engine.vectorize (and engine.dtype) are options of the serial engine, not engines of
-        # their own: the vectorized one trains groups of a round's clients at once.
-        if wants_vectorized_engine(scenario, device):
-            from fedlt.engines.vectorized import VectorizedEngine as engine_cls
-        else:
-            from fedlt.engines.serial import SerialEngine as engine_cls
+        from fedlt.engines.serial import SerialEngine as engine_cls
     return engine_cls(scenario, data, hooks, device)

@@ -29,7 +29,7 @@ from fedlt.data.federated import FederatedData
 from fedlt.engines.base import Engine
 from fedlt.errors import FedltError
 from fedlt.hooks.dispatch import HookSet
-from fedlt.training.client import ClientResult, ClientTask
+from fedlt.training.round import ClientResult, ClientTask
 
 __all__ = ["RayEngine"]
 

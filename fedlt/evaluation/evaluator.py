@@ -28,8 +28,8 @@ from fedlt.metrics.classification import (
     personalized_shot_accuracy,
     shot_groups,
 )
-from fedlt.training.client import ClientTask
-from fedlt.training.worker import client_context
+from fedlt.training.context import client_context
+from fedlt.training.round import ClientTask
 
 __all__ = ["Evaluator"]
 
@@ -85,13 +85,13 @@ class Evaluator:
     def _adjust(self, logits, features, model, ctx: EvalContext, states) -> torch.Tensor:
         if not self.hooks.eval_logits:
             return logits
-        return self.hooks.eval_logits(logits=logits, features=features, model=model, ctx=ctx, states=states)
+        return self.hooks.eval_logits(logits=logits, features=features, model=model, ctx=ctx, state=states)
 
     def _plugin_metrics(self, model, features, logits, labels, ctx: EvalContext, states) -> dict[str, Any]:
         if not self.hooks.eval_metrics:
             return {}
         found = self.hooks.eval_metrics(
-            model=model, features=features, logits=logits, labels=labels, ctx=ctx, states=states
+            model=model, features=features, logits=logits, labels=labels, ctx=ctx, state=states
         )
         return {
             f"{plugin}.{name}": value for plugin, values in found.items() for name, value in values.items()

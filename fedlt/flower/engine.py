@@ -30,7 +30,7 @@ from fedlt.flower.simulation import FlowerSimulation, Link, active_link
 from fedlt.flower.wire import decode_error, decode_result, encode_task, reply_needs_state
 from fedlt.hooks.dispatch import HookSet
 from fedlt.scenario.config import scenario_to_toml
-from fedlt.training.client import ClientResult, ClientTask
+from fedlt.training.round import ClientResult, ClientTask
 
 __all__ = ["FlowerEngine"]
 

@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from fedlt.base.safe import decode_tree, encode_tree
 from fedlt.errors import FedltError, NonFiniteLossError, PluginError, ScenarioError
-from fedlt.training.client import ClientResult, ClientTask
+from fedlt.training.round import ClientResult, ClientTask
 
 __all__ = [
     "ARRAYS",

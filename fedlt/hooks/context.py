@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -126,6 +126,12 @@ class RoundContext:
 class ClientContext:
     """One client in one round, wherever it is trained.
 
+    Per-client facts (``client_id``, ``config``, ``local_class_counts``, ``indices``, ``labels``,
+    ``generator``, ``epoch``, ``n_samples``, ``seen_classes``: :attr:`PER_CLIENT`; and
+    ``class_counts("local")``) differ between the clients of a vectorized group, so a per-batch
+    hook of a plugin declaring ``vectorized = True`` may not read them: it reads them in
+    ``client_start`` and keeps what it needs on ``self`` as tensors.
+
     Attributes
     ----------
     client_id : int
@@ -163,6 +169,21 @@ class ClientContext:
     step, epoch : int
         The current optimizer step (from 0) and local epoch.
     """
+
+    #: Facts that differ by client: not readable in a vectorized per-batch hook.
+    PER_CLIENT: ClassVar[frozenset[str]] = frozenset(
+        {
+            "client_id",
+            "config",
+            "local_class_counts",
+            "indices",
+            "labels",
+            "generator",
+            "epoch",
+            "n_samples",
+            "seen_classes",
+        }
+    )
 
     client_id: int
     round: int

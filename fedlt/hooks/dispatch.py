@@ -28,13 +28,14 @@ from fedlt.hooks.plugin import Impl, Plugin, implementations
 from fedlt.hooks.recipe import LocalTraining
 from fedlt.hooks.spec import HookSpec
 
-__all__ = ["ClientHooks", "Hook", "HookSet", "build_hooks", "build_hooks_spelled_out"]
+__all__ = ["ClientHooks", "Hook", "HookSet", "bound_hook", "build_hooks", "build_hooks_spelled_out"]
 
 CLIENT_HOOKS = tuple(n for n, s in SPECS.items() if s.side == "client")
 SERVER_HOOKS = tuple(n for n, s in SPECS.items() if s.side != "client")
 
 # --------------------------------------------------------------------------- result checks
-# Each returns None when the result is acceptable, else a sentence saying what is wrong.
+# One per rule of fedlt.hooks.spec.CHECK_RULES: each gets the result, the call's arguments and the
+# hook's name, and returns None when the result is acceptable, else a sentence saying what is wrong.
 
 
 def _tensor_problem(result: Any, expected: str) -> str | None:
@@ -43,24 +44,28 @@ def _tensor_problem(result: Any, expected: str) -> str | None:
     return None
 
 
-def _per_sample(what: str, hint_scalar: str) -> Callable[[Any, Mapping[str, Any]], str | None]:
-    def check(result: Any, kw: Mapping[str, Any]) -> str | None:
-        b = kw["y"].shape[0]
-        expected = f"{what} of shape (B,) = ({b},)"
-        problem = _tensor_problem(result, expected)
-        if problem or result.shape == (b,):
-            return problem
-        got = f"returned a tensor of shape {tuple(result.shape)}; expected {expected}"
-        if result.ndim == 0:
-            return f"{got}. {hint_scalar}"
-        if result.ndim == 2 and result.shape[0] == b and result.shape[1] == 1:
-            return f"{got}: a (B, 1) tensor would broadcast into a (B, B) loss. Squeeze the last dimension."
-        return got
-
-    return check
+#: What a per-sample hook returning a scalar is told.
+_SCALAR_HINTS = {
+    "client_loss": "client_loss must not reduce: compute the loss with reduction='none'.",
+}
 
 
-def _like_logits(result: Any, kw: Mapping[str, Any]) -> str | None:
+def _per_sample(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
+    b = kw["y"].shape[0]
+    what = "per-sample losses" if hook == "client_loss" else "per-sample weights"
+    expected = f"{what} of shape (B,) = ({b},)"
+    problem = _tensor_problem(result, expected)
+    if problem or result.shape == (b,):
+        return problem
+    got = f"returned a tensor of shape {tuple(result.shape)}; expected {expected}"
+    if result.ndim == 0:
+        return f"{got}. {_SCALAR_HINTS.get(hook, 'Return one value per sample.')}"
+    if result.ndim == 2 and result.shape[0] == b and result.shape[1] == 1:
+        return f"{got}: a (B, 1) tensor would broadcast into a (B, B) loss. Squeeze the last dimension."
+    return got
+
+
+def _like_logits(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
     shape = tuple(kw["logits"].shape)
     problem = _tensor_problem(result, f"logits of shape {shape}")
     if problem is None and tuple(result.shape) != shape:
@@ -68,7 +73,7 @@ def _like_logits(result: Any, kw: Mapping[str, Any]) -> str | None:
     return problem
 
 
-def _scalar(result: Any, kw: Mapping[str, Any]) -> str | None:
+def _scalar(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
     problem = _tensor_problem(result, "a 0-dimensional (scalar) tensor")
     if problem is None and result.ndim != 0:
         return (
@@ -78,7 +83,7 @@ def _scalar(result: Any, kw: Mapping[str, Any]) -> str | None:
     return problem
 
 
-def _forward(result: Any, kw: Mapping[str, Any]) -> str | None:
+def _forward(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
     if not isinstance(result, tuple) or len(result) not in (2, 3):
         return f"returned {describe_type(result)}; expected a Forward or a (features, logits) pair"
     if not all(isinstance(t, torch.Tensor) for t in result):
@@ -93,7 +98,7 @@ def _forward(result: Any, kw: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _indices(result: Any, kw: Mapping[str, Any]) -> str | None:
+def _indices(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
     problem = _tensor_problem(result, "a 1-D integer tensor of dataset indices")
     if problem is None and (result.ndim != 1 or result.dtype.is_floating_point or result.dtype == torch.bool):
         shape = tuple(result.shape)
@@ -101,7 +106,7 @@ def _indices(result: Any, kw: Mapping[str, Any]) -> str | None:
     return problem
 
 
-def _parameters(result: Any, kw: Mapping[str, Any]) -> str | None:
+def _parameters(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
     if isinstance(result, torch.Tensor) or not isinstance(result, Iterable):
         return f"returned {describe_type(result)}; expected a list of tensors"
     for t in result:
@@ -110,17 +115,17 @@ def _parameters(result: Any, kw: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _recipe(result: Any, kw: Mapping[str, Any]) -> str | None:
+def _recipe(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
     if not isinstance(result, LocalTraining):
         return f"returned {describe_type(result)}; expected a LocalTraining (recipe or recipe.replace(...))"
     return None
 
 
-def _payload(result: Any, kw: Mapping[str, Any]) -> str | None:
+def _payload(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
     return find_unsafe(result, "the payload")
 
 
-def _config(result: Any, kw: Mapping[str, Any]) -> str | None:
+def _config(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
     if not isinstance(result, Mapping):
         return f"returned {describe_type(result)}; expected a mapping of config entries (or None)"
     for key in result:
@@ -129,7 +134,7 @@ def _config(result: Any, kw: Mapping[str, Any]) -> str | None:
     return find_unsafe(dict(result), "the config")
 
 
-def _aggregator(result: Any, kw: Mapping[str, Any]) -> str | None:
+def _aggregator(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
     if not (callable(getattr(result, "add", None)) and callable(getattr(result, "result", None))):
         return f"returned {describe_type(result)}; expected an Aggregator with add() and result()"
     return None
@@ -143,7 +148,7 @@ def _json_ready(value: Any) -> bool:
     return False
 
 
-def _metrics(result: Any, kw: Mapping[str, Any]) -> str | None:
+def _metrics(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
     if not isinstance(result, Mapping):
         return f"returned {describe_type(result)}; expected a mapping of metric names to values"
     for key, value in result.items():
@@ -157,51 +162,78 @@ def _metrics(result: Any, kw: Mapping[str, Any]) -> str | None:
     return None
 
 
-#: How each hook's results are checked when fedlt receives them.
-CHECKS: dict[str, Callable[[Any, Mapping[str, Any]], str | None]] = {
-    "server_configure_round": _config,
-    "server_configure_client": _config,
-    "server_make_aggregator": _aggregator,
-    "client_configure_training": _recipe,
-    "client_trainable_parameters": _parameters,
-    "client_select_indices": _indices,
-    "client_replay_indices": _indices,
-    "client_forward": _forward,
-    "client_transform_logits": _like_logits,
-    "client_loss": _per_sample(
-        "per-sample losses", "client_loss must not reduce: compute the loss with reduction='none'."
-    ),
-    "client_sample_weights": _per_sample("per-sample weights", "Return one weight per sample."),
-    "client_extra_losses": _scalar,
-    "client_end": _payload,
-    "eval_logits": _like_logits,
-    "eval_metrics": _metrics,
+#: The implementation of each check rule a hook declares (``HookSpec.check``).
+CHECKS: dict[str, Callable[[Any, Mapping[str, Any], str], str | None]] = {
+    "config": _config,
+    "aggregator": _aggregator,
+    "recipe": _recipe,
+    "parameters": _parameters,
+    "indices": _indices,
+    "forward": _forward,
+    "like-logits": _like_logits,
+    "per-sample": _per_sample,
+    "scalar": _scalar,
+    "payload": _payload,
+    "metrics": _metrics,
 }
 
 # --------------------------------------------------------------------------- one hook
 
 
 class _Bound:
-    """One plugin's implementation, bound to an instance (and, client side, to its state)."""
+    """One plugin's implementation, bound to an instance (and, client side, to its state).
 
-    __slots__ = ("argnames", "call", "plugin", "state")
+    Arguments come from three places, settled once here rather than per call: ``state`` bound to
+    this client's state (client side), arguments the hook routes by plugin (``routed``: the
+    caller passes ``{plugin: value}`` and this plugin receives its own, ``{}`` when absent), and
+    the rest as passed (``plain``).
+    """
 
-    def __init__(self, plugin: str, call: Callable[..., Any], argnames: tuple[str, ...], state: Any) -> None:
+    __slots__ = ("argnames", "call", "plain", "plugin", "routed", "state")
+
+    def __init__(
+        self,
+        plugin: str,
+        call: Callable[..., Any],
+        argnames: tuple[str, ...],
+        state: Any,
+        routed: tuple[str, ...] = (),
+    ) -> None:
         self.plugin = plugin
         self.call = call
         self.argnames = argnames
         self.state = state
+        self.routed = routed
+        bound = ("state",) if state is not None else ()
+        self.plain = tuple(a for a in argnames if a not in routed and a not in bound)
+
+
+def bound_hook(
+    plugin: str,
+    call: Callable[..., Any],
+    argnames: tuple[str, ...],
+    state: Any = None,
+    spec: HookSpec | None = None,
+) -> _Bound:
+    """One plugin's implementation ``call`` of a hook, bound to ``state`` (client side) or None;
+    ``spec`` says which of its arguments are routed by plugin."""
+    by_plugin = spec.by_plugin if spec is not None else ()
+    routed = tuple(a for a in argnames if a in by_plugin and not (a == "state" and state is not None))
+    return _Bound(plugin, call, argnames, state, routed)
 
 
 class Hook:
-    """One hook's implementations in scenario order, called and combined by its declaration.
+    """One hook's implementations in scenario order, called, routed, combined and checked by its
+    declaration.
 
-    ``hook(**kwargs)`` calls every implementation (each with the arguments it declares) and
-    combines the results by ``spec.combine``. ``bool(hook)`` says whether any plugin implements
-    it, so hot loops skip hooks nobody implements.
+    ``hook(**kwargs)`` calls every implementation (each with the arguments it declares; an
+    argument the spec routes ``by_plugin`` is passed as ``{plugin: value}`` and each plugin gets
+    its own) and combines the results by ``spec.combine``, checking each by ``spec.check``.
+    ``bool(hook)`` says whether any plugin implements it, so hot loops skip hooks nobody
+    implements.
     """
 
-    __slots__ = ("_check", "_combine", "_per", "client", "impls", "round", "spec", "winner")
+    __slots__ = ("_check", "_combine", "client", "impls", "round", "spec", "winner")
 
     def __init__(
         self, spec: HookSpec, impls: list[_Bound], client: int | None = None, round: int | None = None
@@ -210,9 +242,8 @@ class Hook:
         self.impls = impls
         self.client = client
         self.round = round
-        self._check = CHECKS.get(spec.name)
+        self._check = CHECKS[spec.check] if spec.check is not None else None
         self._combine = getattr(self, "_" + spec.combine.replace("-", "_"))
-        self._per: Mapping[str, Mapping[str, Any]] | None = None
         #: The plugin whose result won the last call of a first-result hook.
         self.winner: str | None = None
 
@@ -223,10 +254,8 @@ class Hook:
     def plugin_names(self) -> list[str]:
         return [b.plugin for b in self.impls]
 
-    def __call__(self, per_plugin: Mapping[str, Mapping[str, Any]] | None = None, **kwargs: Any) -> Any:
-        """Call the implementations; ``per_plugin`` gives arguments that differ by plugin
-        (``{plugin: {"payloads": ...}}``)."""
-        self._per = per_plugin
+    def __call__(self, **kwargs: Any) -> Any:
+        """Call the implementations and combine their results."""
         return self._combine(kwargs)
 
     def error(self, plugin: str, message: str, kwargs: Mapping[str, Any] | None = None) -> PluginError:
@@ -241,25 +270,23 @@ class Hook:
 
     def _invoke(self, b: _Bound, kwargs: Mapping[str, Any]) -> Any:
         __tracebackhide__ = True
-        if self._per:
-            kwargs = {**kwargs, **self._per.get(b.plugin, {})}
         try:
+            args = {a: kwargs[a] for a in b.plain}
             if b.state is not None:
-                args = {a: (b.state if a == "state" else kwargs[a]) for a in b.argnames}
-            elif "state" in b.argnames:
-                states = kwargs.get("states") or {}
-                args = {a: (states.get(b.plugin, {}) if a == "state" else kwargs[a]) for a in b.argnames}
-            else:
-                args = {a: kwargs[a] for a in b.argnames}
+                args["state"] = b.state
+            for a in b.routed:
+                args[a] = (kwargs.get(a) or {}).get(b.plugin, {})
             out = b.call(**args)
         except FedltError as exc:
             if isinstance(exc, PluginError) and exc.client is None and self.client is not None:
                 raise exc.located(self.client, self.round) from exc.__cause__
             raise
+        except torch.OutOfMemoryError:
+            raise  # not the plugin's fault: an engine may retry with less memory in use
         except Exception as exc:
             raise self.error(b.plugin, f"{type(exc).__name__}: {exc}", kwargs) from exc
         if out is not None and self._check is not None:
-            problem = self._check(out, kwargs)
+            problem = self._check(out, kwargs, self.spec.name)
             if problem is not None:
                 raise self.error(b.plugin, problem, kwargs)
         return out
@@ -353,14 +380,28 @@ class HookSet:
         impls = [(p, implementations(type(p), p.name)) for p in self.plugins]
         self._hooks: dict[str, Hook] = {}
         for name in SERVER_HOOKS:
-            bound = [_Bound(p.name, getattr(p, name), i[name].argnames, None) for p, i in impls if name in i]
-            self._hooks[name] = Hook(SPECS[name], bound)
-        #: Client-side implementations: hook -> [(plugin index, Impl)], in scenario order.
-        self._client: dict[str, list[tuple[int, Impl]]] = {
-            name: [(k, i[name]) for k, (_, i) in enumerate(impls) if name in i] for name in CLIENT_HOOKS
-        }
+            spec = SPECS[name]
+            bound = [
+                bound_hook(p.name, getattr(p, name), i[name].argnames, None, spec)
+                for p, i in impls
+                if name in i
+            ]
+            self._hooks[name] = Hook(spec, bound)
+        #: Client-side implementations: hook -> [(plugin index, Impl)], in scenario order. A plugin
+        #: still declaring ``class_weighting = True`` (before contract 0.3) has its
+        #: ``client_sample_weights`` routed to ``client_class_weights``.
+        legacy = {k for k, (p, _) in enumerate(impls) if getattr(p, "class_weighting", False)}
+        self._client: dict[str, list[tuple[int, Impl]]] = {}
+        for name in CLIENT_HOOKS:
+            source = "client_sample_weights" if name == "client_class_weights" else name
+            pairs = []
+            for k, (_, i) in enumerate(impls):
+                if name == "client_class_weights" and name in i:
+                    pairs.append((k, i[name]))
+                elif source in i and (name == "client_class_weights") == (k in legacy):
+                    pairs.append((k, i[source]))
+            self._client[name] = pairs
         self._client_plugins = sorted({k for pairs in self._client.values() for k, _ in pairs})
-        self.class_weighting = frozenset(p.name for p in self.plugins if getattr(p, "class_weighting", False))
 
     def __getattr__(self, name: str) -> Hook:
         try:
@@ -379,12 +420,20 @@ class HookSet:
         return bool(self._hooks[hook])
 
     @property
+    def has_client_hooks(self) -> bool:
+        """Whether any plugin implements a client-side hook (else client-rounds need no instances)."""
+        return bool(self._client_plugins)
+
+    @property
     def names(self) -> list[str]:
         return [p.name for p in self.plugins]
 
-    def for_client(self, client_id: int, round: int, states: dict[str, dict[str, Any]]) -> ClientHooks:
-        """The client-side hooks of one client-round, on fresh plugin instances."""
-        return ClientHooks(self, client_id, round, states)
+    def for_client(
+        self, client_id: int, round: int, states: dict[str, dict[str, Any]], streaming: bool = True
+    ) -> ClientHooks:
+        """The client-side hooks of one client-round, on fresh plugin instances. Offline
+        (``streaming=False``) the stream-only hooks are left unbound."""
+        return ClientHooks(self, client_id, round, states, streaming)
 
     def state_dict(self) -> dict[str, Any]:
         """Every plugin's global state, by plugin name, checked to be plain data."""
@@ -409,40 +458,39 @@ class HookSet:
 class ClientHooks:
     """The client-side hooks of one client-round, bound to fresh plugin instances.
 
-    Attribute access by hook name gives a :class:`Hook` (falsy when no plugin implements it).
-    ``sample_weights`` and ``class_weights`` split ``client_sample_weights`` by whether the
-    plugin declares ``class_weighting`` (class weights normalise the batch loss by their sum).
+    Attribute access by hook name gives a :class:`Hook` (falsy when no plugin implements it);
+    ``hooks["client_loss"]`` too. ``instance(name)`` is a plugin's instance for this client-round.
     """
 
     def __init__(
-        self, hookset: HookSet, client_id: int, round: int, states: dict[str, dict[str, Any]]
+        self,
+        hookset: HookSet,
+        client_id: int,
+        round: int,
+        states: dict[str, dict[str, Any]],
+        streaming: bool = True,
     ) -> None:
         self.client_id = client_id
         self.round = round
         self.states = states
         plugins = hookset.plugins
         instances = {k: plugins[k].client_instance() for k in hookset._client_plugins}
+        self._instances = {plugins[k].name: inst for k, inst in instances.items()}
         self._hooks: dict[str, Hook] = {}
         for name in CLIENT_HOOKS:
-            pairs = hookset._client[name]
+            spec = SPECS[name]
+            pairs = hookset._client[name] if streaming or not spec.stream_only else []
             bound = [
-                _Bound(
+                bound_hook(
                     plugins[k].name,
-                    getattr(instances[k], name),
+                    getattr(instances[k], impl.hook),
                     impl.argnames,
                     states.setdefault(plugins[k].name, {}) if "state" in impl.argnames else None,
+                    spec,
                 )
                 for k, impl in pairs
             ]
-            self._hooks[name] = Hook(SPECS[name], bound, client_id, round)
-        weights = self._hooks["client_sample_weights"]
-        spec = weights.spec
-        self.class_weights = Hook(
-            spec, [b for b in weights.impls if b.plugin in hookset.class_weighting], client_id, round
-        )
-        self.sample_weights = Hook(
-            spec, [b for b in weights.impls if b.plugin not in hookset.class_weighting], client_id, round
-        )
+            self._hooks[name] = Hook(spec, bound, client_id, round)
 
     def __getattr__(self, name: str) -> Hook:
         try:
@@ -451,9 +499,12 @@ class ClientHooks:
             raise AttributeError(name) from None
 
     def __getitem__(self, name: str) -> Hook:
-        """``hooks["client_loss"]`` as ``hooks.client_loss`` (also ``"sample_weights"``,
-        ``"class_weights"``): the per-batch loss reads hooks by name."""
-        return getattr(self, name)
+        """``hooks["client_loss"]`` as ``hooks.client_loss``: the per-batch loss reads hooks by name."""
+        return self._hooks[name]
+
+    def instance(self, plugin: str) -> Plugin:
+        """This client-round's instance of ``plugin`` (the object its client hooks run on)."""
+        return self._instances[plugin]
 
     def check_states(self) -> None:
         """Every plugin's per-client state is plain data (checked at the end of the client-round)."""

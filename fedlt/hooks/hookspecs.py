@@ -17,10 +17,10 @@ The protocol of one run
       ``client_start`` → ``client_configure_training`` → ``client_trainable_parameters`` →
       ``client_select_indices`` (offline) → per step [``client_stream_batch`` (streams, when a
       new batch arrives) → ``client_replay_indices`` (streams) → ``client_forward`` →
-      ``client_transform_logits`` → ``client_loss`` × ``client_sample_weights`` +
-      ``client_extra_losses`` → backward → ``client_after_backward`` → optimizer step] →
-      ``client_update_memory`` after each stream batch's steps (streams) → ``client_end``
-      (payload for the server);
+      ``client_transform_logits`` → ``client_loss`` × ``client_sample_weights`` ×
+      ``client_class_weights`` + ``client_extra_losses`` → backward →
+      ``client_after_backward`` → optimizer step] → ``client_update_memory`` after each stream
+      batch's steps (streams) → ``client_end`` (payload for the server);
    c. ``server_make_aggregator`` (or FedAvg) combines the updates; the new global weights are
       loaded; ``server_after_aggregate``;
    d. evaluation rounds: ``eval_logits`` and ``eval_metrics`` on the global test set; per client
@@ -118,7 +118,7 @@ def server_setup(model: nn.Module, ctx: SetupContext) -> None:
     """
 
 
-@hookspec(combine="merge", side="server", when="once per round, after client selection")
+@hookspec(combine="merge", side="server", when="once per round, after client selection", check="config")
 def server_configure_round(ctx: RoundContext) -> Mapping[str, Any] | None:
     """Configuration sent to every client selected this round (schedules such as Cooldown).
 
@@ -132,7 +132,9 @@ def server_configure_round(ctx: RoundContext) -> Mapping[str, Any] | None:
     """
 
 
-@hookspec(combine="merge", side="server", when="once per selected client per round", since="0.2")
+@hookspec(
+    combine="merge", side="server", when="once per selected client per round", since="0.2", check="config"
+)
 def server_configure_client(client_id: int, ctx: RoundContext) -> Mapping[str, Any] | None:
     """Configuration for one selected client only: the per-client channel from server to client.
 
@@ -147,7 +149,7 @@ def server_configure_client(client_id: int, ctx: RoundContext) -> Mapping[str, A
     """
 
 
-@hookspec(combine="first", side="server", when="once per round, before updates arrive")
+@hookspec(combine="first", side="server", when="once per round, before updates arrive", check="aggregator")
 def server_make_aggregator(
     global_weights: Mapping[str, torch.Tensor], ctx: RoundContext
 ) -> Aggregator | None:
@@ -166,7 +168,12 @@ def server_make_aggregator(
     """
 
 
-@hookspec(combine="all", side="server", when="once per round, after the aggregated weights are loaded")
+@hookspec(
+    combine="all",
+    side="server",
+    when="once per round, after the aggregated weights are loaded",
+    by_plugin=("payloads",),
+)
 def server_after_aggregate(model: nn.Module, ctx: RoundContext, payloads: Mapping[int, Any]) -> None:
     """Act on the new global model: realign heads, re-train a classifier, update estimates.
 
@@ -207,6 +214,7 @@ def client_start(model: nn.Module, ctx: ClientContext, state: dict[str, Any]) ->
     when="once per client-round, before the optimizer is built",
     since="0.2",
     chain_arg="recipe",
+    check="recipe",
 )
 def client_configure_training(
     recipe: LocalTraining, ctx: ClientContext, state: dict[str, Any]
@@ -220,7 +228,12 @@ def client_configure_training(
     """
 
 
-@hookspec(combine="extend", side="client", when="once per client-round, before the optimizer is built")
+@hookspec(
+    combine="extend",
+    side="client",
+    when="once per client-round, before the optimizer is built",
+    check="parameters",
+)
 def client_trainable_parameters(
     model: nn.Module, ctx: ClientContext, state: dict[str, Any]
 ) -> Iterable[torch.Tensor] | None:
@@ -234,7 +247,7 @@ def client_trainable_parameters(
     """
 
 
-@hookspec(combine="first", side="client", when="once per client-round, offline scenarios")
+@hookspec(combine="first", side="client", when="once per client-round, offline scenarios", check="indices")
 def client_select_indices(ctx: ClientContext, state: dict[str, Any]) -> torch.Tensor | None:
     """The sequence of training samples for this client-round (a sampler).
 
@@ -253,6 +266,7 @@ def client_select_indices(ctx: ClientContext, state: dict[str, Any]) -> torch.Te
     side="client",
     when="once per incoming stream batch, before its first step; continual scenarios only",
     since="0.2",
+    stream_only=True,
 )
 def client_stream_batch(
     batch: torch.Tensor, model: nn.Module, ctx: ClientContext, state: dict[str, Any]
@@ -270,7 +284,13 @@ def client_stream_batch(
     """
 
 
-@hookspec(combine="concat", side="client", when="per optimizer step, continual scenarios only")
+@hookspec(
+    combine="concat",
+    side="client",
+    when="per optimizer step, continual scenarios only",
+    check="indices",
+    stream_only=True,
+)
 def client_replay_indices(
     batch: torch.Tensor, ctx: ClientContext, state: dict[str, Any]
 ) -> torch.Tensor | None:
@@ -287,7 +307,7 @@ def client_replay_indices(
     """
 
 
-@hookspec(combine="first", side="client", when="per batch")
+@hookspec(combine="first", side="client", when="per batch", check="forward", vmap=True)
 def client_forward(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: ClientContext, state: dict[str, Any]
 ) -> Forward | tuple[torch.Tensor, torch.Tensor] | None:
@@ -304,7 +324,14 @@ def client_forward(
     """
 
 
-@hookspec(combine="chain", side="client", when="per batch, after the forward pass", chain_arg="logits")
+@hookspec(
+    combine="chain",
+    side="client",
+    when="per batch, after the forward pass",
+    chain_arg="logits",
+    check="like-logits",
+    vmap=True,
+)
 def client_transform_logits(
     logits: torch.Tensor,
     features: torch.Tensor,
@@ -324,7 +351,7 @@ def client_transform_logits(
     """
 
 
-@hookspec(combine="first", side="client", when="per batch")
+@hookspec(combine="first", side="client", when="per batch", check="per-sample", vmap=True)
 def client_loss(
     logits: torch.Tensor,
     y: torch.Tensor,
@@ -338,16 +365,15 @@ def client_loss(
 
     :return: a ``(B,)`` tensor of per-sample losses (``reduction="none"``), or ``None`` for
         cross-entropy. The batch loss is ``sum(loss * c * s) / sum(c)`` where ``c`` is the
-        product of the *class weights* (``client_sample_weights`` of plugins that declare
-        ``class_weighting = True``; weighted cross-entropy normalises by their sum) and ``s`` the
-        product of the other sample weights; without class weights ``c = 1`` and it is the mean.
-        ``client_extra_losses`` are added.
+        product of the class weights (``client_class_weights``; weighted cross-entropy normalises
+        by their sum) and ``s`` the product of the sample weights (``client_sample_weights``);
+        without class weights ``c = 1`` and it is the mean. ``client_extra_losses`` are added.
 
     .. versionadded:: 0.1
     """
 
 
-@hookspec(combine="product", side="client", when="per batch")
+@hookspec(combine="product", side="client", when="per batch", check="per-sample", vmap=True)
 def client_sample_weights(
     logits: torch.Tensor,
     y: torch.Tensor,
@@ -357,20 +383,43 @@ def client_sample_weights(
     ctx: ClientContext,
     state: dict[str, Any],
 ) -> torch.Tensor | None:
-    """Per-sample weights on the loss (class weights, gradient-similarity focal, replay).
+    """Per-sample weights on the loss (gradient-similarity focal, replay re-weighting).
 
-    A plugin whose weights are class weights ``w_{y_i}`` (class-balanced, DRW) sets the class
-    attribute ``class_weighting = True``: the batch loss is then normalised by the sum of those
-    weights, as weighted cross-entropy is (see ``client_loss``), so re-weighting does not shrink
-    the effective learning rate.
+    They multiply the per-sample loss; the batch loss is still normalised by the batch size (or
+    by the class weights' sum, see ``client_class_weights``). Weights that are class weights
+    ``w_{y_i}`` belong in ``client_class_weights``.
 
     :return: a ``(B,)`` tensor, or ``None``.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.3 class weights moved to ``client_class_weights``.
     """
 
 
-@hookspec(combine="sum", side="client", when="per batch")
+@hookspec(combine="product", side="client", when="per batch", since="0.3", check="per-sample", vmap=True)
+def client_class_weights(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    features: torch.Tensor,
+    head_input: torch.Tensor,
+    model: nn.Module,
+    ctx: ClientContext,
+    state: dict[str, Any],
+) -> torch.Tensor | None:
+    """Class weights ``w_{y_i}`` per sample (class-balanced, DRW): weighted cross-entropy.
+
+    The batch loss becomes ``sum_i w_i l_i s_i / sum_i w_i`` (see ``client_loss``): normalised by
+    the weights' sum, as weighted cross-entropy is, so re-weighting does not shrink the effective
+    learning rate. Several plugins' class weights multiply.
+
+    :return: a ``(B,)`` tensor, or ``None``.
+
+    .. versionadded:: 0.3 (before: ``client_sample_weights`` of a plugin with
+       ``class_weighting = True``, still honoured with a deprecation warning).
+    """
+
+
+@hookspec(combine="sum", side="client", when="per batch", check="scalar", vmap=True)
 def client_extra_losses(
     model: nn.Module,
     x: torch.Tensor,
@@ -403,6 +452,7 @@ def client_after_backward(model: nn.Module, ctx: ClientContext, state: dict[str,
     combine="all",
     side="client",
     when="once per stream batch, after its online_iter steps; continual scenarios only",
+    stream_only=True,
 )
 def client_update_memory(batch: torch.Tensor, ctx: ClientContext, state: dict[str, Any]) -> None:
     """An incoming stream batch has been trained on; update the client's memory from it.
@@ -417,7 +467,9 @@ def client_update_memory(batch: torch.Tensor, ctx: ClientContext, state: dict[st
     """
 
 
-@hookspec(combine="per-plugin", side="client", when="once per client-round, after the last step")
+@hookspec(
+    combine="per-plugin", side="client", when="once per client-round, after the last step", check="payload"
+)
 def client_end(model: nn.Module, ctx: ClientContext, state: dict[str, Any]) -> Any:
     """Local training finished; return what the server half of this plugin needs.
 
@@ -456,6 +508,8 @@ def client_personalize(model: nn.Module, ctx: ClientContext, state: dict[str, An
     side="eval",
     when="per evaluation: the global test set, then each client's local view",
     chain_arg="logits",
+    check="like-logits",
+    by_plugin=("state",),
 )
 def eval_logits(
     logits: torch.Tensor, features: torch.Tensor, model: nn.Module, ctx: EvalContext, state: dict[str, Any]
@@ -478,6 +532,8 @@ def eval_logits(
     side="eval",
     when="per evaluation: the global test set, then each client's local view",
     since="0.2",
+    check="metrics",
+    by_plugin=("state",),
 )
 def eval_metrics(
     model: nn.Module,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -62,8 +63,8 @@ class Plugin:
         Capabilities the plugin needs, checked before a run starts: ``"head"`` (a model with a
         linear head), ``"stream"`` (a continual scenario), ``"prompts"`` (a ViT prompt slot).
     class_weighting : bool
-        ``client_sample_weights`` returns class weights ``w_{y_i}``: the batch loss is then
-        normalised by their sum (weighted cross-entropy) rather than by the batch size.
+        Deprecated (contract 0.3): implement ``client_class_weights`` instead. A plugin that sets
+        it has its ``client_sample_weights`` treated as class weights, with a warning.
     vectorized : bool
         The plugin's per-batch hooks are pure tensor functions of their arguments and of tensor
         attributes set in ``client_start``, so they can run inside a vmapped step over a group of
@@ -174,4 +175,11 @@ def implementations(cls: type[Plugin], name: str) -> dict[str, Impl]:
                 f"{', '.join(SPECS[attr].params)}",
             )
         impls[attr] = Impl(attr, value, argnames)
+    if getattr(cls, "class_weighting", False):
+        warnings.warn(
+            f"plugin {name!r}: class_weighting = True is deprecated since fedlt's plugin contract 0.3; "
+            "implement client_class_weights (same arguments, same return) instead of client_sample_weights",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     return impls

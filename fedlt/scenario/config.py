@@ -390,10 +390,16 @@ class EngineConfig(_Section):
         "See docs/vectorized.md.",
     )
     group_size: int | None = Field(
-        None, ge=1, description="vectorize: clients trained together per group (unset: all of a round's)."
+        None,
+        ge=1,
+        description="serial, vectorize: at most this many clients trained together per group (unset: as "
+        "many as fit in memory, measured on the first round; a group that runs out of memory is retried in "
+        "halves).",
     )
     dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Autocast dtype of local training's forward pass and loss (bfloat16 on CUDA)."
+        "float32",
+        description="Autocast dtype of each local training step's forward pass and loss (bfloat16 on CUDA), "
+        "on every engine.",
     )
     num_workers: int = Field(2, ge=1, description="ray/flower: actors in the pool (clients trained at once).")
     num_cpus: float = Field(
@@ -423,6 +429,30 @@ class EngineConfig(_Section):
         if isinstance(v, int) and v < 1:
             raise ValueError("an integer >= 1, 'auto' or unset")
         return v
+
+    @model_validator(mode="after")
+    def _serial_only_keys(self) -> EngineConfig:
+        """``vectorize`` and ``group_size`` are the serial engine's: Ray and Flower train one client
+        per task, so setting them there would be silently ignored; refuse it instead."""
+        if self.kind == "serial":
+            return self
+        if self.vectorize != "auto":
+            raise ScenarioError(
+                "engine.vectorize",
+                self.vectorize,
+                f"'auto' (unset) with engine.kind = {self.kind!r}",
+                hint="Vectorized groups are an option of the serial engine; Ray and Flower workers train "
+                "one client per task.",
+            )
+        if self.group_size is not None:
+            raise ScenarioError(
+                "engine.group_size",
+                self.group_size,
+                f"unset with engine.kind = {self.kind!r}",
+                hint="Groups are the serial engine's vectorized mode; Ray and Flower workers train one "
+                "client per task.",
+            )
+        return self
 
 
 class LogConfig(_Section):

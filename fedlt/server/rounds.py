@@ -22,7 +22,7 @@ from fedlt.errors import NonFiniteLossError, PluginError
 from fedlt.hooks.context import RoundContext, frozen_config
 from fedlt.hooks.dispatch import HookSet
 from fedlt.server.aggregation import FedAvg
-from fedlt.training.client import ClientResult
+from fedlt.training.round import ClientResult
 
 __all__ = ["aggregate_round", "configure_round", "round_context", "select_clients"]
 
@@ -168,6 +168,5 @@ def aggregate_round(
             for k, v in new.items():
                 state[k].copy_(v)
     if hooks.server_after_aggregate:
-        per_plugin = {name: {"payloads": p} for name, p in payloads.items()}
-        hooks.server_after_aggregate(per_plugin=per_plugin, model=model, ctx=ctx)
+        hooks.server_after_aggregate(payloads=payloads, model=model, ctx=ctx)  # each plugin its own
     return (float(np.mean(losses)) if losses else float("nan")), total

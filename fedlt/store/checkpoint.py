@@ -278,6 +278,10 @@ def _check_layout(path: Path, obj: Any) -> None:
         or not all(type(k) is int and type(v) is int for k, v in obj["stream_pos"].items())
     ):
         problem = "'stream_pos' is not a dict from client id (int) to stream position (int)"
+    elif "training" in obj and (
+        not isinstance(obj["training"], list) or not all(isinstance(t, dict) for t in obj["training"])
+    ):
+        problem = "'training' is not a list of per-round records"
     if problem is not None:
         raise CheckpointError(path, f"it is not a valid fedlt checkpoint: {problem}")
 
