@@ -34,7 +34,7 @@ from pydantic.fields import FieldInfo
 from fedlt.hooks import context, hookspecs
 from fedlt.hooks.discovery import ENTRY_POINT_GROUP, PluginInfo, discover_plugins, type_name
 from fedlt.hooks.plugin import Plugin
-from fedlt.hooks.spec import COMBINE_RULES, SIDES
+from fedlt.hooks.spec import CHECK_RULES, COMBINE_RULES, SIDES
 from fedlt.scenario.config import PluginSpec, RegistrySection, Scenario, scenario_to_toml
 
 __all__ = [
@@ -381,22 +381,49 @@ def scenario_reference(plugins: dict[str, PluginInfo] | None = None) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def _spec_notes(spec: Any) -> str:
+    """What else a declaration says: its result check, stream-only, vectorized, routed arguments."""
+    notes = []
+    if spec.check:
+        notes.append(f"checked: {spec.check}")
+    if spec.stream_only:
+        notes.append("streams only")
+    if spec.vmap:
+        notes.append("vectorized")
+    if spec.by_plugin:
+        notes.append("own " + ", ".join(f"`{a}`" for a in spec.by_plugin))
+    return "; ".join(notes)
+
+
 def hook_table() -> str:
-    """Every hook from its declaration (arguments, when, where, combine rule), for docs/plugins.md."""
+    """Every hook from its declaration (arguments, when, where, combine rule, check, ...), for
+    docs/plugins.md."""
     rows = [
-        "| hook | arguments | when | side | combine | what it is for | since |",
-        "|---|---|---|---|---|---|---|",
+        "| hook | arguments | when | side | combine | also | what it is for | since |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, spec in hookspecs.SPECS.items():
         args = ", ".join(f"`{a}`" for a in spec.params)
         rows.append(
             f"| `{name}` | {args} | {_cell(spec.when)} | {spec.side} | {spec.combine} | "
-            f"{_cell(spec.summary)} | {spec.since} |"
+            f"{_spec_notes(spec)} | {_cell(spec.summary)} | {spec.since} |"
         )
     rows += ["", "Sides (where a hook runs, on which plugin instance):", ""]
     rows += [f"- **{side}**: {text}." for side, text in SIDES.items()]
     rows += ["", "Combine rules:", ""]
     rows += [f"- **{rule}**: {text}." for rule, text in COMBINE_RULES.items()]
+    rows += [
+        "",
+        "Result checks (a result that fails one is a `PluginError` naming plugin, hook, client, round):",
+        "",
+    ]
+    rows += [f"- **{rule}**: {text}." for rule, text in CHECK_RULES.items()]
+    rows += [
+        "",
+        "*streams only*: called only in continual scenarios (offline, not even bound). *vectorized*: "
+        "runs inside the vectorized step for plugins declaring `vectorized = True`. *own `x`*: each "
+        "plugin receives its own `x` (fedlt passes them by plugin).",
+    ]
     return "\n".join(rows) + "\n"
 
 

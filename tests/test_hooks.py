@@ -566,3 +566,73 @@ def test_hookspecs_imports_nothing_of_the_engine_at_runtime():
     tree = ast.parse(Path(hookspecs.__file__).read_text())
     runtime = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
     assert {getattr(n, "module", None) for n in runtime} <= {"__future__", "typing", "fedlt.hooks.spec"}
+
+
+# --------------------------------------------------------------------------- the spec carries it all
+
+
+def test_every_check_rule_is_implemented_and_every_declared_check_known():
+    from fedlt.hooks.dispatch import CHECKS
+    from fedlt.hooks.spec import CHECK_RULES
+
+    assert set(CHECKS) == set(CHECK_RULES)
+    for spec in hookspecs.SPECS.values():
+        assert spec.check is None or spec.check in CHECK_RULES, spec.name
+        assert not (spec.vmap or spec.stream_only) or spec.side == "client", spec.name
+        assert set(spec.by_plugin) <= set(spec.params), spec.name
+
+
+def test_bad_declarations_fail_when_declared():
+    from fedlt.hooks.spec import hookspec
+
+    def f(x):  # pragma: no cover - only its signature is read
+        """A hook."""
+
+    with pytest.raises(ValueError, match="unknown check rule"):
+        hookspec(combine="all", side="client", when="x", check="nope")(f)
+    with pytest.raises(ValueError, match="only client-side hooks"):
+        hookspec(combine="all", side="server", when="x", vmap=True)(f)
+    with pytest.raises(ValueError, match="routes unknown arguments"):
+        hookspec(combine="all", side="server", when="x", by_plugin=("y",))(f)
+
+
+def test_stream_only_hooks_are_not_bound_offline(install_plugins):
+    arrived = []
+
+    class Arrives(Plugin):
+        @hookimpl
+        def client_stream_batch(self, batch):
+            arrived.append(batch)
+
+        @hookimpl
+        def client_start(self):
+            pass
+
+    install_plugins(arrives=Arrives)
+    hooks = build_hooks(fedlt.load_scenario({"plugins": [{"name": "arrives"}]}).plugins)
+    assert hooks.for_client(0, 1, {}, streaming=True).client_stream_batch
+    offline = hooks.for_client(0, 1, {}, streaming=False)
+    assert not offline.client_stream_batch and offline.client_start
+
+
+def test_routed_arguments_reach_each_plugin_its_own(install_plugins):
+    got = {}
+
+    def plugin(tag: str) -> type[Plugin]:
+        class Reads(Plugin):
+            @hookimpl
+            def server_after_aggregate(self, payloads):
+                got[f"{tag}.payloads"] = payloads
+
+            @hookimpl
+            def eval_logits(self, logits, state):
+                got[f"{tag}.state"] = state
+                return logits
+
+        return Reads
+
+    install_plugins(a=plugin("a"), b=plugin("b"))
+    hooks = build_hooks(fedlt.load_scenario({"plugins": [{"name": "a"}, {"name": "b"}]}).plugins)
+    hooks.server_after_aggregate(payloads={"a": {1: "x"}}, model=None, ctx=None)
+    hooks.eval_logits(logits=torch.zeros(1), features=None, model=None, ctx=None, state={"b": {"k": 2}})
+    assert got == {"a.payloads": {1: "x"}, "b.payloads": {}, "a.state": {}, "b.state": {"k": 2}}

@@ -81,7 +81,7 @@ def vectorize_blockers(hooks: HookSet, model: nn.Module, streaming: bool, keys: 
         if streaming and "client_replay_indices" in impls:
             reasons.append(f"plugin {p.name!r} implements client_replay_indices (per-step replayed samples)")
         if not getattr(p, "vectorized", False):
-            undeclared = [h for h in (*VMAP_HOOKS, "client_sample_weights") if h in impls]
+            undeclared = [h for h in VMAP_HOOKS if h in impls]
             if undeclared:
                 reasons.append(
                     f"plugin {p.name!r} implements {undeclared[0]} without declaring vectorized = True"
