@@ -171,21 +171,13 @@ def _print_final(summary: dict[str, Any]) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    import torch
-
-    from fedlt.driver.runner import check_requirements, resolve_device
-    from fedlt.engines import check_engine_available
-    from fedlt.hooks.dispatch import build_hooks
+    from fedlt.prepare import prepare
     from fedlt.scenario.config import load_scenario
-    from fedlt.scenario.prepare import build_data
-    from fedlt.training.worker import build_run_model
 
     scenario = load_scenario(args.scenario, args.overrides)
-    resolve_device(scenario.engine.device)
-    check_engine_available(scenario.engine.kind)
-    hooks = build_hooks(scenario.plugins)
-    data = build_data(scenario, "cpu")
-    check_requirements(scenario, hooks, build_run_model(scenario, data, hooks, torch.device("cpu")))
+    # What `fedlt run` checks and builds, on the CPU: every problem a run would stop for.
+    prepared = prepare(scenario, "cpu")
+    data, hooks = prepared.data, prepared.hooks
     print(
         f"{args.scenario}: valid ({data.n_clients} clients, {int(data.train_class_counts.sum())} training "
         f"samples, {data.num_classes} classes, plugins: {', '.join(hooks.names) or 'none'})"
@@ -194,14 +186,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from fedlt.prepare import build_data, preflight, raise_problems
     from fedlt.scenario.config import load_scenario
-    from fedlt.scenario.prepare import build_data
 
     if args.plot is not None:
         from fedlt.analysis.plotting import require_matplotlib
 
         require_matplotlib()
     scenario = load_scenario(args.scenario, args.overrides)
+    raise_problems(preflight(scenario))  # what validate and run refuse, inspect refuses too
     data = build_data(scenario, "cpu")
     info = data.describe(with_indices=args.with_indices)
     if args.plot is not None:

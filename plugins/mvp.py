@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from fedlt import Plugin, ScenarioError, SetupContext, hookimpl
-from fedlt.models import ViT
+from fedlt import Plugin, SetupContext, hookimpl
 
 __all__ = [
     "MVPMask",
@@ -233,21 +232,11 @@ class MVPPrompts(Plugin):
     """
 
     Params = MVPPromptsParams
+    #: A ViT's prompt slot (checked before a run starts, from the scenario's model.name).
+    requires = frozenset({"prompts"})
 
     @hookimpl
     def configure_model(self, model: nn.Module, ctx: SetupContext) -> None:
-        if not isinstance(model, ViT):
-            raise ScenarioError(
-                "model.name",
-                type(model).__name__.lower(),
-                "'vit'",
-                hint=f"Plugin {self.name!r} (plugins.{self.name}) inserts prompts into a ViT's "
-                "transformer blocks; set model.name = 'vit'.",
-            )
-        if model.prompter is not None:
-            raise ScenarioError(
-                "plugins", self.name, "listed once", hint="The model already has a prompter installed."
-            )
         p = self.params
         if p.freeze_backbone:
             for name, param in model.named_parameters():
@@ -330,20 +319,10 @@ class MVPMask(Plugin):
     (``etf``) before ``mvp-mask``, or the mask is lost.
     """
 
-    requires = frozenset({"head"})
+    #: A linear head to mask, and the prompt keys of mvp-prompts, whose configure_model (scenario
+    #: order) must have installed them first: checked before a run starts.
+    requires = frozenset({"head", "plugin:mvp-prompts"})
 
     @hookimpl
     def configure_model(self, model: nn.Module) -> None:
-        pool = getattr(model, "prompter", None)
-        if not isinstance(pool, PromptPool):
-            raise ScenarioError(
-                "plugins",
-                self.name,
-                "a list with 'mvp-prompts' before 'mvp-mask'",
-                hint="mvp-mask scales each sample's logits by the class mask of the prompt key that "
-                "mvp-prompts selected for it, and configure_model runs in scenario order, so list "
-                "mvp-prompts first.",
-            )
-        if not isinstance(model.head, nn.Linear) or isinstance(model.head, MaskedHead):
-            raise ScenarioError("plugins", self.name, "listed once, on a model with a linear head")
-        model.head = MaskedHead(model.head, pool)
+        model.head = MaskedHead(model.head, model.prompter)

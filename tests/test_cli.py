@@ -134,3 +134,70 @@ def test_inspect_shows_each_clients_stream(capsys):
     assert len({tuple(t["size"] for t in c["tasks"]) for c in info["clients"]}) > 1
     assert main(["inspect", "scenarios/siblurry_quick.toml"]) == 0
     assert "streams (per task" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- one preparation path
+
+
+def _without(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a)
+    )
+
+
+@pytest.mark.parametrize("command", ["validate", "run", "inspect", "export-flower"])
+def test_every_entry_point_refuses_what_run_refuses(command, tmp_path, capsys, monkeypatch):
+    # A logger whose package is missing: `validate` once said valid where `run` exited 2.
+    _without(monkeypatch, "wandb")
+    args = {
+        "validate": ["validate", "quickstart"],
+        "run": ["run", "quickstart", "--out", str(tmp_path / "r"), "--quiet"],
+        "inspect": ["inspect", "quickstart"],
+        "export-flower": ["export-flower", "quickstart", str(tmp_path / "app")],
+    }[command]
+    assert main([*args, "--set", "log.wandb=true"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "'log.wandb'" in err and "pip install 'wandb'" in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "app").exists()
+
+
+@pytest.mark.parametrize("command", ["validate", "export-flower"])
+def test_plugin_requirements_refused_by_every_entry_point(command, tmp_path, capsys):
+    # mvp-prompts needs a ViT: `export-flower` once wrote an app for it on an MLP.
+    args = (
+        ["validate", "quickstart"]
+        if command == "validate"
+        else ["export-flower", "quickstart", str(tmp_path / "app")]
+    )
+    assert main([*args, "--set", "plugins.0.name=mvp-prompts"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "'plugins[0].name'" in err and "prompt slot" in err
+    assert not (tmp_path / "app").exists()
+
+
+def test_one_run_checks_the_scenario_once(tmp_path, monkeypatch):
+    # Every check in one place, run once per run (the engine check used to run three times).
+    import fedlt
+    from fedlt.prepare import checks
+
+    calls = []
+    real = checks.preflight
+    monkeypatch.setattr(checks, "preflight", lambda s: calls.append(s.name) or real(s))
+    import fedlt.prepare.build as build
+
+    monkeypatch.setattr(build, "preflight", checks.preflight)
+    fedlt.run("quickstart", out=tmp_path / "r", federation__rounds=1)
+    assert calls == ["quickstart"]
+
+
+def test_every_problem_in_one_message(capsys):
+    # Several problems at once are all reported, the first one naming its key.
+    assert (
+        main(["validate", "quickstart", "--set", "engine.device=cuda:7", "--set", "plugins.0.name=nope"]) == 2
+    )
+    err = " ".join(capsys.readouterr().err.split())
+    if "CUDA is not available" in err:  # a machine without this GPU
+        assert "'engine.device'" in err and "Also:" in err and "nope" in err

@@ -23,6 +23,7 @@ LAYERS = (
     "scenario",
     "hooks",
     "training",
+    "prepare",
     "server",
     "evaluation",
     "store",

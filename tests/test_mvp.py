@@ -238,15 +238,19 @@ def test_freeze_backbone_freezes_everything_but_the_head():
     }
 
 
-def test_wrong_model_or_order_is_a_scenario_error():
-    (prompts,) = _plugins({"name": "mvp-prompts"})
-    with pytest.raises(fedlt.ScenarioError, match=r"plugins\.mvp-prompts") as info:
-        prompts.configure_model(model=build_model("mlp", (64,), 4), ctx=_setup())
-    assert info.value.key == "model.name"
-    (mask,) = _plugins({"name": "mvp-mask"})
-    with pytest.raises(fedlt.ScenarioError, match="mvp-prompts first") as info:
-        mask.configure_model(model=build_model("vit", (64,), 4, dim=16, depth=2, heads=2))
-    assert info.value.key == "plugins"
+def test_wrong_model_or_order_is_refused_before_anything_is_built(tiny):
+    from fedlt.prepare import preflight
+
+    # mvp-prompts needs a ViT's prompt slot; mvp-mask a head and mvp-prompts listed before it.
+    tiny["plugins"] = [{"name": "mvp-prompts"}]
+    (problem,) = preflight(fedlt.load_scenario(tiny))
+    assert problem.key == "plugins[0].name" and "prompt slot" in str(problem) and "vit" in str(problem)
+    tiny["model"] = VIT
+    tiny["plugins"] = [{"name": "mvp-mask"}, {"name": "mvp-prompts"}]
+    (problem,) = preflight(fedlt.load_scenario(tiny))
+    assert problem.key == "plugins[0].name" and "listed after 'mvp-prompts'" in str(problem)
+    tiny["plugins"] = [{"name": "mvp-prompts"}, {"name": "mvp-mask"}]
+    assert preflight(fedlt.load_scenario(tiny)) == []
 
 
 def test_mask_listed_before_prompts_fails_before_training(tiny, tmp_path):

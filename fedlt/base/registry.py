@@ -101,12 +101,16 @@ class Entry:
         One sentence for the scenario reference.
     build : Callable
         What builds it; each registry documents the call.
+    provides : frozenset of str
+        Capabilities it has that plugins may require (a model's ``"head"``, ``"prompts"``), so a
+        requirement is checked from the scenario alone, before anything is built.
     """
 
     name: str
     params: type[BaseModel]
     summary: str
     build: Callable[..., Any]
+    provides: frozenset[str] = frozenset()
 
     @property
     def takes(self) -> tuple[str, ...]:

@@ -264,7 +264,7 @@ def build_federated_data(
 
     ``check_raw`` is called with the dataset as loaded, before anything else is built: where
     checks that need the samples' shape (does the model fit?) run, without this layer knowing
-    about models (:func:`fedlt.scenario.prepare.build_data` passes the model check).
+    about models (:func:`fedlt.prepare.build_data` passes the model check).
 
     Raises
     ------

@@ -9,7 +9,6 @@ plugins. Each record is what metrics.jsonl holds; loggers take its scalar entrie
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import math
 import os
@@ -22,7 +21,7 @@ from fedlt.hooks.context import LogContext, SetupContext
 from fedlt.hooks.plugin import Plugin, hookimpl
 from fedlt.store.checkpoint import read_metrics
 
-__all__ = ["CSVLog", "TensorBoardLog", "WandbLog", "loggers_for", "missing_logger_packages", "scalars"]
+__all__ = ["CSVLog", "TensorBoardLog", "WandbLog", "loggers_for", "scalars"]
 
 METRICS_CSV = "metrics.csv"
 
@@ -155,17 +154,6 @@ class WandbLog(Plugin):
             self.run = None
 
 
-#: Logger -> (module to find, what to install).
-_NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
-
-
-def missing_logger_packages(log: Any) -> list[tuple[str, str]]:
-    """(scenario key, package to install) for every asked-for logger whose package is missing."""
-    missing = []
-    for key, (module, package) in _NEEDS.items():
-        if getattr(log, key, False) and importlib.util.find_spec(module) is None:
-            missing.append((f"log.{key}", package))
-    return missing
 
 
 def loggers_for(log: Any, scenario_config: Mapping[str, Any]) -> list[Plugin]:

@@ -25,18 +25,17 @@ import torch.nn.functional as F
 
 from fedlt.base.memory import PeakMemory
 from fedlt.base.provenance import now, provenance
-from fedlt.data.federated import FederatedData
 from fedlt.data.views import ClientViews
-from fedlt.driver.loggers import loggers_for, missing_logger_packages
+from fedlt.driver.loggers import loggers_for
 from fedlt.driver.threads import CoreSampler, fastest_threads, pinned_threads
-from fedlt.engines import check_engine_available, make_engine
-from fedlt.errors import FedltError, PluginError, ScenarioError
+from fedlt.engines import make_engine
+from fedlt.errors import FedltError, ScenarioError
 from fedlt.evaluation.evaluator import Evaluator
 from fedlt.hooks.context import LogContext
-from fedlt.hooks.dispatch import HookSet, build_hooks_spelled_out
+from fedlt.hooks.dispatch import HookSet
 from fedlt.metrics.continual import a_auc, a_avg, crossed, f_last, federation_task_ends, periodic_due
+from fedlt.prepare import prepare
 from fedlt.scenario.config import Scenario, load_scenario, scenario_to_toml
-from fedlt.scenario.prepare import build_data
 from fedlt.server.rounds import aggregate_round, configure_round, select_clients
 from fedlt.store.checkpoint import (
     CHECKPOINT,
@@ -52,7 +51,6 @@ from fedlt.store.checkpoint import (
 from fedlt.store.rundir import RunDirError, RunLock, check_fresh_dir, claim
 from fedlt.training.context import setup_context
 from fedlt.training.round import ClientResult, ClientTask
-from fedlt.training.worker import aggregated_keys, build_run_model
 
 __all__ = ["RESUMABLE_KEYS", "Run", "continual_summary", "select_clients"]
 
@@ -78,38 +76,6 @@ RESUMABLE_KEYS = (
     "eval.batch_size",
     "log.",
 )
-
-#: What a plugin may list in ``requires``, and how each is checked before a run starts.
-REQUIREMENTS = {
-    "head": (
-        "a model with a linear `head`",
-        lambda s, m: isinstance(getattr(m, "head", None), torch.nn.Linear),
-    ),
-    "stream": ("a continual scenario ([stream] kind set)", lambda s, m: s.stream.kind != "none"),
-    "prompts": ("a model with a prompt slot (model.name = 'vit')", lambda s, m: hasattr(m, "prompter")),
-}
-
-
-def check_requirements(scenario: Scenario, hooks: HookSet, model: torch.nn.Module) -> None:
-    """Every plugin's declared ``requires`` hold for this scenario and model, or a clear error."""
-    for i, plugin in enumerate(hooks.plugins):
-        for req in sorted(plugin.requires):
-            if req not in REQUIREMENTS:
-                raise PluginError(
-                    plugin.name, None, f"requires unknown capability {req!r}; known: {sorted(REQUIREMENTS)}"
-                )
-            what, holds = REQUIREMENTS[req]
-            if not holds(scenario, model):
-                raise ScenarioError(
-                    f"plugins[{i}].name", plugin.name, f"used with {what}", hint="It requires it."
-                )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ScenarioError("engine.device", name, "'cpu' on this machine (CUDA is not available)")
-    return torch.device(name)
-
 
 def default_run_dir(scenario: Scenario, base: Path = Path("runs")) -> Path:
     """``runs/<name>[-<plugins>]-<timestamp>``, unused (``-2``, ``-3``... when taken)."""
@@ -158,22 +124,10 @@ class Run:
         self.progress = progress
         self.lock = lock
         cores = CoreSampler()  # how busy the machine is while this run builds its data and model
-        self.device = resolve_device(scenario.engine.device)
-        check_engine_available(scenario.engine.kind)
-        log = scenario.log
-        missing = missing_logger_packages(log)
-        if missing:
-            key, package = missing[0]
-            raise ScenarioError(
-                key, True, f"false unless {package!r} is installed", hint=f"pip install {package}"
-            )
-        # Validate plugins before any data is loaded or work starts.
-        self.hooks: HookSet = build_hooks_spelled_out(scenario.plugins)  # scenario.toml: every param
-        self.loggers = HookSet(loggers_for(log, scenario.model_dump(mode="json")))
-        self.data: FederatedData = build_data(scenario, self.device)
-        self.model = build_run_model(scenario, self.data, self.hooks, self.device)
-        self.keys = aggregated_keys(self.model)  # what clients train and the server averages
-        check_requirements(scenario, self.hooks, self.model)
+        prepared = prepare(scenario)  # every check first, then data, plugins (params spelled out), model
+        self.device, self.hooks, self.data = prepared.device, prepared.hooks, prepared.data
+        self.model, self.keys = prepared.model, prepared.keys  # keys: what clients train, the server averages
+        self.loggers = HookSet(loggers_for(scenario.log, scenario.model_dump(mode="json")))
         streaming = scenario.stream.kind != "none"
         self.views = ClientViews(self.data, scenario.stream.samples_per_round if streaming else None)
         self.evaluator = Evaluator(scenario, self.data, self.hooks, self.views)

@@ -4,7 +4,7 @@ Only the serial engine is imported here; Ray and Flower engines load when a scen
 """
 
 from fedlt.engines.base import Engine
-from fedlt.engines.factory import check_engine_available, make_engine
+from fedlt.engines.factory import make_engine
 from fedlt.engines.serial import SerialEngine
 
-__all__ = ["Engine", "SerialEngine", "check_engine_available", "make_engine"]
+__all__ = ["Engine", "SerialEngine", "make_engine"]

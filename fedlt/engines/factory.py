@@ -13,36 +13,15 @@ import torch
 
 from fedlt.data.federated import FederatedData
 from fedlt.engines.base import Engine
-from fedlt.errors import ScenarioError
 from fedlt.hooks.dispatch import HookSet
 
-__all__ = ["check_engine_available", "make_engine"]
+__all__ = ["ENGINE_CLASSES", "make_engine"]
 
 #: Engines other than the serial one, by ``engine.kind``: where each class lives, imported only
 #: when a scenario asks for it. Flower's engine lives with fedlt's Flower apps (``fedlt.flower``),
 #: whose ServerApp runs the driver's round loop: naming it here, not importing it, keeps the
 #: layers one-way (``tests/test_layout.py``).
 ENGINE_CLASSES = {"ray": "fedlt.engines.ray_engine:RayEngine", "flower": "fedlt.flower.engine:FlowerEngine"}
-
-#: What each engine needs beyond fedlt's core dependencies: (module to find, extra that installs it).
-_ENGINE_NEEDS = {"ray": ("ray", "ray"), "flower": ("flwr", "flower")}
-
-
-def check_engine_available(kind: str) -> None:
-    """Fail before any work when the engine's optional dependencies are missing (nothing imported)."""
-    import importlib.util
-
-    if kind not in _ENGINE_NEEDS:
-        return
-    module, extra = _ENGINE_NEEDS[kind]
-    if importlib.util.find_spec(module) is None:
-        raise ScenarioError(
-            "engine.kind",
-            kind,
-            "an engine whose dependencies are installed ('serial' always is)",
-            hint=f"Install the extra: pip install 'fedlt[{extra}]' (the '{module}' package is missing).",
-        )
-
 
 def make_engine(scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> Engine:
     """The engine the scenario's ``[engine] kind`` names (imported only when asked for).
@@ -51,7 +30,6 @@ def make_engine(scenario: Any, data: FederatedData, hooks: HookSet, device: torc
     the serial engine, not an engine of its own.
     """
     kind = scenario.engine.kind
-    check_engine_available(kind)
     if kind in ENGINE_CLASSES:
         module, _, name = ENGINE_CLASSES[kind].partition(":")
         engine_cls = getattr(importlib.import_module(module), name)

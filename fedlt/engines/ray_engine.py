@@ -27,11 +27,23 @@ import torch
 
 from fedlt.data.federated import FederatedData
 from fedlt.engines.base import Engine
-from fedlt.errors import FedltError
+from fedlt.errors import FedltError, PluginError, ScenarioError
 from fedlt.hooks.dispatch import HookSet
 from fedlt.training.round import ClientResult, ClientTask
 
 __all__ = ["RayEngine"]
+
+
+def on_worker(exc: BaseException) -> BaseException:
+    """A worker's setup error, saying it happened on a Ray worker: a plugin or data that loads in
+    the driver may not on a worker (another machine, another environment)."""
+    where = f"on a Ray worker (pid {os.getpid()})"
+    if isinstance(exc, PluginError):
+        return PluginError(exc.plugin, exc.hook, f"{exc.message} ({where})", exc.client, exc.round)
+    if isinstance(exc, ScenarioError):
+        hint = " ".join(filter(None, [exc.hint, f"This happened {where}."]))
+        return ScenarioError(exc.key, exc.value, exc.allowed, hint=hint)
+    return FedltError(f"Preparing the run {where} failed: {type(exc).__name__}: {exc}")
 
 
 class _Worker:
@@ -39,7 +51,7 @@ class _Worker:
 
     def __init__(self, scenario: Any, shared: dict[str, Any], device: str, threads: int) -> None:
         from fedlt.base.allocator import keep_freed_memory
-        from fedlt.hooks.dispatch import build_hooks
+        from fedlt.prepare import prepare
         from fedlt.training.worker import ClientTrainer
 
         keep_freed_memory()
@@ -47,9 +59,10 @@ class _Worker:
         self.error: BaseException | None = None
         try:
             data = FederatedData.from_shared(shared, device)
-            self.trainer = ClientTrainer(scenario, data, build_hooks(scenario.plugins), torch.device(device))
+            p = prepare(scenario, device, data=data, checked=True)  # the driver checked the scenario
+            self.trainer = ClientTrainer(p.scenario, p.data, p.hooks, p.device, p.model)
         except Exception as exc:  # reported on the first task: the actor must not die of it
-            self.error = exc
+            self.error = on_worker(exc)
 
     def run(self, task: ClientTask, global_state: Mapping[str, np.ndarray]) -> ClientResult:
         if self.error is not None:

@@ -51,9 +51,8 @@ def _trainer(scenario_toml: str) -> Any:
     """
     key = hashlib.sha256(scenario_toml.encode()).hexdigest()
     if key not in _TRAINERS:
-        from fedlt.hooks.dispatch import build_hooks
+        from fedlt.prepare import prepare
         from fedlt.scenario.config import load_scenario
-        from fedlt.scenario.prepare import build_data
         from fedlt.training.worker import ClientTrainer
 
         scenario = load_scenario(tomllib.loads(scenario_toml))
@@ -61,8 +60,8 @@ def _trainer(scenario_toml: str) -> Any:
         threads = cfg.threads if isinstance(cfg.threads, int) else max(int(cfg.num_cpus), 1)
         torch.set_num_threads(threads)
         device = torch.device("cuda" if cfg.num_gpus > 0 else cfg.device)
-        data = build_data(scenario, device)
-        trainer = ClientTrainer(scenario, data, build_hooks(scenario.plugins), device)
+        p = prepare(scenario, device, checked=True)  # the driver checked the scenario
+        trainer = ClientTrainer(p.scenario, p.data, p.hooks, p.device, p.model)
         _TRAINERS.clear()  # one scenario at a time per worker: free the previous model and data
         _TRAINERS[key] = (trainer, threads)
     trainer, threads = _TRAINERS[key]

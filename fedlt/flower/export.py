@@ -127,13 +127,13 @@ def export_flower(
     run_dir : path, optional
         The run folder the ServerApp writes (default ``app_dir/runs/fedlt-<scenario name>``).
     """
-    from fedlt.data.federated import check_data_feasible
-    from fedlt.hooks.dispatch import build_hooks
+    from fedlt.hooks.dispatch import build_hooks_spelled_out
+    from fedlt.prepare import preflight, raise_problems
 
     resolved = load_scenario(scenario, overrides)
     resolved.engine.kind = "flower"
-    check_data_feasible(resolved)
-    build_hooks(resolved.plugins)  # unknown plugins or bad parameters stop here, nothing written
+    raise_problems(preflight(resolved))  # what validate and run refuse: nothing is written
+    build_hooks_spelled_out(resolved.plugins)  # the app's scenario.toml spells out every parameter
     app_dir = Path(app_dir).expanduser().resolve()
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{0,31}", app_dir.name):
         raise ScenarioError(

@@ -745,28 +745,41 @@ def _four_stage(blocks: tuple[int, int, int, int]) -> Any:
     return build
 
 
+#: What every model offers plugins: ``features(x)`` and a linear ``head``.
+_HEAD = frozenset({"head"})
+
 #: Every model a scenario can name; ``build(input_shape, num_classes, **params) -> FedModel``.
 MODELS = Registry(
     "model",
     [
-        Entry("mlp", MLPParams, "Fully connected network; any sample shape.", MLP),
-        Entry("cnn", CNNParams, "Small CNN (the Flower benchmark net at widths [16, 32]).", CNN),
-        Entry("resnet8", CifarResNetParams, "CIFAR ResNet-8 (He et al. 2016, Sec. 4.2).", _cifar_resnet(8)),
-        Entry("resnet20", CifarResNetParams, "CIFAR ResNet-20, 0.27M parameters.", _cifar_resnet(20)),
-        Entry("resnet32", CifarResNetParams, "CIFAR ResNet-32.", _cifar_resnet(32)),
+        Entry("mlp", MLPParams, "Fully connected network; any sample shape.", MLP, _HEAD),
+        Entry("cnn", CNNParams, "Small CNN (the Flower benchmark net at widths [16, 32]).", CNN, _HEAD),
+        Entry("resnet8", CifarResNetParams, "CIFAR ResNet-8 (He et al. 2016).", _cifar_resnet(8), _HEAD),
+        Entry(
+            "resnet20", CifarResNetParams, "CIFAR ResNet-20, 0.27M parameters.", _cifar_resnet(20), _HEAD
+        ),
+        Entry("resnet32", CifarResNetParams, "CIFAR ResNet-32.", _cifar_resnet(32), _HEAD),
         Entry(
             "resnet18",
             FourStageResNetParams,
             "ResNet-18 with the CIFAR stem (FedLoGe's CIFAR-10-LT network), 11.17M parameters.",
             _four_stage((2, 2, 2, 2)),
+            _HEAD,
         ),
         Entry(
             "resnet34",
             FourStageResNetParams,
             "ResNet-34 with the CIFAR stem (FedLoGe's CIFAR-100-LT network), 21.28M parameters.",
             _four_stage((3, 4, 6, 3)),
+            _HEAD,
         ),
-        Entry("vit", ViTParams, "Small Vision Transformer with a prompt slot (MVP, L2P).", ViT),
+        Entry(
+            "vit",
+            ViTParams,
+            "Small Vision Transformer with a prompt slot (MVP, L2P).",
+            ViT,
+            frozenset({"head", "prompts"}),
+        ),
     ],
 )
 

@@ -55,16 +55,18 @@ def aggregated_keys(model: nn.Module) -> list[str]:
 
 
 class ClientTrainer:
-    """Trains any client of the run on one resident model."""
+    """Trains any client of the run on one resident model (``model``, or one built here)."""
 
-    def __init__(self, scenario: Any, data: Any, hooks: HookSet, device: torch.device) -> None:
+    def __init__(
+        self, scenario: Any, data: Any, hooks: HookSet, device: torch.device, model: nn.Module | None = None
+    ) -> None:
         self.scenario = scenario
         self.data = data
         self.hooks = hooks
         self.device = device
         recipe = LocalTraining.from_scenario(scenario)
         self.setup = TrainingSetup(scenario, data, hooks, device, recipe, engine_dtype(scenario))
-        self.model = build_run_model(scenario, data, hooks, device)
+        self.model = build_run_model(scenario, data, hooks, device) if model is None else model
         self.keys = aggregated_keys(self.model)
         state = self.model.state_dict()
         self._targets = [state[k] for k in self.keys]

@@ -1,0 +1,93 @@
+"""Building what a run needs from a scenario that passed :func:`~fedlt.prepare.preflight`:
+the data (the model checked against the samples as soon as they are loaded), the plugins with
+every parameter spelled out, and the model configured by them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedlt.data.federated import FederatedData, build_federated_data
+from fedlt.data.raw import RawDataset
+from fedlt.hooks.dispatch import HookSet, build_hooks_spelled_out
+from fedlt.models import check_model
+from fedlt.prepare.checks import preflight, raise_problems, resolve_device
+from fedlt.training.worker import aggregated_keys, build_run_model
+
+__all__ = ["Prepared", "build_data", "prepare"]
+
+
+def build_data(scenario: Any, device: torch.device | str = "cpu") -> FederatedData:
+    """The scenario's data, with the model checked against the samples' shape and classes as soon
+    as the dataset is loaded (before the long tail, the partition or any tensor is built), so a
+    model that does not fit fails in milliseconds, naming the ``model.*`` key."""
+
+    def model_fits(raw: RawDataset) -> None:
+        check_model(scenario.model.name, tuple(raw.input_shape), raw.num_classes, **scenario.model.params())
+
+    return build_federated_data(scenario, device, check_raw=model_fits)
+
+
+@dataclass
+class Prepared:
+    """A scenario made ready to run in one process.
+
+    Attributes
+    ----------
+    scenario : Scenario
+        The scenario; its plugin tables now spell out every parameter.
+    device : torch.device
+        Where data and model live.
+    hooks : HookSet
+        The plugins, validated.
+    data : FederatedData
+        The data.
+    model : nn.Module
+        The model, initialised from the seed and configured by the plugins.
+    keys : list of str
+        The model's entries clients train and the server aggregates.
+    """
+
+    scenario: Any
+    device: torch.device
+    hooks: HookSet
+    data: FederatedData
+    model: nn.Module
+    keys: list[str]
+
+
+def prepare(
+    scenario: Any,
+    device: torch.device | str | None = None,
+    *,
+    data: FederatedData | None = None,
+    checked: bool = False,
+) -> Prepared:
+    """Check (unless ``checked``: a worker whose driver already did) and build the scenario.
+
+    Parameters
+    ----------
+    scenario : Scenario
+        A validated scenario.
+    device : torch.device or str, optional
+        Default: ``engine.device``.
+    data : FederatedData, optional
+        Data already built (a Ray actor's copy from the object store).
+    checked : bool, default=False
+        The scenario already passed :func:`preflight` in this run.
+
+    Raises
+    ------
+    ScenarioError, PluginError
+        The first problem, with the others in its message.
+    """
+    if not checked:
+        raise_problems(preflight(scenario))
+    device = resolve_device(scenario.engine.device) if device is None else torch.device(device)
+    hooks = build_hooks_spelled_out(scenario.plugins)  # scenario.toml then says every parameter
+    data = build_data(scenario, device) if data is None else data
+    model = build_run_model(scenario, data, hooks, device)
+    return Prepared(scenario, device, hooks, data, model, aggregated_keys(model))
