@@ -178,14 +178,14 @@ def fedlt_rate(scenario: Any, data: Any, w: Workload, k: int, vectorize: str, dt
     import torch
 
     from fedlt.engines.serial import SerialEngine
-    from fedlt.hooks.dispatch import build_hooks
+    from fedlt.prepare import prepare
     from fedlt.server.aggregation import FedAvg
     from fedlt.training.round import ClientTask
 
     device = torch.device(scenario.engine.device)
     settings = {"vectorize": vectorize, "dtype": dtype}
     scenario = scenario.model_copy(update={"engine": scenario.engine.model_copy(update=settings)})
-    engine = SerialEngine(scenario, data, build_hooks(scenario.plugins), device)
+    engine = SerialEngine(prepare(scenario, device, data=data, checked=True))
     state = engine.trainer.model.state_dict()
     global_state = {key: state[key].clone() for key in engine.trainer.keys}
 

@@ -14,6 +14,11 @@ from support.scenarios import TINY
 # Runs compared for equality must use the same torch thread count (BLAS sums in a thread-count-
 # dependent order): pin engine.threads = "auto" to one thread, whatever the machine's load.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# What runs remember about this machine (the thread choice) goes to a folder of the test session's.
+if "FEDLT_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["FEDLT_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedlt-test-cache-")
 
 
 @pytest.fixture

@@ -9,12 +9,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 
 import fedlt
-from fedlt.driver.runner import select_clients
+from fedlt import Plugin, hookimpl
+from fedlt.base.seeding import torch_generator
+from fedlt.driver.observers import Observer
+from fedlt.driver.runner import Run, select_clients
 from fedlt.errors import NonFiniteLossError
 
 
@@ -204,3 +208,104 @@ def test_nan_loss_names_round_client_and_plugins(install_plugins, tiny, tmp_path
     assert info.value.round == 2 and info.value.client == select_clients(3, 2, 4, 0.5)[0]
     assert "focal, nan-in-round-2" in str(info.value)
     assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["round"] == 1
+
+
+# --------------------------------------------------------------------------- the loop and its watchers
+
+
+class Recorder(Observer):
+    """Writes down every event of a run, in order."""
+
+    wants_clients = True
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def run_started(self, start, rounds):
+        self.events.append(("run_started", start, rounds))
+
+    def round_started(self, round, n_clients):
+        self.events.append(("round_started", round, n_clients))
+
+    def client_trained(self, index, result):
+        self.events.append(("client_trained", index, result.client_id))
+
+    def evaluated(self, round, record):
+        self.events.append(("evaluated", round, record["round"]))
+
+    def round_ended(self, round, loss, record):
+        self.events.append(("round_ended", round, record is not None))
+
+    def run_ended(self, summary):
+        self.events.append(("run_ended", summary["rounds_run"]))
+
+    def close(self):
+        self.events.append(("close",))
+
+
+def test_observers_see_the_runs_events_in_order(tiny, tmp_path):
+    tiny["federation"]["eval_every"] = 2
+    run = Run.create(fedlt.load_scenario(tiny), tmp_path / "r")
+    recorder = Recorder()
+    run.observers.add(recorder)
+    run.execute()
+    selected = {r: select_clients(3, r, 4, 0.5) for r in (1, 2, 3)}
+    expected = [("run_started", 1, 3)]
+    for r in (1, 2, 3):
+        expected.append(("round_started", r, 2))
+        expected += [("client_trained", i, c) for i, c in enumerate(selected[r])]
+        if r != 1:
+            expected.append(("evaluated", r, r))
+        expected.append(("round_ended", r, r != 1))
+    expected += [("close",), ("run_ended", 3)]
+    assert recorder.events == expected
+
+
+def test_the_round_loop_reads_in_one_screen():
+    import inspect
+
+    from fedlt.driver.runner import Run
+
+    lines = inspect.getsource(Run._loop).splitlines()
+    assert len(lines) <= 45, f"Run._loop is {len(lines)} lines: move work out of the loop"
+
+
+class RecordsPersonalization(Plugin):
+    """Writes down what client_personalize sees: its config and its generator's first draw."""
+
+    seen: ClassVar[dict] = {}
+
+    @hookimpl
+    def server_configure_round(self, ctx):
+        return {"shared": ctx.round}
+
+    @hookimpl
+    def server_configure_client(self, client_id):
+        return {"mine": client_id}
+
+    @hookimpl
+    def client_personalize(self, ctx):
+        RecordsPersonalization.seen[(ctx.round, ctx.client_id)] = (
+            dict(ctx.config),
+            torch.rand(1, generator=ctx.generator).item(),
+        )
+
+
+def test_personalisation_sees_the_config_the_server_gave(tiny, tmp_path, install_plugins):
+    # client_personalize used to see an empty ctx.config.
+    install_plugins(**{"records": RecordsPersonalization})
+    tiny["plugins"] = [{"name": "records"}]
+    RecordsPersonalization.seen = {}
+    fedlt.run(tiny, out=tmp_path / "r", federation__rounds=1)
+    selected = select_clients(3, 1, 4, 0.5)
+    seen = RecordsPersonalization.seen
+    assert {k for k, _ in seen} == {1}
+    for (r, client), (config, draw) in seen.items():
+        if client in selected:  # the round's config with its own entries
+            assert config == {"round": 1, "shared": 1, "mine": client}
+        else:  # not trained this round: the config every client got
+            assert config == {"round": 1, "shared": 1}
+        # its own generator: not the one the client's training drew from in this round
+        training = torch.rand(1, generator=torch_generator(3, "client", r, client)).item()
+        own = torch.rand(1, generator=torch_generator(3, "personalize", r, client)).item()
+        assert draw == own != training

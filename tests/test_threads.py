@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -77,3 +78,29 @@ def test_auto_records_a_thread_count_the_run_used(tmp_path, monkeypatch, keep_th
     used = summary["provenance"]["threads"]
     assert 1 <= used <= len(os.sched_getaffinity(0))
     assert f"threads = {used}" in recorded  # a resume uses the same count
+
+
+def test_the_thread_choice_is_timed_once_per_machine_and_model(tmp_path, monkeypatch, keep_threads) -> None:
+    # The probe (a few training steps with 1 thread and with the idle cores) used to cost every
+    # run about 0.2 s; it is now remembered per machine, torch and model.
+    import fedlt.driver.threads as threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("FEDLT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(threads.CoreSampler, "idle", lambda self: 2)
+    timed = []
+    real = threads.fastest_threads
+
+    def counting(step, candidates, budget_s=1.0):
+        timed.append(tuple(candidates))
+        return real(step, candidates, budget_s=0.1)
+
+    monkeypatch.setattr(threads, "fastest_threads", counting)
+    first = fedlt.run("quickstart", out=tmp_path / "a", federation__rounds=1)
+    second = fedlt.run("quickstart", out=tmp_path / "b", federation__rounds=1)
+    assert timed == [(1, 2)]  # the second run read the answer
+    assert first["provenance"]["threads"] == second["provenance"]["threads"]
+    other = fedlt.run("quickstart", out=tmp_path / "c", federation__rounds=1, model__hidden=[16])
+    assert timed == [(1, 2), (1, 2)] and other["final"]["accuracy"] is not None  # another model: timed
+    remembered = json.loads((tmp_path / "cache" / "threads.json").read_text())
+    assert len(remembered) == 2 and all(e["threads"] in (1, 2) for e in remembered.values())

@@ -35,6 +35,7 @@ from fedlt.engines.serial import SerialEngine, resolve_vectorize
 from fedlt.errors import ScenarioError
 from fedlt.hooks.dispatch import build_hooks
 from fedlt.hooks.recipe import LocalTraining
+from fedlt.prepare import prepare
 from fedlt.scenario.config import load_scenario
 from fedlt.training.augment import crop_flip, crop_flip_drawn, draw_crop_flip
 from fedlt.training.round import ClientTask
@@ -152,11 +153,9 @@ def test_auto_trains_one_by_one_on_cpu_and_vectorized_on_cuda():
         load_scenario({**scenario(), "engine": {"vectorize": "yes"}})
 
     sc = load_scenario(scenario())
-    hooks = build_hooks(sc.plugins)
-    data = build_federated_data(sc, cpu)
-    engine = make_engine(sc, data, hooks, cpu)
+    engine = make_engine(prepare(sc, cpu))
     assert type(engine) is SerialEngine and not engine.vectorize  # "auto" on a CPU: one by one
-    engine = make_engine(with_engine(sc, vectorize="on"), data, hooks, cpu)
+    engine = make_engine(prepare(with_engine(sc, vectorize="on"), cpu))
     assert type(engine) is SerialEngine and engine.vectorize and engine.name == "serial"
 
 
@@ -410,8 +409,7 @@ def test_client_end_payloads_see_each_clients_trained_model(install_plugins):
     results = {}
     for kind in ("serial", "on"):
         spec = sc if kind == "serial" else with_engine(sc, vectorize="on")
-        hooks = build_hooks(spec.plugins)
-        engine = make_engine(spec, build_federated_data(spec, cpu), hooks, cpu)
+        engine = make_engine(prepare(spec, cpu))
         state = {
             k: v.clone() for k, v in engine.trainer.model.state_dict().items() if k in engine.trainer.keys
         }
@@ -607,7 +605,7 @@ def test_global_rng_is_each_clients_own_in_a_group(install_plugins):
     payloads = {}
     for mode in ("off", "on"):
         spec = with_engine(sc, vectorize=mode)
-        engine = make_engine(spec, build_federated_data(spec, cpu), build_hooks(spec.plugins), cpu)
+        engine = make_engine(prepare(spec, cpu))
         state = {
             k: v.clone() for k, v in engine.trainer.model.state_dict().items() if k in engine.trainer.keys
         }
@@ -694,7 +692,7 @@ def test_untouched_plugin_instances_in_a_group(install_plugins):
     install_plugins(**{"keeps-self": KeepsSelf})
     sc = with_engine(scenario(plugins=[{"name": "keeps-self"}]), vectorize="on")
     cpu = torch.device("cpu")
-    engine = make_engine(sc, build_federated_data(sc, cpu), build_hooks(sc.plugins), cpu)
+    engine = make_engine(prepare(sc, cpu))
     state = {k: v.clone() for k, v in engine.trainer.model.state_dict().items() if k in engine.trainer.keys}
     results = list(engine.train_round([ClientTask(c, 1, {"round": 1}, {}) for c in range(4)], state))
     assert engine.stats["calls"] > 0
@@ -717,7 +715,7 @@ def test_bfloat16_autocasts_each_step_one_by_one(install_plugins):
     sc = with_engine(scenario(train={"momentum": 0.9, "local_epochs": 2}), vectorize="off", dtype="bfloat16")
     cpu = torch.device("cpu")
     data = build_federated_data(sc, cpu)
-    engine = make_engine(sc, data, build_hooks(sc.plugins), cpu)
+    engine = make_engine(prepare(sc, cpu))
     model = engine.trainer.model
     start = {k: v.clone() for k, v in model.state_dict().items()}
     result = engine.trainer.run(
@@ -758,9 +756,8 @@ def test_group_size_from_the_memory_estimate(tmp_path, monkeypatch):
     )
     serial, vectorized = both(scenario(federation={"fraction_clients": 1.0}), tmp_path)
     assert_same_run(serial, vectorized)
-    summary = vectorized._summary(0.0, None)
-    assert [t["group_size"] for t in summary["training"]] == [2, 2, 2]
-    assert [t["groups"] for t in summary["training"]] == [2, 2, 2]  # 4 clients, 2 a group
+    assert [t["group_size"] for t in vectorized.training] == [2, 2, 2]
+    assert [t["groups"] for t in vectorized.training] == [2, 2, 2]  # 4 clients, 2 a group
 
 
 def test_out_of_memory_retries_in_halves_from_the_same_states(tmp_path, monkeypatch):
@@ -780,7 +777,7 @@ def test_out_of_memory_retries_in_halves_from_the_same_states(tmp_path, monkeypa
     spec["federation"]["fraction_clients"] = 1.0
     serial, vectorized = both(spec, tmp_path)
     assert_same_run(serial, vectorized)
-    training = vectorized._summary(0.0, None)["training"]
+    training = vectorized.training
     assert training[0]["oom_retries"] >= 1 and training[-1]["group_size"] <= 2
 
 

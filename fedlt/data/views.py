@@ -8,8 +8,9 @@ that position lives here, in :class:`ClientViews`, and nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +75,19 @@ class ClientViews:
         pos = self.positions.get(client, 0)
         end = min(pos + self.samples_per_round, len(stream))
         return RoundSlice(stream[pos:end], self.seen_counts(client), end)
+
+    def assign(self, tasks: Iterable[Any]) -> dict[int, int]:
+        """In a stream, give each task (a :class:`~fedlt.training.round.ClientTask`) its client's
+        next slice and the counts read before it; returns the positions the clients reach, for
+        :meth:`advance` once the round is done. Offline: nothing to do, ``{}``."""
+        ends: dict[int, int] = {}
+        if not self.streaming:
+            return ends
+        for task in tasks:
+            part = self.next_slice(task.client_id)
+            task.indices, task.seen_counts = part.indices, part.seen_before
+            ends[task.client_id] = part.end
+        return ends
 
     def advance(self, ends: Mapping[int, int]) -> None:
         """Record the positions reached by the clients trained in a finished round."""

@@ -154,8 +154,6 @@ class WandbLog(Plugin):
             self.run = None
 
 
-
-
 def loggers_for(log: Any, scenario_config: Mapping[str, Any]) -> list[Plugin]:
     """The loggers a scenario's ``[log]`` table asks for, CSV first."""
     found: list[Plugin] = [CSVLog()]

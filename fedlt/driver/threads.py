@@ -8,6 +8,8 @@ building), how busy the other processes keep the cores; with more than one idle 
 a few of the run's own training steps with 1 thread and with the idle cores, alternating, and keeps
 more threads only when they are clearly (10%) faster: small models (the quickstart's MLP) run
 slower with 2 threads than with 1 even on a quiet machine (1.29 vs 0.96 s of rounds, measured).
+The timing is remembered per machine, torch version and model (``~/.cache/fedlt/threads.json``,
+or ``$FEDLT_CACHE_DIR``), so only the first run of a model on a machine pays for it.
 ``OMP_NUM_THREADS``, when set, overrides both measurements. The count is fixed for the run and
 written into its scenario.toml, so a resumed run uses the same one (BLAS sums in a
 thread-count-dependent order, so the thread count is part of what makes two runs bit-identical;
@@ -16,13 +18,27 @@ set ``engine.threads`` explicitly to pin it across machines).
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import os
 import statistics
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["CoreSampler", "available_cores", "fastest_threads", "idle_cores", "pinned_threads"]
+__all__ = [
+    "CoreSampler",
+    "auto_threads",
+    "available_cores",
+    "cache_dir",
+    "fastest_threads",
+    "idle_cores",
+    "pinned_threads",
+    "remembered_fastest",
+]
 
 #: More threads are kept only when their step is at least this much faster than 1 thread's.
 CLEARLY_FASTER = 0.9
@@ -146,3 +162,107 @@ def fastest_threads(step: Callable[[], None], candidates: Sequence[int], budget_
     if statistics.median(times[best]) > CLEARLY_FASTER * statistics.median(times[fewest]):
         return fewest
     return best
+
+
+# --------------------------------------------------------------------------- the run's choice
+
+
+def cache_dir() -> Path:
+    """Where fedlt keeps what it measured on this machine: ``$FEDLT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/fedlt``, else ``~/.cache/fedlt``."""
+    if os.environ.get("FEDLT_CACHE_DIR"):
+        return Path(os.environ["FEDLT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fedlt"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(path: Path, data: dict[str, Any]) -> None:
+    """Best effort (a read-only home loses nothing but the next run's shortcut)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        return
+
+
+def remembered_fastest(
+    key: Mapping[str, Any], step: Callable[[], None], candidates: Sequence[int]
+) -> tuple[int, bool]:
+    """:func:`fastest_threads`, remembered on this machine for ``key`` (the machine, torch, the
+    model and batch it times, the candidates): the first run of a model on a machine times it,
+    later ones read the answer. Returns (thread count, whether it was remembered)."""
+    import torch
+
+    full = {
+        **key,
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "candidates": list(candidates),
+    }
+    digest = hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = cache_dir() / "threads.json"
+    cache = _read_cache(path)
+    entry = cache.get(digest)
+    if isinstance(entry, dict) and entry.get("threads") in candidates:
+        return int(entry["threads"]), True
+    best = fastest_threads(step, candidates)
+    cache[digest] = {"threads": best, "key": full}
+    _write_cache(path, cache)
+    return best, False
+
+
+def auto_threads(cores: CoreSampler, prepared: Any) -> int:
+    """``engine.threads = "auto"`` for a prepared run: the idle cores, if the run's own training
+    step is clearly faster with them than with one thread (timed once per machine and model, then
+    remembered, so a run pays nothing for it after the first)."""
+    import torch
+    import torch.nn.functional as F
+
+    idle = cores.idle()
+    if idle <= 1 or pinned_threads() is not None or prepared.device.type != "cpu":
+        return idle
+    scenario, data = prepared.scenario, prepared.data
+    n = min(scenario.train.batch_size, len(data.y_train))
+    key = {
+        "model": scenario.model.name,
+        "params": scenario.model.params(),
+        "input": list(data.input_shape),
+        "classes": data.num_classes,
+        "batch": n,
+        "plugins": [p.name for p in scenario.plugins],
+    }
+    state: dict[str, Any] = {}
+
+    def step() -> None:
+        if "probe" not in state:  # built only when the answer is not remembered
+            state["probe"] = copy.deepcopy(prepared.model).train()
+        probe = state["probe"]
+        probe.zero_grad(set_to_none=True)
+        F.cross_entropy(probe(data.x_train[:n]), data.y_train[:n]).backward()
+
+    with torch.random.fork_rng(devices=[]):  # dropout in the probe draws no run randomness
+        return remembered_fastest(key, step, (1, idle))[0]

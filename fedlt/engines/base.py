@@ -9,30 +9,36 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedlt.data.federated import FederatedData
 from fedlt.hooks.dispatch import HookSet
+from fedlt.prepare import Prepared
 from fedlt.training.round import ClientResult, ClientTask
+
+if TYPE_CHECKING:
+    from fedlt.scenario.config import Scenario
 
 __all__ = ["Engine"]
 
 
 class Engine(ABC):
-    """Trains clients. Built once per run; ``close`` releases workers."""
+    """Trains clients. Built once per run from the run's :class:`~fedlt.prepare.Prepared` (its
+    typed scenario, data, plugins and device); ``close`` releases workers."""
 
     name: str = ""
     #: Progress inside a round, ``on_step(task index, steps done, steps of that client)``: set by
     #: the runner when it shows a progress bar; engines that train in-process report through it.
     on_step: Callable[[int, int, int], None] | None = None
 
-    def __init__(self, scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> None:
-        self.scenario = scenario
-        self.data = data
-        self.hooks = hooks
-        self.device = device
+    def __init__(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+        self.scenario: Scenario = prepared.scenario
+        self.data: FederatedData = prepared.data
+        self.hooks: HookSet = prepared.hooks
+        self.device: torch.device = prepared.device
 
     @abstractmethod
     def train_round(

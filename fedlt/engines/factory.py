@@ -7,13 +7,9 @@ and the factory (which imports them) form no import cycle.
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
-import torch
-
-from fedlt.data.federated import FederatedData
 from fedlt.engines.base import Engine
-from fedlt.hooks.dispatch import HookSet
+from fedlt.prepare import Prepared
 
 __all__ = ["ENGINE_CLASSES", "make_engine"]
 
@@ -23,16 +19,16 @@ __all__ = ["ENGINE_CLASSES", "make_engine"]
 #: layers one-way (``tests/test_layout.py``).
 ENGINE_CLASSES = {"ray": "fedlt.engines.ray_engine:RayEngine", "flower": "fedlt.flower.engine:FlowerEngine"}
 
-def make_engine(scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> Engine:
-    """The engine the scenario's ``[engine] kind`` names (imported only when asked for).
+def make_engine(prepared: Prepared) -> Engine:
+    """The engine the prepared scenario's ``[engine] kind`` names (imported only when asked for).
 
     ``serial`` trains one by one or, with ``engine.vectorize``, in vectorized groups: an option of
     the serial engine, not an engine of its own.
     """
-    kind = scenario.engine.kind
+    kind = prepared.scenario.engine.kind
     if kind in ENGINE_CLASSES:
         module, _, name = ENGINE_CLASSES[kind].partition(":")
         engine_cls = getattr(importlib.import_module(module), name)
     else:
         from fedlt.engines.serial import SerialEngine as engine_cls
-    return engine_cls(scenario, data, hooks, device)
+    return engine_cls(prepared)

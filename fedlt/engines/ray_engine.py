@@ -28,7 +28,7 @@ import torch
 from fedlt.data.federated import FederatedData
 from fedlt.engines.base import Engine
 from fedlt.errors import FedltError, PluginError, ScenarioError
-from fedlt.hooks.dispatch import HookSet
+from fedlt.prepare import Prepared
 from fedlt.training.round import ClientResult, ClientTask
 
 __all__ = ["RayEngine"]
@@ -84,8 +84,9 @@ class RayEngine(Engine):
 
     name = "ray"
 
-    def __init__(self, scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> None:
-        super().__init__(scenario, data, hooks, device)
+    def __init__(self, prepared: Prepared) -> None:
+        super().__init__(prepared)
+        scenario, data, device = self.scenario, self.data, self.device
         import ray
 
         cfg = scenario.engine

@@ -24,8 +24,8 @@ from fedlt.base.allocator import keep_freed_memory
 from fedlt.base.memory import device_free_memory
 from fedlt.engines.base import Engine
 from fedlt.errors import FedltError
-from fedlt.hooks.dispatch import HookSet
 from fedlt.hooks.plugin import implementations
+from fedlt.prepare import Prepared
 from fedlt.training.group import VMAP_HOOKS, PluginViews
 from fedlt.training.round import ClientResult, ClientRound, ClientTask, drive
 from fedlt.training.sizing import activation_bytes, client_bytes, group_size_for
@@ -61,13 +61,16 @@ class SerialEngine(Engine):
 
     name = "serial"
 
-    def __init__(self, scenario: Any, data: Any, hooks: HookSet, device: torch.device) -> None:
-        super().__init__(scenario, data, hooks, device)
+    def __init__(self, prepared: Prepared) -> None:
+        super().__init__(prepared)
+        scenario, hooks, device = self.scenario, self.hooks, self.device
         self._noticed: set[str] = set()
         keep_freed_memory()
         if isinstance(scenario.engine.threads, int):
             torch.set_num_threads(scenario.engine.threads)
-        self.trainer = ClientTrainer(scenario, data, hooks, device)
+        # The resident training model: a copy of the driver's (which holds the global weights).
+        model = copy.deepcopy(prepared.model)
+        self.trainer = ClientTrainer(scenario, self.data, hooks, device, model)
         model = self.trainer.model
         streaming = scenario.stream.kind != "none"
         wanted, self._why = resolve_vectorize(scenario.engine.vectorize, device)

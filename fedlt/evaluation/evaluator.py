@@ -9,8 +9,9 @@ their own metrics through ``eval_metrics``.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from numbers import Real
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from fedlt.data.federated import FederatedData
 from fedlt.data.views import ClientViews
 from fedlt.errors import NonFiniteLossError
-from fedlt.hooks.context import EvalContext
+from fedlt.hooks.context import EvalContext, frozen_config
 from fedlt.hooks.dispatch import HookSet
 from fedlt.hooks.recipe import LocalTraining
 from fedlt.metrics.classification import (
@@ -31,7 +32,20 @@ from fedlt.metrics.classification import (
 from fedlt.training.context import client_context
 from fedlt.training.round import ClientTask
 
-__all__ = ["Evaluator"]
+__all__ = ["Configs", "Evaluator"]
+
+
+class Configs(NamedTuple):
+    """The configs the server gave clients in the evaluated round: the round's config (what every
+    client gets) and each selected client's own (the round's merged with its per-client config)."""
+
+    round: Mapping[str, Any]
+    clients: Mapping[int, Mapping[str, Any]]
+
+    def of(self, client: int) -> Mapping[str, Any]:
+        """The config ``client`` got this round, or would have got: the round's config."""
+        return self.clients.get(client, self.round)
+
 
 #: Logit given to classes a continual evaluation masks out (not yet exposed / not seen).
 MASKED = float("-inf")
@@ -106,6 +120,7 @@ class Evaluator:
         full: bool = True,
         anytime: bool = False,
         per_client_classes: bool = False,
+        configs: Configs | None = None,
     ) -> dict[str, Any]:
         """Metrics for ``model`` after ``round`` as plain JSON-ready values.
 
@@ -114,7 +129,8 @@ class Evaluator:
         (logits of unexposed classes masked), and the personalised anytime accuracy on each
         client's view restricted to the classes it has read; with ``per_client_classes`` also
         each client's per-class accuracy there (``anytime_client_per_class``, for per-client
-        forgetting).
+        forgetting). ``configs``: the round's client configs, which ``client_personalize`` sees in
+        ``ctx.config`` (the round's config for a client not selected).
         """
         d, ev = self.data, self.scenario.eval
         was_training = model.training
@@ -132,7 +148,12 @@ class Evaluator:
                 )
             )
             out.update(self._plugin_metrics(model, feats, logits, d.y_test, gctx, {}))
-        personal = self._personal(model, feats, raw, round, client_states, full) if ev.personalized else None
+        configs = configs if configs is not None else Configs({"round": round}, {})
+        personal = (
+            self._personal(model, feats, raw, round, client_states, full, configs)
+            if ev.personalized
+            else None
+        )
         if full:
             out["personalized_accuracy"] = None
             if personal is not None:
@@ -207,7 +228,7 @@ class Evaluator:
         return out
 
     def _personal(
-        self, model, feats, raw, round, client_states, full: bool
+        self, model, feats, raw, round, client_states, full: bool, configs: Configs
     ) -> list[tuple[int, torch.Tensor, dict[str, Any]]]:
         """(client, logits on its local view, its plugin metrics) for every client with a view."""
         d = self.data
@@ -222,7 +243,7 @@ class Evaluator:
             # Plugins may read but not change a client's state during evaluation.
             states = copy.deepcopy(client_states.get(k, {}))
             if personalize:
-                local = self._personal_model(model, k, round, states)
+                local = self._personal_model(model, k, round, states, configs.of(k))
                 h, z = _forward(local, d.x_test.index_select(0, idx), self.scenario.eval.batch_size)
             else:
                 local, h, z = model, feats.index_select(0, idx), raw.index_select(0, idx)
@@ -231,9 +252,16 @@ class Evaluator:
             out.append((k, z, metrics))
         return out
 
-    def _personal_model(self, model: nn.Module, client_id: int, round: int, states) -> nn.Module:
+    def _personal_model(
+        self, model: nn.Module, client_id: int, round: int, states, config: Mapping[str, Any]
+    ) -> nn.Module:
         """A scratch copy of ``model`` personalised by the plugins for ``client_id``, on the data
-        the client has read so far."""
+        the client has read so far.
+
+        The context is the client's as training builds it, with the config the server gave it
+        this round, and a generator of its own purpose (``"personalize"``), so personalising never
+        replays the draws of the client's training in the same round.
+        """
         if self._scratch is None:
             self._scratch = copy.deepcopy(model)
         scratch = self._scratch
@@ -241,14 +269,20 @@ class Evaluator:
         task = ClientTask(
             client_id,
             round,
-            {},
+            frozen_config(config),
             indices=self.views.seen_indices(client_id),
             seen_counts=self.views.seen_counts(client_id),
         )
         ctx = client_context(
-            self.scenario, self.data, task, self.data.x_train.device, self.recipe, streaming=False
+            self.scenario,
+            self.data,
+            task,
+            self.data.x_train.device,
+            self.recipe,
+            streaming=False,
+            purpose="personalize",
         )
-        hooks = self.hooks.for_client(client_id, round, states)
+        hooks = self.hooks.for_client(client_id, round, states, streaming=False)
         with torch.enable_grad():
             hooks.client_personalize(model=scratch, ctx=ctx)
         scratch.eval()

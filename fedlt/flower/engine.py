@@ -22,13 +22,12 @@ from typing import Any
 
 import torch
 
-from fedlt.data.federated import FederatedData
 from fedlt.engines.base import Engine
 from fedlt.errors import FedltError, ScenarioError
 from fedlt.flower.nodes import map_clients_to_nodes
 from fedlt.flower.simulation import FlowerSimulation, Link, active_link
 from fedlt.flower.wire import decode_error, decode_result, encode_task, reply_needs_state
-from fedlt.hooks.dispatch import HookSet
+from fedlt.prepare import Prepared
 from fedlt.scenario.config import scenario_to_toml
 from fedlt.training.round import ClientResult, ClientTask
 
@@ -43,8 +42,9 @@ class FlowerEngine(Engine):
 
     name = "flower"
 
-    def __init__(self, scenario: Any, data: FederatedData, hooks: HookSet, device: torch.device) -> None:
-        super().__init__(scenario, data, hooks, device)
+    def __init__(self, prepared: Prepared) -> None:
+        super().__init__(prepared)
+        scenario, data = self.scenario, self.data
         self.max_retries = scenario.engine.max_retries
         self.scenario_toml = scenario_to_toml(scenario)
         #: Names this run's state on nodes: a node holding another token's state (an earlier run
