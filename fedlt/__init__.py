@@ -31,15 +31,24 @@ _EXPORTS: dict[str, str] = {
     "PluginError": "fedlt.errors",
     "ScenarioError": "fedlt.errors",
     "Plugin": "fedlt.hooks.plugin",
+    "contract_problem": "fedlt.hooks.plugin",
+    "CONTRACT": "fedlt.hooks.hookspecs",
+    "PluginWarning": "fedlt.hooks.lifetimes",
+    "CosineLinear": "fedlt.models",
+    "FedModel": "fedlt.models",
+    "use_cosine_head": "fedlt.models",
     "hookimpl": "fedlt.hooks.plugin",
     "LocalTraining": "fedlt.hooks.recipe",
 }
 
 __all__ = [
+    "CONTRACT",
     "Aggregator",
     "ClientContext",
+    "CosineLinear",
     "EvalContext",
     "FedAvg",
+    "FedModel",
     "FedltError",
     "Forward",
     "LocalTraining",
@@ -47,16 +56,19 @@ __all__ = [
     "NonFiniteLossError",
     "Plugin",
     "PluginError",
+    "PluginWarning",
     "RoundContext",
     "Scenario",
     "ScenarioError",
     "SetupContext",
     "__version__",
+    "contract_problem",
     "history",
     "hookimpl",
     "load_scenario",
     "resume",
     "run",
+    "use_cosine_head",
 ]
 
 if TYPE_CHECKING:
@@ -70,8 +82,11 @@ if TYPE_CHECKING:
         RoundContext,
         SetupContext,
     )
-    from fedlt.hooks.plugin import Plugin, hookimpl
+    from fedlt.hooks.hookspecs import CONTRACT
+    from fedlt.hooks.lifetimes import PluginWarning
+    from fedlt.hooks.plugin import Plugin, contract_problem, hookimpl
     from fedlt.hooks.recipe import LocalTraining
+    from fedlt.models import CosineLinear, FedModel, use_cosine_head
     from fedlt.scenario.config import Scenario, load_scenario
     from fedlt.server.aggregation import Aggregator, FedAvg
 

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import textwrap
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -364,9 +365,25 @@ COMMANDS = {
 }
 
 
+def _warning(
+    message: Any, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """A warning as one wrapped paragraph, without Python's source line."""
+    return textwrap.fill(f"fedlt: warning: {message}", 100, break_on_hyphens=False) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedlt`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    previous, warnings.formatwarning = warnings.formatwarning, _warning  # type: ignore[assignment]
+    try:
+        return _dispatch(args)
+    finally:
+        warnings.formatwarning = previous
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the command; a fedlt error becomes its message and exit status."""
     try:
         return COMMANDS[args.command](args)
     except NonFiniteLossError as exc:

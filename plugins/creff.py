@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedlt import ClientContext, EvalContext, Plugin, RoundContext, SetupContext, hookimpl
-from fedlt.base.seeding import torch_generator
 
 __all__ = [
     "CReFF",
@@ -402,11 +401,11 @@ class CReFF(Plugin):
         p, d, c = self.params, model.feature_dim, ctx.num_classes
         self._device = next(model.parameters()).device
         self._seed = ctx.seed
-        gen = torch_generator(ctx.seed, "creff-features")
+        gen = ctx.generator_for("creff-features")
         self._features = torch.randn(c, p.n_features, d, generator=gen).to(self._device)
         self._seen = torch.zeros(c, dtype=torch.bool)
         # Round 1's gradients are taken w.r.t. a fresh random classifier, as in the reference.
-        w, b = init_linear(d, c, torch_generator(ctx.seed, "creff-classifier"))
+        w, b = init_linear(d, c, ctx.generator_for("creff-classifier"))
         self._weight, self._bias = w.to(self._device), b.to(self._device)
         self._retrained = False
 
@@ -448,7 +447,7 @@ class CReFF(Plugin):
             p.n_retrain_epochs,
             p.retrain_lr,
             p.retrain_batch_size,
-            torch_generator(self._seed, "creff-retrain", ctx.round),
+            ctx.generator_for("creff-retrain"),
         )
         self._retrained = True
 
@@ -464,7 +463,7 @@ class CReFF(Plugin):
             p.batch_size_grad,
             p.n_grad_batches,
             # A stream of its own, so local training draws exactly what it draws without CReFF.
-            torch_generator(ctx.seed, "creff-client", ctx.round, ctx.client_id),
+            ctx.generator_for("creff-client"),
         )
 
     @hookimpl

@@ -7,7 +7,7 @@ gives a better shared representation under label heterogeneity. For personalised
 client fine-tunes a copy of the global model on its own training data.
 
 Randomness: the fine-tuning sample order comes from the stream
-``torch_generator(seed, "fedbabu-finetune", round, client_id)``, so personalised metrics are the
+``ctx.generator_for("fedbabu-finetune")`` (seed, purpose, round, client), so personalised metrics are the
 same however often and wherever the evaluation runs.
 """
 
@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedlt import ClientContext, Plugin, SetupContext, hookimpl
-from fedlt.base.seeding import torch_generator
 
 __all__ = ["FedBABU", "finetune"]
 
@@ -122,5 +121,5 @@ class FedBABU(Plugin):
             lr=p.finetune_lr,
             momentum=p.finetune_momentum,
             batch_size=ctx.batch_size,
-            generator=torch_generator(ctx.seed, "fedbabu-finetune", ctx.round, ctx.client_id),
+            generator=ctx.generator_for("fedbabu-finetune"),
         )

@@ -17,7 +17,7 @@ Neither is used as trained; evaluation realigns them without further training:
 
 Randomness: the aux head's initial weights come from ``SetupContext.generator`` (stream
 ``"configure-model"``); each client's local head is initialised at its first round from its own
-stream ``torch_generator(seed, "gla-fr-local-head", client_id)``, so the client's sample order
+stream ``ctx.generator_for("gla-fr-local-head", per_round=False)``, so the client's sample order
 (``ctx.generator``) is the same as in a run without gla-fr.
 """
 
@@ -33,7 +33,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedlt import ClientContext, EvalContext, Plugin, SetupContext, hookimpl
-from fedlt.base.seeding import torch_generator
 
 __all__ = [
     "AUX_NAME",
@@ -170,7 +169,7 @@ class GLAFR(Plugin):
         if "local_weight" not in state:
             # The client's first round. A stream of its own (not ctx.generator) leaves the
             # client's sample order exactly as in a run without gla-fr.
-            g = torch_generator(ctx.seed, "gla-fr-local-head", ctx.client_id)
+            g = ctx.generator_for("gla-fr-local-head", per_round=False)
             state["local_weight"], state["local_bias"] = linear_init(
                 int(ctx.num_classes), int(model.head.in_features), g
             )

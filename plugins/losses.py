@@ -25,8 +25,7 @@ from fedlt_plugins.priors import PRIOR_DOC, Prior, prior_counts
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
-from fedlt import ClientContext, Plugin, SetupContext, hookimpl
-from fedlt.models import use_cosine_head
+from fedlt import ClientContext, Plugin, SetupContext, hookimpl, use_cosine_head
 
 __all__ = [
     "LDAM",

@@ -69,11 +69,13 @@ class Replay(Plugin):
     rows), stream rows weight 1. The replayed rows are the *last* ``n_r`` rows of the batch the
     per-batch hooks see.
 
-    Only stream scenarios call the replay and memory hooks with a stream (``ctx.online_iter`` set);
-    in an offline scenario every hook here is a no-op: nothing is stored, replayed or weighted.
+    It requires a stream (``requires = {"stream"}``): an offline scenario listing it is refused
+    before anything runs, as there is nothing to remember.
     """
 
     Params = ReplayParams
+    #: A memory of stream samples: offline there is no stream to remember.
+    requires = frozenset({"stream"})
 
     def _memory(self, state: dict[str, Any]) -> ClassMemory:
         """The client's memory, wrapped once per client-round (class counts derived once)."""

@@ -17,6 +17,7 @@ from fedlt.errors import PluginError, ScenarioError
 from fedlt.hooks import hookspecs
 from fedlt.hooks.discovery import PluginInfo, discover_plugins
 from fedlt.hooks.dispatch import build_hooks
+from fedlt.hooks.lifetimes import PluginWarning
 from fedlt.hooks.plugin import Plugin, hookimpl, implementations
 from fedlt.hooks.spec import COMBINE_RULES, HookSpec
 from fedlt.server.aggregation import FedAvg
@@ -229,7 +230,11 @@ class ServerToSelf(Plugin):
 def test_client_hooks_never_see_attributes_set_by_server_hooks(install_plugins, tiny, tmp_path):
     install_plugins(leaky=ServerToSelf)
     tiny["plugins"] = [{"name": "leaky"}]
-    with pytest.raises(PluginError, match=r"AttributeError.*mu") as info:
+    # Warned before the run (read from the source), then failing where the client reads it.
+    with (
+        pytest.warns(PluginWarning, match=r"sets self\.mu"),
+        pytest.raises(PluginError, match=r"AttributeError.*mu") as info,
+    ):
         fedlt.run(tiny, out=tmp_path / "r")
     assert (info.value.plugin, info.value.hook, info.value.round) == ("leaky", "client_extra_losses", 1)
     assert info.value.client == select_clients(3, 1, 4, 0.5)[0]

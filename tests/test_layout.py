@@ -153,3 +153,15 @@ def test_engine_never_imports_plugins() -> None:
     for path in ROOT.rglob("*.py"):
         text = path.read_text()
         assert "fedlt_plugins" not in text and "from plugins" not in text, path
+
+
+def test_built_in_plugins_use_only_the_public_api() -> None:
+    # The built-in plugins are written as a third party would write them: `fedlt` and
+    # `fedlt.testing` are the public API; everything under them may move.
+    plugins = ROOT.parent / "plugins"
+    wrong = []
+    for path in sorted(plugins.glob("*.py")):
+        for module, line in _runtime_imports(path):
+            if not module.startswith("fedlt.testing"):  # `from fedlt import X` is not listed: public
+                wrong.append(f"plugins/{path.name}:{line} imports {module}")
+    assert not wrong, "\n".join(wrong)

@@ -393,12 +393,9 @@ def test_stream_run_memory_state_checkpoint_and_resume(tiny, tmp_path, monkeypat
     assert load_checkpoint(tmp_path / "cut")["client_states"] == run.client_states
 
 
-def test_offline_run_is_unchanged_by_replay(tiny, tmp_path):
-    tiny["federation"]["rounds"] = 1
-    plain = fedlt.run(tiny, out=tmp_path / "plain")
+def test_offline_run_with_replay_is_refused(tiny, tmp_path):
+    # Offline there is nothing to remember: refused before anything runs, not silently a no-op.
     tiny["plugins"] = [{"name": "replay", "reweight": "inverse-frequency"}]
-    run = Run.create(fedlt.load_scenario(tiny), tmp_path / "replay")
-    with_replay = run.execute()
-    assert with_replay["final"]["accuracy"] == plain["final"]["accuracy"]
-    assert with_replay["final"]["train_loss"] == pytest.approx(plain["final"]["train_loss"], rel=1e-6)
-    assert all(states.get("replay", {}) == {} for states in run.client_states.values())
+    with pytest.raises(fedlt.ScenarioError, match=r"plugins\[0\]\.name.*continual scenario"):
+        fedlt.run(tiny, out=tmp_path / "replay")
+    assert not (tmp_path / "replay" / "checkpoint.pt").exists()

@@ -94,6 +94,7 @@ class Evaluator:
             global_class_counts=d.train_class_counts,
             test_class_counts=np.bincount(labels.cpu().numpy(), minlength=d.num_classes),
             shot_groups=self.shot_groups,
+            seed=self.scenario.seed,
         )
 
     def _adjust(self, logits, features, model, ctx: EvalContext, states) -> torch.Tensor:

@@ -6,8 +6,9 @@ reference"); a plugin author should not need to read any other module.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
@@ -78,6 +79,12 @@ class SetupContext:
     generator: torch.Generator
     run_dir: Path | None = None
 
+    def generator_for(self, purpose: str) -> torch.Generator:
+        """A CPU generator of the stream ``(seed, purpose)``: randomness of the plugin's own, the same
+        in every process, that leaves :attr:`generator`'s draws untouched. Name the purpose after
+        the plugin (``"creff-features"``)."""
+        return torch_generator(self.seed, purpose)
+
 
 @dataclass(frozen=True, slots=True)
 class RoundContext:
@@ -120,6 +127,11 @@ class RoundContext:
     def rng(self, purpose: str) -> np.random.Generator:
         """A numpy generator seeded from ``(seed, round, purpose)`` (see :meth:`generator`)."""
         return numpy_rng(self.seed, "server", self.round, purpose)
+
+    def generator_for(self, purpose: str) -> torch.Generator:
+        """A CPU generator of the stream ``(seed, purpose, round)``: every context has this method,
+        with the round (and the client, where there is one) in the stream."""
+        return torch_generator(self.seed, purpose, self.round)
 
 
 @dataclass(slots=True)
@@ -224,6 +236,22 @@ class ClientContext:
             return self.global_class_counts
         raise ValueError(f"prior must be 'local' or 'global', got {prior!r}")
 
+    def generator_for(self, purpose: str, per_round: bool = True) -> torch.Generator:
+        """A CPU generator of the stream ``(seed, purpose, round, client)`` (``(seed, purpose,
+        client)`` with ``per_round=False``): randomness of the plugin's own, the same on every
+        engine and after a resume, that leaves :attr:`generator`'s draws (the sample order)
+        untouched. Name the purpose after the plugin (``"gla-fr-local-head"``)."""
+        parts = (purpose, self.round, self.client_id) if per_round else (purpose, self.client_id)
+        return torch_generator(self.seed, *parts)
+
+    def __getattr__(self, name: str) -> Any:
+        """Names removed from the contract say what replaced them; others suggest a close field."""
+        if name in _REMOVED:
+            raise AttributeError(_REMOVED[name])
+        close = difflib.get_close_matches(name, [f.name for f in fields(self)], n=1)
+        hint = f" Did you mean ctx.{close[0]}?" if close else ""
+        raise AttributeError(f"'ClientContext' object has no attribute {name!r}.{hint}")
+
 
 @dataclass(frozen=True, slots=True)
 class EvalContext:
@@ -249,6 +277,8 @@ class EvalContext:
     shot_groups : Mapping
         The run's head / medium / tail split (``eval.shot_rule``): ``{"head": [class ids],
         "medium": [...], "tail": [...]}``, for metrics reported per group.
+    seed : int
+        The scenario's seed.
     """
 
     round: int
@@ -259,6 +289,14 @@ class EvalContext:
     global_class_counts: np.ndarray
     test_class_counts: np.ndarray
     shot_groups: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def generator_for(self, purpose: str) -> torch.Generator:
+        """A CPU generator of the stream ``(seed, purpose, round)``, or ``(seed, purpose, round,
+        client)`` on a client's view: evaluation randomness (an attack's random start) that is the
+        same on every engine and after a resume."""
+        parts = (purpose, self.round) if self.client_id is None else (purpose, self.round, self.client_id)
+        return torch_generator(self.seed, *parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +319,16 @@ class LogContext:
     scenario: str
     round: int | None
     n_rounds: int
+
+
+#: Context names removed from the plugin contract, with what replaced them.
+_REMOVED = {
+    "extra": "ctx.extra was removed in plugin contract 0.2: a client hook's scratch space is now self "
+    "(client hooks run on a fresh plugin instance per client-round: set self.x in client_start and "
+    "read it in the per-batch hooks); what the server needs goes back as client_end's payload, what a "
+    "client keeps between its rounds in state; a forward pass that rescales features returns a "
+    "fedlt.Forward with head_input. See docs/migrating.md.",
+}
 
 
 def frozen_config(config: Mapping[str, Any]) -> Mapping[str, Any]:

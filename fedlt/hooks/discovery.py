@@ -24,6 +24,7 @@ __all__ = [
     "PluginInfo",
     "discover_plugins",
     "instantiate_plugins",
+    "qualified_plugin",
     "type_name",
 ]
 
@@ -145,11 +146,14 @@ def _extra_entry_points() -> list[md.EntryPoint]:
 def discover_plugins() -> dict[str, PluginInfo]:
     """Every plugin registered in the ``fedlt.plugins`` entry-point group, by name.
 
-    A plugin that fails to load, or a name registered by two distributions, is recorded with its
-    error and reported when a scenario uses it (and by ``fedlt plugins``), not here.
+    A name two installed distributions register is recorded with an error (the bare name is then
+    unusable; the message names both distribution-qualified names, which still work, see
+    :func:`qualified_plugin`). Plugins named in ``$FEDLT_EXTRA_PLUGINS`` (development) come last
+    and replace an installed plugin of the same name. A plugin that fails to load is recorded with
+    its error and reported when a scenario uses it (and by ``fedlt plugins``), not here.
     """
     found: dict[str, PluginInfo] = {}
-    for ep in [*md.entry_points(group=ENTRY_POINT_GROUP), *_extra_entry_points()]:
+    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist.name if ep.dist is not None else "?"
         if ep.name in found:
             other = found[ep.name]
@@ -159,11 +163,26 @@ def discover_plugins() -> dict[str, PluginInfo]:
                     ep.value,
                     dist,
                     error=f"registered twice: by {other.distribution} ({other.value}) and by {dist} "
-                    f"({ep.value}). Uninstall one of them.",
+                    f"({ep.value}). Uninstall one of them, or choose one by its qualified name: "
+                    f"name = '{other.distribution}:{ep.name}' or name = '{dist}:{ep.name}'.",
                 )
             continue
         found[ep.name] = PluginInfo(ep.name, ep.value, dist, entry_point=ep)
+    for ep in _extra_entry_points():
+        found[ep.name] = PluginInfo(ep.name, ep.value, EXTRA_PLUGINS_ENV, entry_point=ep)
     return found
+
+
+def qualified_plugin(name: str) -> PluginInfo | None:
+    """The plugin a distribution-qualified name (``"<distribution>:<name>"``, e.g. ``"fedlt:focal"``)
+    names, or None: the way to choose one of two distributions registering the same name."""
+    dist, sep, bare = name.partition(":")
+    if not sep:
+        return None
+    for ep in md.entry_points(group=ENTRY_POINT_GROUP, name=bare):
+        if ep.dist is not None and ep.dist.name == dist:
+            return PluginInfo(name, ep.value, dist, entry_point=ep)
+    return None
 
 
 def _plugin_param_error(index: int, name: str, exc: ValidationError, params: list[str]) -> ScenarioError:
@@ -201,7 +220,7 @@ def instantiate_plugins(specs: Sequence[Any], available: Mapping[str, PluginInfo
     available = discover_plugins() if available is None else available
     plugins = []
     for i, spec in enumerate(specs):
-        info = available.get(spec.name)
+        info = available.get(spec.name) or qualified_plugin(spec.name)
         if info is None:
             known = ", ".join(sorted(available)) or "(none installed)"
             raise ScenarioError(

@@ -586,5 +586,42 @@ def server_end(summary: Mapping[str, Any], ctx: LogContext) -> None:
     """
 
 
+# =========================================================================== versions
+
+#: The plugin contract this fedlt implements. A plugin may declare the one it was written for
+#: (``contract = "0.3"``); registration refuses a contract this fedlt cannot honour.
+CONTRACT = "0.3"
+
+#: What changed for plugin authors in each contract version: (breaking, changes). A plugin that
+#: declares a contract before a breaking version is refused with these sentences
+#: (docs/migrating.md says the same at length).
+CONTRACT_CHANGES: dict[str, tuple[bool, tuple[str, ...]]] = {
+    "0.2": (
+        True,
+        (
+            "client hooks run on a fresh plugin instance per client-round on every engine: attributes "
+            "a server hook sets on self are not visible to them (send values through ctx.config), and "
+            "nothing a client hook sets on self survives to the client's next round (keep it in state)",
+            "ctx.extra is gone: per-client-round scratch lives on self (set it in client_start); a "
+            "forward pass that rescales features returns a Forward with head_input",
+            "hook results are checked on arrival: client_loss and client_sample_weights return (B,) "
+            "tensors, client_extra_losses a scalar, state, payloads and configs plain data",
+            "weighted cross-entropy: class weights normalise the batch loss by their sum",
+        ),
+    ),
+    "0.3": (
+        False,
+        (
+            "class weights have their own hook, client_class_weights; client_sample_weights with "
+            "class_weighting = True still works, with a deprecation warning",
+            "per-client facts (ctx.client_id, ctx.config, ...: ClientContext.PER_CLIENT) are refused in "
+            "the per-batch hooks of a plugin declaring vectorized = True, whatever the group size",
+            "every context has generator_for(purpose): a seeded generator of the plugin's own",
+            "client_personalize sees the config the server gave the client this round, and a generator "
+            "of its own purpose",
+        ),
+    ),
+}
+
 #: Every hook by name, in protocol order: what the dispatcher, the validator and the docs read.
 SPECS: dict[str, HookSpec] = {name: obj for name, obj in dict(globals()).items() if isinstance(obj, HookSpec)}

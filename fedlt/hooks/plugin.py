@@ -18,9 +18,9 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from fedlt.errors import PluginError
-from fedlt.hooks.hookspecs import SPECS
+from fedlt.hooks.hookspecs import CONTRACT, CONTRACT_CHANGES, SPECS
 
-__all__ = ["Impl", "NoParams", "Plugin", "hookimpl", "implementations"]
+__all__ = ["Impl", "NoParams", "Plugin", "contract_problem", "hookimpl", "implementations"]
 
 _MARK = "fedlt_impl"
 
@@ -70,6 +70,10 @@ class Plugin:
         attributes set in ``client_start``, so they can run inside a vmapped step over a group of
         clients (``engine.vectorize``, see docs/vectorized.md); otherwise those clients train one
         by one.
+    contract : str or None
+        The plugin contract the plugin is written for (``"0.3"``, see
+        :data:`fedlt.hooks.hookspecs.CONTRACT`): registration refuses it when this fedlt cannot
+        honour it, saying what changed (docs/migrating.md). None: not declared, not checked.
     """
 
     name: ClassVar[str] = ""
@@ -77,6 +81,7 @@ class Plugin:
     requires: ClassVar[frozenset[str]] = frozenset()
     class_weighting: ClassVar[bool] = False
     vectorized: ClassVar[bool] = False
+    contract: ClassVar[str | None] = None
 
     def __init__(self, params: BaseModel | None = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -127,6 +132,38 @@ def _own_methods(cls: type) -> dict[str, Any]:
     return found
 
 
+def _version(text: str) -> tuple[int, ...] | None:
+    parts = text.split(".") if isinstance(text, str) else []
+    return tuple(int(p) for p in parts) if parts and all(p.isdigit() for p in parts) else None
+
+
+def contract_problem(declared: str | None) -> str | None:
+    """Why this fedlt cannot honour a plugin written for contract ``declared`` (None: it can)."""
+    if declared is None:
+        return None
+    mine, theirs = _version(CONTRACT), _version(declared)
+    if theirs is None:
+        return f"declares contract = {declared!r}; expected a version such as {CONTRACT!r}"
+    if theirs > mine:
+        return (
+            f"is written for plugin contract {declared}, newer than this fedlt's {CONTRACT}: upgrade "
+            "fedlt (pip install -U fedlt)"
+        )
+    breaking = [
+        change
+        for version, (is_breaking, changes) in CONTRACT_CHANGES.items()
+        if theirs < _version(version) <= mine and is_breaking
+        for change in changes
+    ]
+    if breaking:
+        return (
+            f"is written for plugin contract {declared}; this fedlt implements {CONTRACT}, which changed: "
+            + "; ".join(breaking)
+            + f". See docs/migrating.md, then declare contract = {CONTRACT!r}."
+        )
+    return None
+
+
 @functools.cache
 def implementations(cls: type[Plugin], name: str) -> dict[str, Impl]:
     """The hook implementations of a plugin class, validated against the contract.
@@ -175,6 +212,9 @@ def implementations(cls: type[Plugin], name: str) -> dict[str, Impl]:
                 f"{', '.join(SPECS[attr].params)}",
             )
         impls[attr] = Impl(attr, value, argnames)
+    problem = contract_problem(getattr(cls, "contract", None))
+    if problem is not None:
+        raise PluginError(name, None, problem)
     if getattr(cls, "class_weighting", False):
         warnings.warn(
             f"plugin {name!r}: class_weighting = True is deprecated since fedlt's plugin contract 0.3; "

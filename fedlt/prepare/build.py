@@ -13,6 +13,7 @@ from torch import nn
 from fedlt.data.federated import FederatedData, build_federated_data
 from fedlt.data.raw import RawDataset
 from fedlt.hooks.dispatch import HookSet, build_hooks_spelled_out
+from fedlt.hooks.lifetimes import warn_static_problems
 from fedlt.models import check_model
 from fedlt.prepare.checks import preflight, raise_problems, resolve_device
 from fedlt.training.worker import aggregated_keys, build_run_model
@@ -88,6 +89,8 @@ def prepare(
         raise_problems(preflight(scenario))
     device = resolve_device(scenario.engine.device) if device is None else torch.device(device)
     hooks = build_hooks_spelled_out(scenario.plugins)  # scenario.toml then says every parameter
+    if not checked:
+        warn_static_problems(hooks.plugins)  # state on self that cannot reach where it is read
     data = build_data(scenario, device) if data is None else data
     model = build_run_model(scenario, data, hooks, device)
     return Prepared(scenario, device, hooks, data, model, aggregated_keys(model))
