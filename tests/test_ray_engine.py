@@ -102,3 +102,16 @@ def test_killed_worker_is_replaced_and_result_unchanged(tiny, tmp_path):
     summary = run.execute()
     assert killed and run.engine.replaced >= 1
     assert summary["final"] == serial["final"]
+
+
+def test_bfloat16_autocast_is_the_serial_engines_on_ray(tiny, tmp_path):
+    # engine.dtype used to be ignored with kind = "ray": the workers now drive the same client
+    # round, which autocasts each step, so the numbers are the serial engine's bit for bit.
+    tiny["federation"]["rounds"] = 2
+    serial = _one_thread(tiny)
+    serial["engine"]["dtype"] = "bfloat16"
+    s = fedlt.run(serial, out=tmp_path / "serial")
+    r = fedlt.run(_ray(tiny, threads=1, dtype="bfloat16"), out=tmp_path / "ray")
+    assert r["final"] == s["final"]
+    plain = fedlt.run(_one_thread(tiny), out=tmp_path / "fp32")
+    assert plain["final"]["train_loss"] != s["final"]["train_loss"]  # autocast took effect
