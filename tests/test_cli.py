@@ -179,18 +179,18 @@ def test_plugin_requirements_refused_by_every_entry_point(command, tmp_path, cap
 
 
 def test_one_run_checks_the_scenario_once(tmp_path, monkeypatch):
-    # Every check in one place, run once per run (the engine check used to run three times).
+    # Every check in one place, run once per run (the engine check used to run three times), and
+    # the plugins discovered once.
     import fedlt
-    from fedlt.prepare import checks
-
-    calls = []
-    real = checks.preflight
-    monkeypatch.setattr(checks, "preflight", lambda s: calls.append(s.name) or real(s))
     import fedlt.prepare.build as build
+    from fedlt.hooks import discovery
 
-    monkeypatch.setattr(build, "preflight", checks.preflight)
-    fedlt.run("quickstart", out=tmp_path / "r", federation__rounds=1)
-    assert calls == ["quickstart"]
+    checks, discoveries = [], []
+    real_checks, real_discover = build.checked_plugins, discovery.discover_plugins
+    monkeypatch.setattr(build, "checked_plugins", lambda s: checks.append(s.name) or real_checks(s))
+    monkeypatch.setattr(discovery, "discover_plugins", lambda: discoveries.append(1) or real_discover())
+    fedlt.run("quickstart", out=tmp_path / "r", federation__rounds=1, **{"plugins.0.name": "focal"})
+    assert checks == ["quickstart"] and len(discoveries) == 1
 
 
 def test_every_problem_in_one_message(capsys):

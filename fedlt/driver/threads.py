@@ -85,7 +85,7 @@ class CoreSampler:
         self._own = _own_seconds()
         self._wall = time.monotonic()
 
-    def others_busy(self, min_seconds: float = 0.2) -> float | None:
+    def others_busy(self, min_seconds: float = 0.05) -> float | None:
         """Cores used by other processes since :meth:`start` (waits until ``min_seconds`` have
         passed), or ``None`` where the OS does not tell (then assume none)."""
         if self._ticks is None:

@@ -28,7 +28,15 @@ from fedlt.hooks.plugin import Impl, Plugin, implementations
 from fedlt.hooks.recipe import LocalTraining
 from fedlt.hooks.spec import HookSpec
 
-__all__ = ["ClientHooks", "Hook", "HookSet", "bound_hook", "build_hooks", "build_hooks_spelled_out"]
+__all__ = [
+    "ClientHooks",
+    "Hook",
+    "HookSet",
+    "bound_hook",
+    "build_hooks",
+    "build_hooks_spelled_out",
+    "spelled_out",
+]
 
 CLIENT_HOOKS = tuple(n for n, s in SPECS.items() if s.side == "client")
 SERVER_HOOKS = tuple(n for n, s in SPECS.items() if s.side != "client")
@@ -402,6 +410,7 @@ class HookSet:
                     pairs.append((k, i[source]))
             self._client[name] = pairs
         self._client_plugins = sorted({k for pairs in self._client.values() for k, _ in pairs})
+        self._empty: ClientHooks | None = None
 
     def __getattr__(self, name: str) -> Hook:
         try:
@@ -433,6 +442,10 @@ class HookSet:
     ) -> ClientHooks:
         """The client-side hooks of one client-round, on fresh plugin instances. Offline
         (``streaming=False``) the stream-only hooks are left unbound."""
+        if not self._client_plugins:  # nothing to instantiate or bind: share the empty hooks
+            if self._empty is None:
+                self._empty = ClientHooks(self, client_id, round, {}, streaming)
+            return self._empty.rebound(client_id, round, states)
         return ClientHooks(self, client_id, round, states, streaming)
 
     def state_dict(self) -> dict[str, Any]:
@@ -502,6 +515,12 @@ class ClientHooks:
         """``hooks["client_loss"]`` as ``hooks.client_loss``: the per-batch loss reads hooks by name."""
         return self._hooks[name]
 
+    def rebound(self, client_id: int, round: int, states: dict[str, dict[str, Any]]) -> ClientHooks:
+        """These hooks for another client-round (for hooks no plugin implements: nothing to bind)."""
+        other = object.__new__(ClientHooks)
+        other.__dict__.update(self.__dict__, client_id=client_id, round=round, states=states)
+        return other
+
     def instance(self, plugin: str) -> Plugin:
         """This client-round's instance of ``plugin`` (the object its client hooks run on)."""
         return self._instances[plugin]
@@ -544,7 +563,13 @@ def build_hooks(specs: Iterable[Any], available: Mapping[str, Any] | None = None
 def build_hooks_spelled_out(specs: Sequence[Any]) -> HookSet:
     """:func:`build_hooks`, then every plugin parameter, defaults included, written back into its
     spec, so a resolved scenario says exactly what ran even after a plugin's defaults change."""
-    hooks = build_hooks(specs)
+    return spelled_out(specs)
+
+
+def spelled_out(specs: Sequence[Any], plugins: Sequence[Plugin] | None = None) -> HookSet:
+    """The :class:`HookSet` of ``plugins`` (instances already made for ``specs``; made here when
+    None), with every parameter written back into its spec (see :func:`build_hooks_spelled_out`)."""
+    hooks = build_hooks(specs) if plugins is None else HookSet(plugins)
     for spec, plugin in zip(specs, hooks.plugins, strict=True):
         spec.params = plugin.params.model_dump()
     return hooks

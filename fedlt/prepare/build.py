@@ -12,10 +12,10 @@ from torch import nn
 
 from fedlt.data.federated import FederatedData, build_federated_data
 from fedlt.data.raw import RawDataset
-from fedlt.hooks.dispatch import HookSet, build_hooks_spelled_out
+from fedlt.hooks.dispatch import HookSet, spelled_out
 from fedlt.hooks.lifetimes import warn_static_problems
 from fedlt.models import check_model
-from fedlt.prepare.checks import preflight, raise_problems, resolve_device
+from fedlt.prepare.checks import checked_plugins, raise_problems, resolve_device
 from fedlt.training.worker import aggregated_keys, build_run_model
 
 __all__ = ["Prepared", "build_data", "prepare"]
@@ -85,10 +85,12 @@ def prepare(
     ScenarioError, PluginError
         The first problem, with the others in its message.
     """
+    plugins = None
     if not checked:
-        raise_problems(preflight(scenario))
+        problems, plugins = checked_plugins(scenario)
+        raise_problems(problems)
     device = resolve_device(scenario.engine.device) if device is None else torch.device(device)
-    hooks = build_hooks_spelled_out(scenario.plugins)  # scenario.toml then says every parameter
+    hooks = spelled_out(scenario.plugins, plugins)  # scenario.toml then says every parameter
     if not checked:
         warn_static_problems(hooks.plugins)  # state on self that cannot reach where it is read
     data = build_data(scenario, device) if data is None else data

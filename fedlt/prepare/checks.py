@@ -20,7 +20,15 @@ from fedlt.errors import FedltError, PluginError, ScenarioError
 from fedlt.hooks.discovery import instantiate_plugins
 from fedlt.models import MODELS
 
-__all__ = ["NEEDS", "REQUIREMENTS", "check_requirements", "preflight", "raise_problems", "resolve_device"]
+__all__ = [
+    "NEEDS",
+    "REQUIREMENTS",
+    "check_requirements",
+    "checked_plugins",
+    "preflight",
+    "raise_problems",
+    "resolve_device",
+]
 
 #: Optional parts of a scenario and what they need installed: (key, value that needs it, module
 #: to find, what to install).
@@ -122,7 +130,14 @@ def preflight(scenario: Any) -> list[FedltError]:
 
     Loads no data and builds no model.
     """
+    return checked_plugins(scenario)[0]
+
+
+def checked_plugins(scenario: Any) -> tuple[list[FedltError], list[Any]]:
+    """:func:`preflight`'s problems, and the scenario's plugin instances it validated on the way
+    (empty when they could not be made), so that preparing a run discovers plugins once."""
     problems: list[FedltError] = []
+    plugins: list[Any] = []
     try:
         resolve_device(scenario.engine.device)
     except ScenarioError as exc:
@@ -138,7 +153,7 @@ def preflight(scenario: Any) -> list[FedltError]:
         check_data_feasible(scenario)
     except ScenarioError as exc:
         problems.append(exc)
-    return problems
+    return problems, plugins
 
 
 def raise_problems(problems: Sequence[FedltError]) -> None:
