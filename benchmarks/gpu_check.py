@@ -206,18 +206,19 @@ def _section(rows: list[dict[str, Any]], where: str, argv: list[str] | None) -> 
         f"- Date: {time.strftime('%a %b %d %H:%M:%S UTC %Y', time.gmtime())}",
         f"- Machine: {where}",
         f"- Command (repo root): `{cmd}`",
-        "- Tolerance: |vectorized - serial| <= 5e-5 + 1e-4 |serial| on the final weights and client states "
-        "(TF32 off); syncs: calls `torch.cuda.set_sync_debug_mode('warn')` flags inside a training round.",
+        "- Tolerance: |vectorized - serial| <= 5e-5 + 1e-4 |serial| on the final weights and client "
+        "states (TF32 off); syncs: calls `torch.cuda.set_sync_debug_mode('warn')` flags inside a "
+        "training round.",
         "",
-        "| scenario | vectorized | max abs difference | within tolerance | train loss rel | syncs/round vectorized | "
-        "syncs/round serial | s serial | s vectorized |",
+        "| scenario | vectorized | max abs difference | within tolerance | train loss rel | "
+        "syncs/round vectorized | syncs/round serial | s serial | s vectorized |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['scenario']} | {r['vectorized']} | {r['max_abs_difference']:.2e} | {r['within_tolerance']} | "
-            f"{r['max_train_loss_rel']:.1e} | {r['syncs_per_round_vectorized']} | {r['syncs_per_round_serial']} | "
-            f"{r['seconds_serial']} | {r['seconds_vectorized']} |"
+            f"| {r['scenario']} | {r['vectorized']} | {r['max_abs_difference']:.2e} | "
+            f"{r['within_tolerance']} | {r['max_train_loss_rel']:.1e} | {r['syncs_per_round_vectorized']} | "
+            f"{r['syncs_per_round_serial']} | {r['seconds_serial']} | {r['seconds_vectorized']} |"
         )
     lines += ["", END]
     return "\n".join(lines)
