@@ -93,18 +93,24 @@ def _run(spec: dict[str, Any], vectorize: str, out: Path, syncs: list[int]) -> A
     real = SerialEngine.train_round
 
     def counted(self: Any, tasks: Any, global_state: Any) -> Any:
-        cuda = self.device.type == "cuda"
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            if cuda:
-                torch.cuda.set_sync_debug_mode("warn")
-            try:
-                results = list(real(self, tasks, global_state))
-            finally:
+        # Only the engine's own work is watched (not the aggregation between results), and results
+        # are passed on one at a time: a serial engine's weights are live until the next one.
+        cuda, gen, n = self.device.type == "cuda", real(self, tasks, global_state), 0
+        while True:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
                 if cuda:
-                    torch.cuda.set_sync_debug_mode("default")
-        syncs.append(sum("synchroniz" in str(w.message) for w in seen))
-        yield from results
+                    torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    result = next(gen, None)
+                finally:
+                    if cuda:
+                        torch.cuda.set_sync_debug_mode("default")
+            n += sum("synchroniz" in str(w.message) for w in seen)
+            if result is None:
+                break
+            yield result
+        syncs.append(n)
 
     SerialEngine.train_round = counted  # type: ignore[method-assign]
     try:

@@ -810,3 +810,14 @@ def build_run_model_for(sc: Any) -> torch.nn.Module:
 
     data = build_federated_data(sc, torch.device("cpu"))
     return build_run_model(sc, data, build_hooks(sc.plugins), torch.device("cpu"))
+
+
+def test_gpu_check_runs_at_smoke_size():
+    # benchmarks/gpu_check.py (vectorized vs serial on CUDA, syncs counted) is run by hand on a
+    # GPU; here, on this device, it must run and find serial == vectorized on every scenario.
+    from support.scripts import load_script
+
+    check = load_script(Path("benchmarks/gpu_check.py"), "fedlt_gpu_check")
+    out = check.main(["--device", "cpu", "--rounds", "1", "--no-doc"])
+    assert [r["scenario"] for r in out["rows"]] == list(check.SCENARIOS)
+    assert all(r["vectorized"] and r["within_tolerance"] for r in out["rows"]), out["rows"]
