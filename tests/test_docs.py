@@ -157,7 +157,9 @@ def test_relative_links_resolve() -> None:
 
 def test_architecture_lists_every_seed_stream() -> None:
     text = _read(DOCS / "architecture.md")
-    call = re.compile(r"(?:numpy_rng|torch_generator|seed_torch|derive_seed)\([^,()]+,\s*\"([^\"]+)\"")
+    call = re.compile(
+        r"(?:numpy_rng|torch_generator|seed_torch|derive_seed|hash_uniforms?)\([^,()]+,\s*\"([^\"]+)\""
+    )
     # fedlt's own streams; plugins name theirs after themselves and document them in their modules.
     tags = {tag for p in (ROOT / "fedlt").rglob("*.py") for tag in call.findall(_read(p))}
     missing = sorted(tag for tag in tags if f'`"{tag}"' not in text)

@@ -21,6 +21,7 @@ LAYERS = (
     "data",
     "models",
     "scenario",
+    "system",
     "hooks",
     "training",
     "prepare",

@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 import torch
 
-__all__ = ["derive_seed", "numpy_rng", "seed_torch", "torch_generator"]
+__all__ = ["derive_seed", "hash_uniform", "hash_uniforms", "numpy_rng", "seed_torch", "torch_generator"]
 
 
 def _key(part: int | str) -> int:
@@ -55,3 +55,46 @@ def seed_torch(seed: int, *parts: int | str) -> None:
     torch.default_generator.manual_seed(s)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.manual_seed_all(s)
+
+
+# --------------------------------------------------------------------------- counter-based draws
+
+_MASK = (1 << 64) - 1
+
+
+def _mix(z: int) -> int:
+    """splitmix64's finaliser: a bijection of 64-bit integers that spreads every input bit."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def hash_uniform(seed: int, *parts: int | str) -> float:
+    """A uniform number in [0, 1) named by ``(seed, *parts)``, without a generator.
+
+    For draws looked up one at a time in any order (is client ``c`` available in window ``w``?
+    does it drop out of dispatch ``d``?), where a generator per query would cost tens of
+    microseconds and one generator would make the answer depend on the order of the questions.
+    """
+    z = _mix(_key(seed))
+    for part in parts:
+        z = _mix(z ^ _key(part))
+    return (z >> 11) / float(1 << 53)
+
+
+def hash_uniforms(seed: int, tag: int | str, clients: np.ndarray, *parts: int | str) -> np.ndarray:
+    """:func:`hash_uniform` ``(seed, tag, client, *parts)`` for many clients at once (the same numbers)."""
+    with np.errstate(over="ignore"):
+        base = np.uint64(_mix(_mix(_key(seed)) ^ _key(tag)))
+        z = _mix_array(base ^ np.asarray(clients, dtype=np.uint64))
+        for part in parts:
+            z = _mix_array(z ^ np.uint64(_key(part)))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _mix_array(z: np.ndarray) -> np.ndarray:
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))

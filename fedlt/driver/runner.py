@@ -1,4 +1,6 @@
-"""One run, round by round: select → configure → train → aggregate → evaluate → checkpoint.
+"""One run, server update by server update: select → configure → train → aggregate → evaluate →
+checkpoint, on a virtual clock (:mod:`fedlt.server.federation` decides when clients start and
+which arrivals make an update: ``federation.mode``).
 
 Rounds are numbered from 1. After round ``r`` the run directory holds a checkpoint of round
 ``r`` (every ``checkpoint.every`` rounds) and, on evaluation rounds, a line in metrics.jsonl.
@@ -20,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,11 +54,13 @@ from fedlt.hooks.dispatch import HookSet
 from fedlt.metrics.continual import federation_task_ends
 from fedlt.prepare import prepare
 from fedlt.scenario.config import Scenario, load_scenario, scenario_to_toml
-from fedlt.server.rounds import aggregate_round, configure_round, select_clients
+from fedlt.server.federation import Federation, FederationStalled, ServerUpdate, make_federation
+from fedlt.server.rounds import select_clients
 from fedlt.store.checkpoint import append_metrics, read_metrics, remove_stale_temps, save_checkpoint
+from fedlt.store.events import EventLog
 from fedlt.store.rundir import RunDirError, RunLock, check_fresh_dir, claim
 from fedlt.training.context import setup_context
-from fedlt.training.round import ClientTask
+from fedlt.training.round import ClientResult, ClientTask
 
 __all__ = [
     "RESUMABLE_KEYS",
@@ -141,6 +145,9 @@ class Run:
         self.history: list[dict[str, Any]] = []
         self.training: list[dict[str, Any]] = []
         self.engine: Any = None
+        self.events = EventLog(self.run_dir, scenario.log.events)
+        self.federation: Federation | None = None
+        self._r = 0
         self.started = now()
         self._peak = PeakMemory(self.device)
         self._on_round: Callable[[int, dict[str, Any] | None], None] | None = None
@@ -235,6 +242,21 @@ class Run:
                 hooks.server_setup(model=self.model, ctx=setup)
         point = restore(ckpt, self.run_dir, self.model, self.hooks, self.views)
         self.history, self.training, self.client_states = point.history, point.training, point.client_states
+        self.federation = make_federation(
+            scenario=self.scenario,
+            data=self.data,
+            hooks=self.hooks,
+            model=self.model,
+            keys=self.keys,
+            devices=self.prepared.devices,
+            views=self.views,
+            client_states=self.client_states,
+            train=self._train,
+            emit=self.events,
+        )
+        self.events.restart(ckpt.get("events") if ckpt is not None else None)
+        if ckpt is not None:
+            self.federation.load_state_dict(ckpt.get("federation", {}))
         start, stopped, rounds = point.round + 1, None, self.scenario.federation.rounds
         if ckpt is not None and self.views.exhausted():
             start, stopped = rounds + 1, "every client's stream was exhausted"
@@ -249,6 +271,7 @@ class Run:
             stopped = self._loop(start, lambda: point.elapsed + time.perf_counter() - t0) or stopped
         finally:
             self.engine.close()
+            self.events.close()
             self.observers.close()
         summary = build_summary(self, point.elapsed + time.perf_counter() - t0, stopped, self.started)
         (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
@@ -262,17 +285,21 @@ class Run:
         s = self.scenario
         for r in range(start, s.federation.rounds + 1):
             before = self.views.consumed()
-            loss, configs = self._round(r)  # select, configure, train, aggregate; the clients' configs
+            try:
+                done = self._round(r)  # select, configure, train, aggregate (on the virtual clock)
+            except FederationStalled as exc:
+                print(f"fedlt: {exc}; stopping after round {r - 1}.", file=sys.stderr)
+                return str(exc)
             exhausted = self.views.exhausted()
             due = self.schedule.due(r, before, self.views.consumed(), exhausted)
-            record = None if due is None else self._evaluate(r, loss, due, configs)
+            record = None if due is None else self._evaluate(r, done, due)
             if record is not None:
                 self.history.append(record)
                 append_metrics(self.run_dir / METRICS, record)
                 self.observers.evaluated(r, record)  # loggers, before the checkpoint
             if r % s.checkpoint.every == 0 or r == s.federation.rounds or exhausted:
                 self._checkpoint(r, elapsed())
-            self.observers.round_ended(r, loss, record)
+            self.observers.round_ended(r, done.loss, record)
             if exhausted and r < s.federation.rounds:
                 stopped = f"every client's stream was exhausted after round {r}"
                 print(
@@ -283,25 +310,27 @@ class Run:
                 return stopped
         return None
 
-    def _round(self, r: int) -> tuple[float, Configs]:
-        """One round's training: its mean client loss, and the configs the server gave clients."""
-        s, d = self.scenario, self.data
-        selected = select_clients(s.seed, r, d.n_clients, s.federation.fraction_clients)
-        ctx, configs = configure_round(self.hooks, s.seed, d, r, s.federation.rounds, selected)
-        tasks = [ClientTask(c, r, configs[c], self.client_states.get(c) or {}) for c in selected]
-        ends = self.views.assign(tasks)  # in a stream, each client's next slice
-        self.observers.round_started(r, len(tasks))
+    def _round(self, r: int) -> ServerUpdate:
+        """Server update ``r``: the federation starts clients, trains them (:meth:`_train`) and
+        applies what arrives; recorded with how its clients were trained and its peak memory."""
+        assert self.federation is not None
+        self._r = r
         self._peak.start()
-        state = self.model.state_dict()
-        results = self.observers.watch(self.engine.train_round(tasks, {k: state[k] for k in self.keys}))
-        loss, _ = aggregate_round(self.hooks, self.model, self.keys, ctx, results, self.client_states)
+        done = self.federation.update(r)
         report = {"round": r, **self.engine.round_report()}
         self.training.append({**report, "peak_memory_mb": self._peak.peak_mb(), "memory": self._peak.kind})
-        self.views.advance(ends)
-        return loss, Configs(ctx.config, configs)
+        return done
 
-    def _evaluate(self, r: int, loss: float, due: Due, configs: Configs) -> dict[str, Any]:
-        """Round ``r``'s record: its loss and what ``due`` asks to measure."""
+    def _train(self, tasks: list[ClientTask], state: Mapping[str, torch.Tensor]) -> Iterator[ClientResult]:
+        """The engine trains ``tasks`` from ``state``; in a stream each reads its next slice."""
+        ends = self.views.assign(tasks)
+        self.observers.round_started(self._r, len(tasks))
+        yield from self.observers.watch(self.engine.train_round(tasks, state))
+        self.views.advance(ends)
+
+    def _evaluate(self, r: int, done: ServerUpdate, due: Due) -> dict[str, Any]:
+        """Round ``r``'s record: its loss, its virtual time and what ``due`` asks to measure."""
+        configs = Configs(done.round_config, done.client_configs)
         metrics = self.evaluator.evaluate(
             self.model,
             r,
@@ -311,7 +340,11 @@ class Run:
             per_client_classes=bool(due.task_end) or due.last,
             configs=configs,
         )
-        record: dict[str, Any] = {"round": r, "train_loss": loss}
+        record: dict[str, Any] = {
+            "round": r,
+            "train_loss": done.loss,
+            "virtual_time": round(done.virtual_time, 6),
+        }
         if self.views.streaming:
             record.update(samples_seen=due.samples_seen, periodic=due.periodic)
             record.update(task_end=due.task_end or None, final=due.last)
@@ -329,6 +362,8 @@ class Run:
                 "client_states": self.client_states,
                 "stream_pos": self.views.state_dict(),
                 "training": self.training,
+                "federation": self.federation.state_dict() if self.federation is not None else {},
+                "events": self.events.offset(),
             },
         )
 

@@ -96,6 +96,7 @@ def encode_task(
     meta: dict[str, Any] = {
         "client-id": task.client_id,
         "round": task.round,
+        "dispatch": task.dispatch,
         "token": token,
         "scenario": scenario_toml,
     }
@@ -120,7 +121,8 @@ def decode_task(content: RecordDict, stored_states: dict[str, dict[str, Any]] | 
     if "stream.indices" in tensors:
         indices, seen = tensors["stream.indices"].numpy(), tensors["stream.seen"].numpy()
     config = decode_tree_from("config", meta, tensors)
-    return ClientTask(int(meta["client-id"]), int(meta["round"]), config, states, indices, seen)
+    dispatch = int(meta.get("dispatch", 0))
+    return ClientTask(int(meta["client-id"]), int(meta["round"]), config, states, indices, seen, dispatch)
 
 
 # --------------------------------------------------------------------------- results

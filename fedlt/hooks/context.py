@@ -18,7 +18,7 @@ import torch
 
 from fedlt.base.seeding import numpy_rng, torch_generator
 
-__all__ = ["ClientContext", "EvalContext", "Forward", "LogContext", "RoundContext", "SetupContext"]
+__all__ = ["Arrival", "ClientContext", "EvalContext", "Forward", "LogContext", "RoundContext", "SetupContext"]
 
 
 class Forward(NamedTuple):
@@ -39,6 +39,36 @@ class Forward(NamedTuple):
     features: torch.Tensor
     logits: torch.Tensor
     head_input: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One client update reaching the server (docs/async.md).
+
+    Attributes
+    ----------
+    client_id : int
+        The client.
+    base_version : int
+        The server version (server updates applied) its training started from.
+    staleness : int
+        Server updates applied between its start and the one it enters: ``version - base_version``.
+        Always 0 in sync and deadline rounds.
+    dispatched_at, arrived_at : float
+        Virtual seconds of its start and of its arrival.
+    base_weights : Mapping
+        The global weights it started from (read-only; the current ones when it is fresh).
+    refreshed : bool
+        A plugin's ``server_refresh_update`` rewrote it onto the current weights (staleness 0).
+    """
+
+    client_id: int
+    base_version: int
+    staleness: int
+    dispatched_at: float
+    arrived_at: float
+    base_weights: Mapping[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    refreshed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +138,17 @@ class RoundContext:
         ``(C,)`` training counts over all clients (privileged).
     client_class_counts : np.ndarray
         ``(K, C)`` training counts of every client (privileged).
+    mode : str
+        ``federation.mode``: ``"sync"``, ``"deadline"``, ``"async"`` or ``"buffered"``.
+    virtual_time : float
+        Virtual seconds on the run's clock: when the round starts (sync, deadline), when the
+        clients start (async, buffered configuration) or when the update is applied (aggregation).
+    arrivals : tuple of Arrival
+        At aggregation: the updates being applied, in the order ``add()`` receives them, with
+        their staleness and base weights. Empty when selecting and configuring.
+    system : Devices or None
+        The simulated devices (speeds, ``duration(client, samples)``, ``available(client, t,
+        round)``, ``tail_share``): what a selection strategy such as Oort needs to know.
     """
 
     round: int
@@ -118,6 +159,15 @@ class RoundContext:
     config: Mapping[str, Any]
     global_class_counts: np.ndarray
     client_class_counts: np.ndarray
+    mode: str = "sync"
+    virtual_time: float = 0.0
+    arrivals: tuple[Arrival, ...] = ()
+    system: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def version(self) -> int:
+        """Server updates applied before this one (``round - 1`` in every mode)."""
+        return self.round - 1
 
     def generator(self, purpose: str) -> torch.Generator:
         """A CPU torch generator seeded from ``(seed, round, purpose)``: server-side randomness
@@ -180,6 +230,10 @@ class ClientContext:
         Steps per stream batch in a continual scenario, ``None`` offline.
     step, epoch : int
         The current optimizer step (from 0) and local epoch.
+    dispatch : int
+        Asynchronous modes: which start of a client this is (0 in sync and deadline rounds). It
+        joins the generators' seeds, so a client started twice from one server version draws
+        afresh.
     """
 
     #: Facts that differ by client: not readable in a vectorized per-batch hook.
@@ -217,6 +271,7 @@ class ClientContext:
     online_iter: int | None = None
     step: int = 0
     epoch: int = 0
+    dispatch: int = 0
 
     @property
     def n_samples(self) -> int:
@@ -241,7 +296,11 @@ class ClientContext:
         client)`` with ``per_round=False``): randomness of the plugin's own, the same on every
         engine and after a resume, that leaves :attr:`generator`'s draws (the sample order)
         untouched. Name the purpose after the plugin (``"gla-fr-local-head"``)."""
-        parts = (purpose, self.round, self.client_id) if per_round else (purpose, self.client_id)
+        parts: tuple[Any, ...] = (
+            (purpose, self.round, self.client_id) if per_round else (purpose, self.client_id)
+        )
+        if per_round and self.dispatch:
+            parts += ("dispatch", self.dispatch)
         return torch_generator(self.seed, *parts)
 
     def __getattr__(self, name: str) -> Any:

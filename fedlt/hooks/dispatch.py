@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedlt.base.safe import describe_type, find_unsafe
@@ -148,6 +149,40 @@ def _aggregator(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
     return None
 
 
+def _clients(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
+    k, candidates = kw.get("k"), kw.get("candidates", ())
+    if isinstance(result, str | bytes) or not isinstance(result, Iterable):
+        return f"returned {describe_type(result)}; expected a list of client ids (or None)"
+    chosen = list(result)
+    if not all(isinstance(c, int | np.integer) and not isinstance(c, bool) for c in chosen):
+        return "returned something other than integer client ids"
+    if len(set(chosen)) != len(chosen):
+        return f"returned a client twice ({sorted(chosen)[:10]})"
+    if not chosen or (k is not None and len(chosen) > k):
+        return f"returned {len(chosen)} clients; expected 1 to k = {k}"
+    allowed = set(candidates)
+    stranger = next((c for c in chosen if c not in allowed), None)
+    if stranger is not None:
+        return f"returned client {stranger}, which is not a candidate (offline or already training)"
+    return None
+
+
+def _update(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
+    weights = kw.get("weights") or {}
+    if not isinstance(result, Mapping):
+        return f"returned {describe_type(result)}; expected a mapping of weight names to tensors (or None)"
+    if set(result) != set(weights):
+        missing, extra = sorted(set(weights) - set(result)), sorted(set(result) - set(weights))
+        return f"returned keys that differ from the update's (missing {missing[:3]}, unknown {extra[:3]})"
+    for key, value in result.items():
+        if not isinstance(value, torch.Tensor) or value.shape != weights[key].shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else describe_type(value)
+            return f"returned {got} for {key!r}; expected a tensor of shape {tuple(weights[key].shape)}"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"returned non-finite values for {key!r}"
+    return None
+
+
 def _json_ready(value: Any) -> bool:
     if value is None or isinstance(value, bool | int | float | str):
         return True
@@ -174,6 +209,8 @@ def _metrics(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
 CHECKS: dict[str, Callable[[Any, Mapping[str, Any], str], str | None]] = {
     "config": _config,
     "aggregator": _aggregator,
+    "clients": _clients,
+    "update": _update,
     "recipe": _recipe,
     "parameters": _parameters,
     "indices": _indices,

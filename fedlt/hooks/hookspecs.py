@@ -9,10 +9,12 @@ The protocol of one run
 -----------------------
 1. ``configure_model`` — once wherever a model is built (the driver and every worker).
 2. ``server_setup`` — once when a run starts (on resume, before checkpointed state is restored).
-3. Per round ``r``:
+3. Per round ``r`` (a server update: in ``async`` and ``buffered`` modes clients start one at a
+   time as slots free up, and steps a-b run per start; docs/async.md):
 
-   a. clients are selected (seeded by (seed, r)); ``server_configure_round`` adds config for
-      every selected client, ``server_configure_client`` config for one client;
+   a. ``server_select_clients`` (or a seeded uniform choice among the available clients);
+      ``server_configure_round`` adds config for every selected client,
+      ``server_configure_client`` config for one client;
    b. per selected client, wherever the engine trains it, on a **fresh plugin instance**:
       ``client_start`` → ``client_configure_training`` → ``client_trainable_parameters`` →
       ``client_select_indices`` (offline) → per step [``client_stream_batch`` (streams, when a
@@ -21,8 +23,10 @@ The protocol of one run
       ``client_class_weights`` + ``client_extra_losses`` → backward →
       ``client_after_backward`` → optimizer step] → ``client_update_memory`` after each stream
       batch's steps (streams) → ``client_end`` (payload for the server);
-   c. ``server_make_aggregator`` (or FedAvg) combines the updates; the new global weights are
-      loaded; ``server_after_aggregate``;
+   c. updates arrive in virtual-time order; a stale one may be rewritten by
+      ``server_refresh_update``; ``server_make_aggregator`` (or the mode's default: FedAvg,
+      FedAsync, FedBuff) combines them; the new global weights are loaded;
+      ``server_after_aggregate``;
    d. evaluation rounds: ``eval_logits`` and ``eval_metrics`` on the global test set; per client
       ``client_personalize`` (if implemented, on a fresh instance) then ``eval_logits`` and
       ``eval_metrics`` on its local view; ``server_log_metrics`` with the round's record;
@@ -61,12 +65,13 @@ from typing import TYPE_CHECKING, Any
 from fedlt.hooks.spec import HookSpec, hookspec
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Mapping, Sequence
 
     import torch
     from torch import nn
 
     from fedlt.hooks.context import (
+        Arrival,
         ClientContext,
         EvalContext,
         Forward,
@@ -118,6 +123,31 @@ def server_setup(model: nn.Module, ctx: SetupContext) -> None:
     """
 
 
+@hookspec(
+    combine="first",
+    side="server",
+    when="once per round (sync, deadline) or per start of clients (async, buffered), before configuration",
+    since="0.3",
+    check="clients",
+)
+def server_select_clients(candidates: Sequence[int], k: int, ctx: RoundContext) -> Sequence[int] | None:
+    """Choose the clients to start: class-aware, utility-based (Oort) or fairness-driven selection.
+
+    :param candidates: the clients that can start now, ascending: online at ``ctx.virtual_time``
+        and not already training. Built only when a plugin implements this hook (a list of every
+        client), so leave it unimplemented where uniform choice will do.
+    :param k: how many to start (``deadline``: the over-selected count; ``async``/``buffered``:
+        the free slots, usually 1).
+    :param ctx: the round about to start (``ctx.selected`` empty, ``ctx.config`` ``{"round": r}``);
+        ``ctx.system`` answers durations (``ctx.system.duration(client, samples)``), speeds and
+        availability. Randomness from ``ctx.generator(purpose)``.
+    :return: at least one and at most ``k`` distinct clients from ``candidates``, or ``None`` for
+        the default: a seeded uniform choice (in ``sync`` mode exactly the one without this hook).
+
+    .. versionadded:: 0.3
+    """
+
+
 @hookspec(combine="merge", side="server", when="once per round, after client selection", check="config")
 def server_configure_round(ctx: RoundContext) -> Mapping[str, Any] | None:
     """Configuration sent to every client selected this round (schedules such as Cooldown).
@@ -149,6 +179,39 @@ def server_configure_client(client_id: int, ctx: RoundContext) -> Mapping[str, A
     """
 
 
+@hookspec(
+    combine="first",
+    side="server",
+    when="once per stale update (async, buffered), before it is aggregated",
+    since="0.3",
+    check="update",
+)
+def server_refresh_update(
+    weights: Mapping[str, torch.Tensor],
+    arrival: Arrival,
+    global_weights: Mapping[str, torch.Tensor],
+    n_samples: int,
+    n_steps: int,
+    ctx: RoundContext,
+) -> Mapping[str, torch.Tensor] | None:
+    """Rewrite a stale update as if it had been trained from the current global weights.
+
+    Called for each arriving update whose ``arrival.staleness > 0``. A rewritten update counts as
+    fresh from then on (``staleness`` 0, ``base_weights`` the current weights, ``refreshed``), so
+    staleness weighting no longer discounts it.
+
+    :param weights: the client's trained weights (read-only).
+    :param arrival: when it started and arrived, its staleness and ``base_weights`` (the stale
+        global weights it trained from).
+    :param global_weights: the current global weights (read-only).
+    :param n_samples: samples it trained on; ``n_steps``: its optimizer steps.
+    :param ctx: the server update being prepared (``ctx.arrivals`` empty).
+    :return: new weights with the same keys and shapes as ``weights``, or ``None`` to keep it.
+
+    .. versionadded:: 0.3
+    """
+
+
 @hookspec(combine="first", side="server", when="once per round, before updates arrive", check="aggregator")
 def server_make_aggregator(
     global_weights: Mapping[str, torch.Tensor], ctx: RoundContext
@@ -161,10 +224,16 @@ def server_make_aggregator(
     :return: an :class:`~fedlt.server.aggregation.Aggregator` (``add(weights, n_samples, client_id)``
         per update in task order, then ``result()``: new values for some or all of the
         ``global_weights`` keys, same shapes, or ``None`` to keep the model), or ``None`` to
-        leave the choice to later plugins and finally to streaming FedAvg.
+        leave the choice to later plugins and finally to the mode's default: streaming FedAvg
+        (``sync``, ``deadline``), FedAsync mixing (``async``), FedBuff's buffered step
+        (``buffered``). The ``i``-th ``add`` is ``ctx.arrivals[i]`` (staleness, base version and
+        weights, arrival time). The result is the new global weights in every mode; an aggregator
+        that holds updates across server updates keeps them on its plugin (checkpointed through
+        ``state_dict``) and returns ``None`` until it applies them.
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.2 receives ``global_weights``.
+    .. versionchanged:: 0.3 ``ctx.arrivals``; the default depends on ``federation.mode``.
     """
 
 
@@ -619,6 +688,9 @@ CONTRACT_CHANGES: dict[str, tuple[bool, tuple[str, ...]]] = {
             "every context has generator_for(purpose): a seeded generator of the plugin's own",
             "client_personalize sees the config the server gave the client this round, and a generator "
             "of its own purpose",
+            "server_select_clients chooses the clients to start and server_refresh_update may rewrite a "
+            "stale update; RoundContext gains mode, virtual_time, arrivals (staleness and base weights "
+            "of the updates being aggregated) and system (the simulated devices)",
         ),
     ),
 }

@@ -40,6 +40,8 @@ COMBINE_RULES: dict[str, str] = {
 CHECK_RULES: dict[str, str] = {
     "config": "a mapping with string keys and plain-data values (or `None`)",
     "aggregator": "an object with `add()` and `result()`",
+    "clients": "1 to `k` distinct client ids from `candidates`",
+    "update": "a mapping with the update's keys, shapes and finite values",
     "recipe": "a `LocalTraining`",
     "parameters": "an iterable of tensors with `requires_grad=True`",
     "indices": "a 1-D integer tensor",

@@ -7,18 +7,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedlt.data.federated import FederatedData, build_federated_data
 from fedlt.data.raw import RawDataset
+from fedlt.errors import ScenarioError
 from fedlt.hooks.dispatch import HookSet, spelled_out
 from fedlt.hooks.lifetimes import warn_static_problems
 from fedlt.models import check_model
 from fedlt.prepare.checks import checked_plugins, raise_problems, resolve_device
+from fedlt.system.devices import Devices, tail_shares
 from fedlt.training.worker import aggregated_keys, build_run_model
 
-__all__ = ["Prepared", "build_data", "prepare"]
+__all__ = ["Prepared", "build_data", "build_devices", "planned_samples", "prepare"]
 
 
 def build_data(scenario: Any, device: torch.device | str = "cpu") -> FederatedData:
@@ -50,6 +53,8 @@ class Prepared:
         The model, initialised from the seed and configured by the plugins.
     keys : list of str
         The model's entries clients train and the server aggregates.
+    devices : Devices or None
+        The simulated devices (``[system]``), built in the driver (None on workers).
     """
 
     scenario: Any
@@ -58,6 +63,7 @@ class Prepared:
     data: FederatedData
     model: nn.Module
     keys: list[str]
+    devices: Devices | None = None
 
 
 def prepare(
@@ -95,4 +101,39 @@ def prepare(
         warn_static_problems(hooks.plugins)  # state on self that cannot reach where it is read
     data = build_data(scenario, device) if data is None else data
     model = build_run_model(scenario, data, hooks, device)
-    return Prepared(scenario, device, hooks, data, model, aggregated_keys(model))
+    keys = aggregated_keys(model)
+    devices = None if checked else build_devices(scenario, data, model, keys)
+    return Prepared(scenario, device, hooks, data, model, keys, devices)
+
+
+def build_devices(scenario: Any, data: FederatedData, model: nn.Module, keys: list[str]) -> Devices:
+    """The run's simulated devices, checked against the data: a deadline no client can meet is
+    refused here, before training (``federation.deadline``)."""
+    ev = scenario.eval
+    shares = tail_shares(data.client_counts, data.train_class_counts, ev.shot_rule, ev.shot_thresholds)
+    state = model.state_dict()
+    size = sum(state[k].numel() * state[k].element_size() for k in keys)
+    devices = Devices(scenario.system, scenario.seed, shares, size)
+    f = scenario.federation
+    if f.mode == "deadline":
+        fastest = float(devices.expected_durations(planned_samples(scenario, data)).min())
+        if fastest > f.deadline:
+            raise ScenarioError(
+                "federation.deadline",
+                f.deadline,
+                f"at least {fastest:.6g} virtual seconds, the fastest client's round "
+                "(download, compute, upload)",
+                hint="No client could ever meet it. Lower [system] times or raise the deadline.",
+            )
+    return devices
+
+
+def planned_samples(scenario: Any, data: FederatedData) -> np.ndarray:
+    """``(n_clients,)`` samples each client's first round trains on by the scenario's plan."""
+    t = scenario.train
+    if scenario.stream.kind != "none" and data.streams is not None:
+        lengths = np.asarray([len(s.indices) for s in data.streams])
+        return np.minimum(lengths, scenario.stream.samples_per_round) * scenario.stream.online_iter
+    if t.local_steps is not None:
+        return np.full(data.n_clients, t.local_steps * t.batch_size)
+    return np.asarray([len(i) for i in data.client_indices]) * t.local_epochs

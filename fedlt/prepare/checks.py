@@ -19,6 +19,7 @@ from fedlt.data.federated import check_data_feasible
 from fedlt.errors import FedltError, PluginError, ScenarioError
 from fedlt.hooks.discovery import instantiate_plugins
 from fedlt.models import MODELS
+from fedlt.system.traces import read_availability_trace, read_speed_trace
 
 __all__ = [
     "NEEDS",
@@ -153,7 +154,25 @@ def checked_plugins(scenario: Any) -> tuple[list[FedltError], list[Any]]:
         check_data_feasible(scenario)
     except ScenarioError as exc:
         problems.append(exc)
+    problems += _trace_problems(scenario)
     return problems, plugins
+
+
+def _trace_problems(scenario: Any) -> list[FedltError]:
+    """A ``[system]`` trace that is missing, malformed or names unknown clients."""
+    sys_, n = scenario.system, scenario.partition.n_clients
+    problems: list[FedltError] = []
+    for needed, read in ((sys_.speed == "trace", read_speed_trace), (sys_.availability == "trace", None)):
+        if not needed:
+            continue
+        try:
+            if read is not None:
+                read(sys_.speed_trace, n)
+            else:
+                read_availability_trace(sys_.availability_trace, n)
+        except ScenarioError as exc:
+            problems.append(exc)
+    return problems
 
 
 def raise_problems(problems: Sequence[FedltError]) -> None:

@@ -57,6 +57,7 @@ __all__ = [
     "RegistrySection",
     "Scenario",
     "StreamConfig",
+    "SystemConfig",
     "TrainConfig",
     "apply_overrides",
     "builtin_scenario_path",
@@ -327,12 +328,193 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
 
 
-class FederationConfig(_Section):
-    """Rounds, participation and evaluation cadence."""
+#: ``federation.mode``: how server updates happen (docs/async.md).
+FEDERATION_MODES = ("sync", "deadline", "async", "buffered")
 
-    rounds: int = Field(10, ge=1, description="Communication rounds.")
+#: Keys that belong to some modes only, with their defaults (a value other than the default in
+#: another mode is refused: it would be ignored).
+_MODE_KEYS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "deadline": (("deadline",), None),
+    "over_selection": (("deadline",), 1.0),
+    "concurrency": (("async", "buffered"), None),
+    "async_alpha": (("async",), 0.6),
+    "buffer_size": (("buffered",), 10),
+    "server_lr": (("buffered",), 1.0),
+    "staleness": (("async", "buffered"), "polynomial"),
+    "staleness_a": (("async", "buffered"), 0.5),
+    "staleness_b": (("async", "buffered"), 4.0),
+}
+
+
+class FederationConfig(_Section):
+    """Rounds (server updates), participation, how the server updates, evaluation cadence."""
+
+    mode: Literal["sync", "deadline", "async", "buffered"] = Field(
+        "sync",
+        description="sync: rounds that wait for every selected client; deadline: rounds that keep the "
+        "first arrivals before a virtual deadline (Bonawitz et al. 2019); async: FedAsync, the server mixes "
+        "each update in as it arrives (Xie et al. 2019); buffered: FedBuff, the server applies every "
+        "buffer_size arrivals (Nguyen et al. 2022). See docs/async.md.",
+    )
+    rounds: int = Field(
+        10, ge=1, description="Server updates (communication rounds in sync and deadline modes)."
+    )
     fraction_clients: float = Field(1.0, gt=0, le=1, description="Share of clients selected each round.")
     eval_every: int = Field(1, ge=0, description="Evaluate every this many rounds (0: only after the last).")
+    deadline: float | None = Field(
+        None, gt=0, description="deadline: virtual seconds a round waits for updates (required there)."
+    )
+    over_selection: float = Field(
+        1.0,
+        ge=1,
+        description="deadline: select ceil(over_selection * k) clients and keep the first k updates that "
+        "arrive before the deadline (1.3 in Bonawitz et al.).",
+    )
+    concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="async, buffered: clients training at once (unset: max(1, floor(n_clients * "
+        "fraction_clients))); at most partition.n_clients.",
+    )
+    async_alpha: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description="async: mixing weight alpha, x = (1 - alpha s(staleness)) x + alpha s x_new.",
+    )
+    buffer_size: int = Field(10, ge=1, description="buffered: arrivals per server update (FedBuff's K).")
+    server_lr: float = Field(1.0, gt=0, description="buffered: server learning rate eta_g on the mean delta.")
+    staleness: Literal["constant", "polynomial", "hinge"] = Field(
+        "polynomial",
+        description="async, buffered: the staleness weight s(x) of an update x server updates old: "
+        "constant 1; "
+        "polynomial (x + 1)^(-a) (a = 0.5 is FedBuff's 1/sqrt(1 + x)); hinge 1 if x <= b else "
+        "1 / (a (x - b) + 1).",
+    )
+    staleness_a: float = Field(0.5, ge=0, description="async, buffered: a of the staleness weight.")
+    staleness_b: float = Field(4.0, ge=0, description="async, buffered: b of the hinge staleness weight.")
+
+    @model_validator(mode="after")
+    def _mode_keys(self) -> FederationConfig:
+        for key, (modes, default) in _MODE_KEYS.items():
+            value = getattr(self, key)
+            if self.mode not in modes and value != default:
+                raise ScenarioError(
+                    f"federation.{key}",
+                    value,
+                    f"unset with federation.mode = {self.mode!r}",
+                    hint=f"It applies to mode {' or '.join(repr(m) for m in modes)}.",
+                )
+        if self.mode == "deadline" and self.deadline is None:
+            raise ScenarioError(
+                "federation.deadline", None, "set with federation.mode = 'deadline'", hint="Virtual seconds."
+            )
+        return self
+
+
+#: ``system.speed`` / ``system.availability``: the named distributions.
+SPEED_KINDS = ("constant", "uniform", "lognormal", "tiers", "trace")
+AVAILABILITY_KINDS = ("always", "bernoulli", "periodic", "trace")
+
+
+class SystemConfig(_Section):
+    """Simulated devices: compute speed, communication time, availability, dropouts (docs/async.md).
+
+    Every client's draw derives from (seed, client); every client-round then takes virtual time:
+    download + compute + upload. The default (equal speeds, always available, no dropouts, no
+    communication time) changes nothing in a sync run."""
+
+    speed: Literal[SPEED_KINDS] = Field(  # type: ignore[valid-type]
+        "constant",
+        description="Per-client compute speed, in samples per virtual second: constant (speed_mean); uniform "
+        "(speed_low to speed_high); lognormal (median speed_mean, log-sd speed_sigma); tiers (speed_tiers); "
+        "trace (speed_trace).",
+    )
+    speed_mean: float = Field(100.0, gt=0, description="constant, lognormal: samples per second (median).")
+    speed_low: float = Field(10.0, gt=0, description="uniform: slowest speed.")
+    speed_high: float = Field(100.0, gt=0, description="uniform: fastest speed.")
+    speed_sigma: float = Field(0.5, ge=0, description="lognormal: standard deviation of log speed.")
+    speed_tiers: list[list[float]] = Field(
+        default_factory=lambda: [[0.5, 100.0], [0.3, 30.0], [0.2, 10.0]],
+        description="tiers: [share of clients, speed] pairs (shares summing to 1), device classes as in "
+        "FedScale.",
+    )
+    speed_trace: str | None = Field(
+        None, description="trace: a CSV file with columns client,speed (every client listed once)."
+    )
+    latency: float = Field(0.0, ge=0, description="Virtual seconds each transfer (download, upload) waits.")
+    bandwidth: float | None = Field(
+        None,
+        gt=0,
+        description="Bytes per virtual second of each transfer (unset: instant); the model's bytes move "
+        "twice.",
+    )
+    availability: Literal[AVAILABILITY_KINDS] = Field(  # type: ignore[valid-type]
+        "always",
+        description="always; bernoulli (each client available with probability availability_p, drawn per "
+        "availability_window or per round); periodic (online availability_online of every "
+        "availability_period, each client at its own phase: day and night); trace (availability_trace).",
+    )
+    availability_p: float = Field(
+        0.8, gt=0, le=1, description="bernoulli: probability a client is available."
+    )
+    availability_window: float | None = Field(
+        None, gt=0, description="bernoulli: virtual seconds a draw lasts (unset: one draw per round)."
+    )
+    availability_period: float = Field(86400.0, gt=0, description="periodic: virtual seconds of a day.")
+    availability_online: float = Field(0.5, gt=0, le=1, description="periodic: share of each period online.")
+    availability_trace: str | None = Field(
+        None,
+        description="trace: a CSV file with columns client,available_from,available_to (virtual seconds; "
+        "several rows per client allowed).",
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Probability that a started client-round drops out: its update never arrives.",
+    )
+    tail_slowdown: float = Field(
+        0.0,
+        ge=0,
+        description="Intertwined heterogeneity: a client's speed is divided by 1 + tail_slowdown * t, with t "
+        "the share of its samples in tail classes (eval.shot_rule's split).",
+    )
+    tail_unavailability: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Intertwined heterogeneity: a client's availability (availability_p, "
+        "availability_online) "
+        "is multiplied by 1 - tail_unavailability * t.",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> SystemConfig:
+        if self.speed == "trace" and not self.speed_trace:
+            raise ScenarioError(
+                "system.speed_trace", None, "a CSV file (client,speed) with system.speed = 'trace'"
+            )
+        if self.availability == "trace" and not self.availability_trace:
+            raise ScenarioError(
+                "system.availability_trace",
+                None,
+                "a CSV file (client,available_from,available_to) with system.availability = 'trace'",
+            )
+        if self.speed == "uniform" and self.speed_low > self.speed_high:
+            raise ScenarioError(
+                "system.speed_low", self.speed_low, f"at most system.speed_high = {self.speed_high}"
+            )
+        if self.speed == "tiers":
+            shares = [t[0] for t in self.speed_tiers]
+            bad = [t for t in self.speed_tiers if len(t) != 2 or not (0 < t[0] <= 1) or not t[1] > 0]
+            if bad or not self.speed_tiers or abs(sum(shares) - 1) > 1e-6:
+                raise ScenarioError(
+                    "system.speed_tiers",
+                    self.speed_tiers,
+                    "[share, speed] pairs with shares in (0, 1] summing to 1 and speeds > 0",
+                )
+        return self
 
 
 class EvalConfig(_Section):
@@ -350,6 +532,19 @@ class EvalConfig(_Section):
     )
     personalized: bool = Field(True, description="Also measure accuracy on each client's local test view.")
     batch_size: int = Field(1024, ge=1, description="Evaluation batch size.")
+    time_to_accuracy: list[StrictFloat] | None = Field(
+        None,
+        description="Accuracy targets in (0, 1]: summary.json gives the virtual seconds (and the round) at "
+        "which "
+        "the test accuracy first reached each (None: never).",
+    )
+
+    @field_validator("time_to_accuracy")
+    @classmethod
+    def _targets(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(0 < t <= 1 for t in v):
+            raise ValueError("accuracies in (0, 1]")
+        return v
 
     @model_validator(mode="after")
     def _thresholds_fit_rule(self) -> EvalConfig:
@@ -464,6 +659,11 @@ class LogConfig(_Section):
     wandb_mode: Literal["offline", "online"] = Field(
         "offline", description="wandb: 'offline' writes <run>/wandb for `wandb sync` (no network needed)."
     )
+    events: bool = Field(
+        True,
+        description="Write <run>/events.jsonl: every client start, arrival, drop and server update on the "
+        "virtual clock (the timeline and staleness plots read it).",
+    )
 
 
 class CheckpointConfig(_Section):
@@ -512,6 +712,7 @@ class Scenario(_Section):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    system: SystemConfig = Field(default_factory=SystemConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     plugins: list[PluginSpec] = Field(default_factory=list, description="Remedies, applied in this order.")
@@ -526,6 +727,34 @@ class Scenario(_Section):
                 "holds no '..' (it names the run folder under runs/)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _availability_fits_mode(self) -> Scenario:
+        sys_, mode = self.system, self.federation.mode
+        if (
+            mode in ("async", "buffered")
+            and sys_.availability == "bernoulli"
+            and sys_.availability_window is None
+        ):
+            raise ScenarioError(
+                "system.availability_window",
+                None,
+                f"set with system.availability = 'bernoulli' and federation.mode = {mode!r}",
+                hint="Asynchronous clients start at any moment, so availability is drawn per window of "
+                "virtual seconds, not per round.",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _concurrency_fits(self) -> Scenario:
+        c, n = self.federation.concurrency, self.partition.n_clients
+        if c is not None and c > n:
+            raise ScenarioError(
+                "federation.concurrency",
+                c,
+                f"at most partition.n_clients = {n} (one client trains once at a time)",
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_plugins(self) -> Scenario:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Aggregator", "FedAvg"]
+__all__ = ["Aggregator", "FedAsync", "FedAvg", "FedBuff"]
 
 
 @runtime_checkable
@@ -49,3 +49,84 @@ class FedAvg:
         if self._total == 0:
             return None
         return {k: v.div_(self._total) for k, v in self._sums.items()}
+
+
+class FedAsync:
+    """FedAsync's mixing (Xie, Koyejo, Gupta 2019): per arriving model ``x_new`` of staleness ``x``,
+    ``global = (1 - a) global + a x_new`` with ``a = alpha * s(x)``; the default in ``async`` mode.
+
+    Parameters
+    ----------
+    like : mapping of str to Tensor
+        The current global weights (not modified; the result is new tensors).
+    alpha : float
+        The mixing weight.
+    weight : callable
+        The staleness weight ``s``.
+    arrivals : sequence of Arrival
+        The updates, in the order ``add`` receives them (``RoundContext.arrivals``).
+    """
+
+    def __init__(
+        self,
+        like: Mapping[str, torch.Tensor],
+        alpha: float,
+        weight: Callable[[int], float],
+        arrivals: Sequence[Any],
+    ) -> None:
+        self._x = {k: v.detach().clone() for k, v in like.items() if v.is_floating_point()}
+        self._alpha, self._weight, self._arrivals, self._i = alpha, weight, arrivals, 0
+        self._changed = False
+
+    def add(self, weights: Mapping[str, torch.Tensor], n_samples: int, client_id: int) -> None:
+        arrival = self._arrivals[self._i]
+        self._i += 1
+        if n_samples <= 0:
+            return
+        a = self._alpha * self._weight(arrival.staleness)
+        for key, x in self._x.items():
+            x.mul_(1.0 - a).add_(weights[key], alpha=a)
+        self._changed = True
+
+    def result(self) -> dict[str, torch.Tensor] | None:
+        return self._x if self._changed else None
+
+
+class FedBuff:
+    """FedBuff's server step (Nguyen et al. 2022): ``global += eta * sum_k s(x_k) delta_k / K`` over
+    the ``K`` buffered deltas ``delta_k = x_k - base_k``; the default in ``buffered`` mode.
+
+    Parameters
+    ----------
+    like : mapping of str to Tensor
+        The current global weights (not modified).
+    server_lr : float
+        ``eta``.
+    weight : callable
+        The staleness weight ``s``.
+    arrivals : sequence of Arrival
+        The updates, in the order ``add`` receives them; each carries its ``base_weights``.
+    """
+
+    def __init__(
+        self,
+        like: Mapping[str, torch.Tensor],
+        server_lr: float,
+        weight: Callable[[int], float],
+        arrivals: Sequence[Any],
+    ) -> None:
+        self._like = {k: v for k, v in like.items() if v.is_floating_point()}
+        self._sums = {k: torch.zeros_like(v) for k, v in self._like.items()}
+        self._lr, self._weight, self._arrivals, self._k = server_lr, weight, arrivals, 0
+
+    def add(self, weights: Mapping[str, torch.Tensor], n_samples: int, client_id: int) -> None:
+        arrival = self._arrivals[self._k]
+        self._k += 1
+        s = self._weight(arrival.staleness)
+        for key, acc in self._sums.items():
+            acc.add_(weights[key] - arrival.base_weights[key], alpha=s)
+
+    def result(self) -> dict[str, torch.Tensor] | None:
+        if self._k == 0:
+            return None
+        return {k: self._like[k] + acc.mul_(self._lr / self._k) for k, acc in self._sums.items()}

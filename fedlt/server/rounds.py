@@ -8,7 +8,7 @@ and combining their results (``server_make_aggregator`` or FedAvg, then
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from fedlt.hooks.dispatch import HookSet
 from fedlt.server.aggregation import FedAvg
 from fedlt.training.round import ClientResult
 
-__all__ = ["aggregate_round", "configure_round", "round_context", "select_clients"]
+__all__ = ["aggregate_round", "choose_clients", "configure_round", "round_context", "select_clients"]
 
 
 def select_clients(seed: int, round: int, n_clients: int, fraction: float) -> list[int]:
@@ -43,8 +43,10 @@ def round_context(
     n_rounds: int,
     selected: Sequence[int],
     config: Mapping[str, Any],
+    **when: Any,
 ) -> RoundContext:
-    """What the server hooks of one round see."""
+    """What the server hooks of one round see; ``when``: ``mode``, ``virtual_time``, ``arrivals``,
+    ``system`` (see :class:`RoundContext`)."""
     return RoundContext(
         round,
         n_rounds,
@@ -54,7 +56,24 @@ def round_context(
         frozen_config(config),
         data.train_class_counts,
         data.client_counts,
+        **when,
     )
+
+
+def choose_clients(
+    hooks: HookSet,
+    candidates: Callable[[], Sequence[int]],
+    k: int,
+    ctx: RoundContext,
+    default: Callable[[], Sequence[int]],
+) -> list[int]:
+    """``server_select_clients``'s choice among ``candidates()`` (built only when a plugin selects),
+    or ``default()``; ascending."""
+    if hooks.server_select_clients:
+        chosen = hooks.server_select_clients(candidates=list(candidates()), k=k, ctx=ctx)
+        if chosen is not None:
+            return sorted(int(c) for c in chosen)
+    return sorted(int(c) for c in default())
 
 
 def configure_round(
@@ -64,13 +83,14 @@ def configure_round(
     round: int,
     n_rounds: int,
     selected: Sequence[int],
+    **when: Any,
 ) -> tuple[RoundContext, dict[int, Mapping[str, Any]]]:
     """The round's context and each selected client's config (round config + per-client config)."""
     config: dict[str, Any] = {"round": round}
-    ctx = round_context(seed, data, round, n_rounds, selected, config)
+    ctx = round_context(seed, data, round, n_rounds, selected, config, **when)
     if hooks.server_configure_round:
         config.update(hooks.server_configure_round(ctx=ctx))
-        ctx = round_context(seed, data, round, n_rounds, selected, config)
+        ctx = round_context(seed, data, round, n_rounds, selected, config, **when)
     per_client: dict[int, Mapping[str, Any]] = {}
     for client in selected:
         own = (
@@ -119,11 +139,13 @@ def aggregate_round(
     ctx: RoundContext,
     results: Iterable[ClientResult],
     client_states: dict[int, dict[str, dict[str, Any]]],
+    default: Callable[[Mapping[str, torch.Tensor]], Any] = FedAvg,
 ) -> tuple[float, int]:
     """Stream ``results`` (in task order) into the aggregator and write the new weights into
     ``model``; stores each client's new plugin state. Returns (mean loss, samples trained).
 
-    A non-finite client loss stops the round naming round, client and plugins.
+    ``default`` makes the aggregator when no plugin does (the mode's rule: FedAvg, FedAsync,
+    FedBuff). A non-finite client loss stops the round naming round, client and plugins.
     """
     state = model.state_dict()
     global_weights = {k: state[k] for k in keys}
@@ -133,7 +155,7 @@ def aggregate_round(
         aggregator = hooks.server_make_aggregator(global_weights=global_weights, ctx=ctx)
         maker = hooks.server_make_aggregator.winner or maker
     if aggregator is None:
-        aggregator = FedAvg(global_weights)
+        aggregator = default(global_weights)
     payloads: dict[str, dict[int, Any]] = {name: {} for name in hooks.names}
     losses, total = [], 0
     for result in results:

@@ -74,6 +74,13 @@ def client_context(
         local_epochs=recipe.local_epochs,
         local_steps=recipe.local_steps,
         device=device,
-        generator=torch_generator(scenario.seed, purpose, task.round, task.client_id),
+        generator=torch_generator(
+            scenario.seed,
+            purpose,
+            task.round,
+            task.client_id,
+            *(("dispatch", task.dispatch) if task.dispatch else ()),
+        ),
         online_iter=scenario.stream.online_iter if streaming else None,
+        dispatch=task.dispatch,
     )

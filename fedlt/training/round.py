@@ -56,6 +56,9 @@ class ClientTask:
         Continual scenarios: this round's slice of the client's stream; ``None`` offline.
     seen_counts : np.ndarray or None
         Continual scenarios: class counts of what the client read *before* this slice.
+    dispatch : int
+        Asynchronous modes: the number of this start of the client, joined to its seeds (0 in
+        sync and deadline rounds, whose seeds are (seed, round, client) as always).
     """
 
     client_id: int
@@ -64,6 +67,7 @@ class ClientTask:
     states: dict[str, dict[str, Any]] = field(default_factory=dict)
     indices: np.ndarray | None = None
     seen_counts: np.ndarray | None = None
+    dispatch: int = 0
 
 
 @dataclass
@@ -210,7 +214,7 @@ class ClientRound:
         """
         s, task = self.setup, self.task
         if self.shared_hooks is None:  # a group without client hooks: nothing draws from it
-            seed_torch(s.scenario.seed, "torch", task.round, task.client_id)
+            seed_torch(s.scenario.seed, "torch", task.round, task.client_id, *_dispatch(task))
         ctx = client_context(s.scenario, s.data, task, s.device, s.recipe)
         streaming = s.scenario.stream.kind != "none"
         hooks = self.shared_hooks or s.hooks.for_client(task.client_id, task.round, task.states, streaming)
@@ -383,3 +387,8 @@ def drive(
         update.step(active, batches, s)
         for c in active:
             c.done(s, update)
+
+
+def _dispatch(task: ClientTask) -> tuple[Any, ...]:
+    """What an asynchronous start adds to a client-round's seeds (nothing in sync rounds)."""
+    return ("dispatch", task.dispatch) if task.dispatch else ()

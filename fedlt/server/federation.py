@@ -1,0 +1,546 @@
+"""How server updates happen on a virtual clock: ``federation.mode`` (docs/async.md).
+
+One :class:`Federation` per run advances the virtual clock from server update to server update.
+Every mode starts clients the same way (select, configure, train from the current global
+weights) and applies updates through the same aggregation (:func:`aggregate_round`); they
+differ only in when clients start and which arrivals make an update:
+
+- ``sync``: a round waits for every selected client (today's FedAvg rounds);
+- ``deadline``: a round keeps the first ``k`` arrivals before the deadline (over-selecting);
+- ``async``: every arrival is mixed in at once (FedAsync), ``concurrency`` clients in flight;
+- ``buffered``: every ``buffer_size`` arrivals make one step (FedBuff).
+
+Events are ordered by virtual time, ties by client id, never by when an engine returns, so every
+engine gives the same numbers. A client is trained when it starts (its result is a pure function
+of the global weights it starts from, its data and its seeds), and its update is held until its
+virtual arrival; a client that drops out, goes offline or would miss a deadline is not trained.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedlt.base.seeding import hash_uniform, numpy_rng
+from fedlt.data.federated import FederatedData
+from fedlt.data.views import ClientViews
+from fedlt.hooks.context import Arrival, RoundContext
+from fedlt.hooks.dispatch import HookSet
+from fedlt.server.aggregation import FedAsync, FedAvg, FedBuff
+from fedlt.server.rounds import aggregate_round, choose_clients, configure_round, round_context
+from fedlt.server.staleness import staleness_weight
+from fedlt.system.devices import Devices
+from fedlt.training.round import ClientResult, ClientTask
+
+__all__ = ["Federation", "FederationStalled", "ServerUpdate", "make_federation"]
+
+#: Trains tasks from global weights, yielding results in task order (live weights): the engine,
+#: wrapped by the driver so stream positions advance and observers see each client.
+Train = Callable[[list[ClientTask], Mapping[str, torch.Tensor]], Iterator[ClientResult]]
+#: Writes one event of the run's timeline (:class:`fedlt.store.events.EventLog`).
+Emit = Callable[..., None]
+
+
+class FederationStalled(Exception):
+    """No client can ever start again (an availability trace has ended): the run stops early."""
+
+
+class ServerUpdate(NamedTuple):
+    """What one server update did: its mean client loss, the configs its clients got, its clock."""
+
+    loss: float
+    round_config: Mapping[str, Any]
+    client_configs: Mapping[int, Mapping[str, Any]]
+    virtual_time: float
+    arrivals: int
+
+
+@dataclass
+class _Flight:
+    """A started client: when it started and is due, and its update (None: it never arrives)."""
+
+    client: int
+    dispatch: int
+    base_version: int
+    start: float
+    due: float
+    config: Mapping[str, Any]
+    result: ClientResult | None
+
+    def state(self) -> dict[str, Any]:
+        r = self.result
+        held = None
+        if r is not None:
+            held = {
+                "weights": dict(r.weights),
+                "n_samples": r.n_samples,
+                "loss": r.loss,
+                "n_steps": r.n_steps,
+                "payloads": r.payloads,
+                "states": r.states,
+            }
+        return {
+            "client": self.client,
+            "dispatch": self.dispatch,
+            "base_version": self.base_version,
+            "start": self.start,
+            "due": self.due,
+            "config": dict(self.config),
+            "result": held,
+        }
+
+    @classmethod
+    def from_state(cls, s: Mapping[str, Any], device: torch.device) -> _Flight:
+        held = s["result"]
+        result = None
+        if held is not None:
+            weights = {k: v.to(device) for k, v in held["weights"].items()}
+            result = ClientResult(
+                s["client"],
+                weights,
+                held["n_samples"],
+                held["loss"],
+                held["n_steps"],
+                held["payloads"],
+                held["states"],
+            )
+        return cls(s["client"], s["dispatch"], s["base_version"], s["start"], s["due"], s["config"], result)
+
+
+def _copy(result: ClientResult) -> ClientResult:
+    """A result whose weights outlive the engine's next client (engines yield live tensors)."""
+    weights = {k: v.detach().clone() for k, v in result.weights.items()}
+    return replace(result, weights=weights)
+
+
+@dataclass
+class Federation(ABC):
+    """The server's side of a run on the virtual clock; :meth:`update` performs server update ``r``.
+
+    Parameters are the run's parts: scenario, data, plugins, the server's model and the keys
+    clients train, the simulated devices, the stream views, each client's plugin state, how to
+    train (``train``) and where events go (``emit``).
+    """
+
+    scenario: Any
+    data: FederatedData
+    hooks: HookSet
+    model: nn.Module
+    keys: Sequence[str]
+    devices: Devices
+    views: ClientViews
+    client_states: dict[int, dict[str, dict[str, Any]]]
+    train: Train
+    emit: Emit
+    clock: float = 0.0
+    dispatches: int = 0
+    n_rounds: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n_rounds = self.scenario.federation.rounds
+
+    @property
+    def mode(self) -> str:
+        return self.scenario.federation.mode
+
+    @abstractmethod
+    def update(self, r: int) -> ServerUpdate:
+        """Advance the clock through server update ``r`` (from 1); the model then holds its result."""
+
+    # ------------------------------------------------------------------ shared parts
+
+    def per_round(self) -> int:
+        """``k``: clients per round, ``max(1, floor(n_clients * fraction_clients))``."""
+        return max(1, int(self.data.n_clients * self.scenario.federation.fraction_clients + 1e-9))
+
+    def samples(self, client: int) -> int:
+        """Samples a client-round of ``client`` trains on by the scenario's plan (for its duration)."""
+        t = self.scenario.train
+        if self.views.streaming:
+            part = self.views.next_slice(client)
+            return len(part.indices) * self.scenario.stream.online_iter
+        if t.local_steps is not None:
+            return t.local_steps * t.batch_size
+        return t.local_epochs * len(self.data.client_indices[client])
+
+    def context(self, r: int, selected: Sequence[int] = (), **when: Any) -> RoundContext:
+        """A context of server update ``r`` at the current clock (no config beyond the round)."""
+        when.setdefault("virtual_time", self.clock)
+        return round_context(
+            self.scenario.seed,
+            self.data,
+            r,
+            self.n_rounds,
+            selected,
+            {"round": r},
+            mode=self.mode,
+            system=self.devices,
+            **when,
+        )
+
+    def configure(self, r: int, chosen: Sequence[int]) -> tuple[RoundContext, dict[int, Mapping[str, Any]]]:
+        return configure_round(
+            self.hooks,
+            self.scenario.seed,
+            self.data,
+            r,
+            self.n_rounds,
+            chosen,
+            mode=self.mode,
+            virtual_time=self.clock,
+            system=self.devices,
+        )
+
+    def plan(self, client: int, dispatch: int, r: int) -> tuple[float, bool]:
+        """When a client started now is due, and whether it arrives (False: it drops out then)."""
+        duration = self.devices.duration(client, self.samples(client))
+        end = self.clock + duration
+        share = self.devices.drops(client, dispatch)
+        offline = self.devices.online_until(client, self.clock, end, r)
+        if share is not None:
+            return min(self.clock + share * duration, offline), False
+        return offline, offline >= end
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        state = self.model.state_dict()
+        return {k: state[k] for k in self.keys}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "clock": self.clock, "dispatches": self.dispatches}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.clock = float(state.get("clock", 0.0))
+        self.dispatches = int(state.get("dispatches", 0))
+
+
+# =========================================================================== rounds
+
+
+class Rounds(Federation):
+    """``sync`` and ``deadline``: rounds that start ``k`` (over-selected: ``m``) clients together."""
+
+    def _online(self, r: int) -> np.ndarray | None:
+        if self.devices.cfg.availability == "always":
+            return None
+        return self.devices.available_mask(self.clock, r)
+
+    def _default(self, r: int, online: np.ndarray | None, want: int) -> list[int]:
+        """Today's seeded uniform choice, among the online clients when some are not."""
+        pool = None if online is None else np.flatnonzero(online)
+        size = self.data.n_clients if pool is None else len(pool)
+        if want >= size:
+            return list(range(size)) if pool is None else pool.tolist()
+        picked = numpy_rng(self.scenario.seed, "select", r).choice(size, size=want, replace=False)
+        return picked.tolist() if pool is None else pool[picked].tolist()
+
+    def _select(self, r: int, want: int) -> list[int]:
+        """Who starts round ``r``: waits on the clock (windowed availability) while nobody is online."""
+        for _ in range(10_000):
+            online = self._online(r)
+            if online is None or online.any():
+                ctx = self.context(r)
+                return choose_clients(
+                    self.hooks,
+                    lambda o=online: range(self.data.n_clients) if o is None else np.flatnonzero(o).tolist(),
+                    want,
+                    ctx,
+                    lambda o=online: self._default(r, o, want),
+                )
+            later = self.devices.next_change(self.clock)
+            if later is None:
+                return []
+            self.clock = later
+        return []
+
+    def want(self) -> int:
+        return self.per_round()
+
+    def keep(
+        self, arrivals: list[tuple[float, int]], t0: float, last: float
+    ) -> tuple[list[tuple[float, int]], float]:
+        """The arrivals the round aggregates and when it ends (``last``: its last arrival or drop)."""
+        return arrivals, last
+
+    def update(self, r: int) -> ServerUpdate:
+        chosen = self._select(r, self.want())
+        t0 = self.clock
+        if not chosen:
+            self.emit("update", self.clock, version=r, arrivals=0)
+            return ServerUpdate(math.nan, {"round": r}, {}, self.clock, 0)
+        ctx, configs = self.configure(r, chosen)
+        due: dict[int, float] = {}
+        arriving: list[tuple[float, int]] = []
+        for c in chosen:
+            self.dispatches += 1
+            at, arrives = self.plan(c, self.dispatches, r)
+            due[c] = at
+            self.emit("start", t0, client=c, version=r - 1)
+            if arrives:
+                arriving.append((at, c))
+            else:
+                self.emit("drop", at, client=c)
+        arriving.sort()
+        kept, end = self.keep(arriving, t0, max(due.values()))
+        for at, c in arriving[len(kept) :]:
+            self.emit("late", min(at, end), client=c)
+        order = [c for _, c in kept] if self.mode == "deadline" else sorted(c for _, c in kept)
+        state = self.global_state()
+        arrivals = tuple(Arrival(c, r - 1, 0, t0, due[c], state) for c in order)
+        tasks = [ClientTask(c, r, configs[c], self.client_states.get(c) or {}) for c in order]
+        ctx = replace(ctx, arrivals=arrivals, virtual_time=end)
+        loss = math.nan
+        if tasks:
+            results = self.train(tasks, state)
+            loss, _ = aggregate_round(self.hooks, self.model, self.keys, ctx, results, self.client_states)
+        for a in arrivals:
+            self.emit("arrive", a.arrived_at, client=a.client_id, staleness=0)
+        self.clock = end
+        self.emit("update", end, version=r, arrivals=len(tasks))
+        return ServerUpdate(loss, ctx.config, {c: configs[c] for c in order}, end, len(tasks))
+
+
+class Sync(Rounds):
+    """``sync``: a round ends when its last selected client arrives or drops out."""
+
+
+class Deadline(Rounds):
+    """``deadline``: select ``ceil(over_selection * k)``, keep the first ``k`` arrivals before the
+    deadline; the round ends at the ``k``-th arrival, or at the deadline (Bonawitz et al. 2019)."""
+
+    def want(self) -> int:
+        return min(
+            self.data.n_clients, math.ceil(self.scenario.federation.over_selection * self.per_round() - 1e-9)
+        )
+
+    def keep(
+        self, arrivals: list[tuple[float, int]], t0: float, last: float
+    ) -> tuple[list[tuple[float, int]], float]:
+        limit = t0 + self.scenario.federation.deadline
+        on_time = [(at, c) for at, c in arrivals if at <= limit][: self.per_round()]
+        end = on_time[-1][0] if len(on_time) == self.per_round() else limit
+        return on_time, end
+
+
+# =========================================================================== asynchronous
+
+
+class Asynchronous(Federation):
+    """``async`` and ``buffered``: ``concurrency`` clients in flight; a slot refills at each arrival or
+    drop; every ``buffer`` arrivals make one server update."""
+
+    buffer_size: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        f = self.scenario.federation
+        self.concurrency = f.concurrency or self.per_round()
+        self.weight = staleness_weight(f.staleness, f.staleness_a, f.staleness_b)
+        self.version = 0
+        self.flights: dict[int, _Flight] = {}
+        self.queue: list[tuple[float, int, int]] = []  # (due, client, dispatch): ties by client id
+        self.buffer: list[_Flight] = []
+        self.bases: dict[int, dict[str, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ starting clients
+
+    def _pick(self, r: int, free: int) -> list[int]:
+        """Up to ``free`` idle, online clients: the plugin's choice or a seeded uniform one, found by
+        rejection sampling so a start costs the same with 100 or 100,000 clients."""
+        n, seed, key = self.data.n_clients, self.scenario.seed, self.dispatches
+
+        def online(c: int) -> bool:
+            return c not in self.flights and self.devices.available(c, self.clock, r)
+
+        def candidates() -> list[int]:
+            mask = self.devices.available_mask(self.clock, r)
+            return [int(c) for c in np.flatnonzero(mask) if int(c) not in self.flights]
+
+        def default() -> list[int]:
+            chosen: list[int] = []
+            for attempt in range(32 * free + 64):
+                c = min(n - 1, int(hash_uniform(seed, "async-select", key, attempt) * n))
+                if c not in chosen and online(c):
+                    chosen.append(c)
+                    if len(chosen) == free:
+                        return chosen
+            rest = [c for c in candidates() if c not in chosen]  # most clients busy or offline
+            if rest:
+                order = numpy_rng(seed, "async-select", key).permutation(len(rest))
+                chosen += [rest[i] for i in order[: free - len(chosen)]]
+            return chosen
+
+        if self.hooks.server_select_clients:
+            pool = candidates()
+            if not pool:
+                return []
+            return choose_clients(self.hooks, lambda: pool, min(free, len(pool)), self.context(r), default)
+        return sorted(default())
+
+    def _fill(self, r: int) -> None:
+        """Start clients for server update ``r`` until ``concurrency`` are in flight (or none is free)."""
+        free = min(self.concurrency, self.data.n_clients) - len(self.flights)
+        if free <= 0:
+            return
+        chosen = self._pick(r, free)
+        if not chosen:
+            return
+        _, configs = self.configure(r, chosen)
+        trained: list[ClientTask] = []
+        plans: dict[int, tuple[int, float, bool]] = {}
+        for c in chosen:
+            self.dispatches += 1
+            at, arrives = self.plan(c, self.dispatches, r)
+            plans[c] = (self.dispatches, at, arrives)
+            self.emit("start", self.clock, client=c, version=self.version)
+            if arrives:
+                task = ClientTask(c, r, configs[c], self.client_states.get(c) or {}, dispatch=self.dispatches)
+                trained.append(task)
+        results: dict[int, ClientResult] = {}
+        if trained:
+            state = self.global_state()
+            self.bases.setdefault(self.version, {k: v.detach().clone() for k, v in state.items()})
+            results = {res.client_id: _copy(res) for res in self.train(trained, state)}
+        for c in chosen:
+            dispatch, at, _ = plans[c]
+            flight = _Flight(c, dispatch, self.version, self.clock, at, configs[c], results.get(c))
+            self.flights[c] = flight
+            heapq.heappush(self.queue, (at, c, dispatch))
+
+    # ------------------------------------------------------------------ the clock
+
+    def update(self, r: int) -> ServerUpdate:
+        self._fill(r)
+        while len(self.buffer) < self.buffer_size:
+            if not self.queue:
+                later = self.devices.next_change(self.clock)
+                if later is None:
+                    raise FederationStalled(
+                        f"no client can start after virtual time {self.clock:g} s and none is training "
+                        f"(system.availability = {self.devices.cfg.availability!r} has no later online time)"
+                    )
+                self.clock = later
+                self._fill(r)
+                continue
+            at, c, _ = heapq.heappop(self.queue)
+            self.clock = at
+            flight = self.flights.pop(c)
+            if flight.result is None:
+                self.emit("drop", at, client=c)
+            else:
+                self.emit("arrive", at, client=c, staleness=self.version - flight.base_version)
+                if any(flight.result.states.values()):  # the client's own state is current at once
+                    self.client_states[c] = flight.result.states
+                self.buffer.append(flight)
+                if len(self.buffer) >= self.buffer_size:
+                    break
+            self._fill(r)
+        loss, round_config, configs = self._apply(r)
+        self.version = r
+        used = {f.base_version for f in self.flights.values()}
+        self.bases = {v: w for v, w in self.bases.items() if v in used}
+        self._fill(r + 1)
+        return ServerUpdate(loss, round_config, configs, self.clock, len(configs))
+
+    def _apply(self, r: int) -> tuple[float, Mapping[str, Any], dict[int, Mapping[str, Any]]]:
+        """Server update ``r`` from the buffer: refresh stale updates, aggregate, load."""
+        current = self.global_state()
+        arrivals: list[Arrival] = []
+        for flight in self.buffer:
+            assert flight.result is not None
+            arrival = Arrival(
+                flight.client,
+                flight.base_version,
+                self.version - flight.base_version,
+                flight.start,
+                flight.due,
+                self.bases[flight.base_version],
+            )
+            if arrival.staleness > 0 and self.hooks.server_refresh_update:
+                new = self.hooks.server_refresh_update(
+                    weights=flight.result.weights,
+                    arrival=arrival,
+                    global_weights=current,
+                    n_samples=flight.result.n_samples,
+                    n_steps=flight.result.n_steps,
+                    ctx=self.context(r),
+                )
+                if new is not None:
+                    flight.result = replace(flight.result, weights=dict(new))
+                    arrival = replace(
+                        arrival, staleness=0, base_version=self.version, base_weights=current, refreshed=True
+                    )
+                    self.emit("refresh", self.clock, client=flight.client)
+            arrivals.append(arrival)
+        ctx = self.context(r, [f.client for f in self.buffer], arrivals=tuple(arrivals))
+        f = self.scenario.federation
+        rule: Callable[[Mapping[str, torch.Tensor]], Any]
+        if self.mode == "async":
+            rule = lambda like: FedAsync(like, f.async_alpha, self.weight, ctx.arrivals)  # noqa: E731
+        else:
+            rule = lambda like: FedBuff(like, f.server_lr, self.weight, ctx.arrivals)  # noqa: E731
+        results = [flight.result for flight in self.buffer if flight.result is not None]
+        loss, _ = aggregate_round(self.hooks, self.model, self.keys, ctx, results, self.client_states, rule)
+        configs = {flight.client: flight.config for flight in self.buffer}
+        self.buffer = []
+        self.emit("update", self.clock, version=r, arrivals=len(arrivals))
+        return loss, ctx.config, configs
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        used = {f.base_version for f in self.flights.values()} | {f.base_version for f in self.buffer}
+        return {
+            **super().state_dict(),
+            "version": self.version,
+            "flights": [self.flights[c].state() for c in sorted(self.flights)],
+            "buffer": [f.state() for f in self.buffer],
+            "bases": {v: dict(w) for v, w in self.bases.items() if v in used},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        device = next(iter(self.global_state().values())).device
+        self.version = int(state.get("version", 0))
+        self.flights = {int(s["client"]): _Flight.from_state(s, device) for s in state.get("flights", [])}
+        self.buffer = [_Flight.from_state(s, device) for s in state.get("buffer", [])]
+        self.bases = {
+            int(v): {k: t.to(device) for k, t in w.items()} for v, w in state.get("bases", {}).items()
+        }
+        self.queue = [(f.due, f.client, f.dispatch) for f in self.flights.values()]
+        heapq.heapify(self.queue)
+
+
+class Async(Asynchronous):
+    """``async``: FedAsync, each arrival mixed in at once (Xie et al. 2019)."""
+
+
+class Buffered(Asynchronous):
+    """``buffered``: FedBuff, one server step per ``buffer_size`` arrivals (Nguyen et al. 2022)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.buffer_size = self.scenario.federation.buffer_size
+
+
+MODES: dict[str, type[Federation]] = {
+    "sync": Sync,
+    "deadline": Deadline,
+    "async": Async,
+    "buffered": Buffered,
+}
+
+
+def make_federation(**parts: Any) -> Federation:
+    """The federation of ``parts["scenario"].federation.mode`` (see :class:`Federation`)."""
+    return MODES[parts["scenario"].federation.mode](**parts)
+
+
+__all__ += ["Async", "Buffered", "Deadline", "FedAvg", "Sync"]
