@@ -15,6 +15,10 @@ from fedlt.version import __version__
 _EXPORTS: dict[str, str] = {
     "Aggregator": "fedlt.server.aggregation",
     "FedAvg": "fedlt.server.aggregation",
+    "FedAsync": "fedlt.server.aggregation",
+    "FedBuff": "fedlt.server.aggregation",
+    "staleness_weight": "fedlt.server.staleness",
+    "Arrival": "fedlt.hooks.context",
     "run": "fedlt.api",
     "resume": "fedlt.api",
     "history": "fedlt.api",
@@ -44,10 +48,13 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "CONTRACT",
     "Aggregator",
+    "Arrival",
     "ClientContext",
     "CosineLinear",
     "EvalContext",
+    "FedAsync",
     "FedAvg",
+    "FedBuff",
     "FedModel",
     "FedltError",
     "Forward",
@@ -68,6 +75,7 @@ __all__ = [
     "load_scenario",
     "resume",
     "run",
+    "staleness_weight",
     "use_cosine_head",
 ]
 
@@ -75,6 +83,7 @@ if TYPE_CHECKING:
     from fedlt.api import history, resume, run
     from fedlt.errors import FedltError, NonFiniteLossError, PluginError, ScenarioError
     from fedlt.hooks.context import (
+        Arrival,
         ClientContext,
         EvalContext,
         Forward,
@@ -88,7 +97,8 @@ if TYPE_CHECKING:
     from fedlt.hooks.recipe import LocalTraining
     from fedlt.models import CosineLinear, FedModel, use_cosine_head
     from fedlt.scenario.config import Scenario, load_scenario
-    from fedlt.server.aggregation import Aggregator, FedAvg
+    from fedlt.server.aggregation import Aggregator, FedAsync, FedAvg, FedBuff
+    from fedlt.server.staleness import staleness_weight
 
 
 def __getattr__(name: str) -> Any:

@@ -135,7 +135,7 @@ def _task() -> ClientTask:
     config = {"round": 3, "lr": 0.5, "name": "x", "flag": True, "blob": b"\x00", "none": None}
     config |= {"pair": (1, 2), "table": {"a": [1, 2], 7: 1.5}, "w": torch.arange(4.0), "inf": float("inf")}
     states = {"gla-fr": {"local_weight": torch.randn(3, 2)}, "counter": {"rounds": 2, "hist": [1, 2]}}
-    return ClientTask(5, 3, config, states, np.array([4, 9, 2]), np.array([0, 1, 2]))
+    return ClientTask(5, 3, config, states, np.array([4, 9, 2]), np.array([0, 1, 2]), dispatch=17)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -155,7 +155,7 @@ def test_task_survives_the_wire_as_records_with_types_and_order():
     for record in content.config_records.values():
         assert all(isinstance(v, str | int | float | bool) for v in record.values())
     back = wire.decode_task(content, stored_states=None)
-    assert (back.client_id, back.round) == (5, 3)
+    assert (back.client_id, back.round, back.dispatch) == (5, 3, 17)
     assert _same(back.config, task.config) and _same(back.states, task.states)
     assert back.indices.tolist() == [4, 9, 2] and back.seen_counts.tolist() == [0, 1, 2]
     # Without state, the node's stored state is used, or the node asks for it (None).
@@ -273,6 +273,19 @@ def test_continual_stream_with_replay_memory_identical(simulation, tmp_path):
     assert ckpt["stream_pos"] == serial_ckpt["stream_pos"]
     assert any(st.get("replay") for st in ckpt["client_states"].values())  # a memory was kept
     _assert_same_tensors(serial_ckpt["client_states"], ckpt["client_states"], "client_states")
+
+
+def test_buffered_async_with_dropouts_identical_on_flower(simulation, tmp_path):
+    """An asynchronous run: every start (its dispatch number in the seeds) travels; same numbers."""
+    s = _stateful()
+    s["federation"].update(mode="buffered", concurrency=3, buffer_size=2, rounds=4, eval_every=2)
+    s["system"] = {"speed": "lognormal", "speed_sigma": 0.8, "dropout": 0.2}
+    serial, serial_ckpt = _serial_reference(s, tmp_path / "serial")
+    flower = fedlt.run(_flower(s), out=tmp_path / "flower")
+    assert flower["final"] == serial["final"] and flower["federation"] == serial["federation"]
+    _assert_same_tensors(serial_ckpt["global"], _ckpt(tmp_path / "flower")["global"], "global")
+    events = lambda d: (tmp_path / d / "events.jsonl").read_text()  # noqa: E731
+    assert events("serial") == events("flower")
 
 
 def test_plugin_error_is_retried_then_names_client_round_plugin(simulation, tiny, tmp_path):

@@ -11,7 +11,7 @@ from fedlt.base.provenance import now, provenance
 from fedlt.metrics.continual import a_auc, a_avg, f_last
 from fedlt.store.checkpoint import json_safe
 
-__all__ = ["build_summary", "continual_summary"]
+__all__ = ["build_summary", "continual_summary", "time_to_accuracy"]
 
 
 def build_summary(run: Any, wall: float, stopped: str | None, started: str) -> dict[str, Any]:
@@ -35,6 +35,8 @@ def build_summary(run: Any, wall: float, stopped: str | None, started: str) -> d
         "seed": s.seed,
         "plugins": run.hooks.names,
         "final": final,
+        "federation": run.federation.report() if run.federation is not None else None,
+        "time_to_accuracy": time_to_accuracy(run.history, s.eval.time_to_accuracy),
         "training": run.training,
         "wall_seconds": round(wall, 3),
         "provenance": {
@@ -44,6 +46,24 @@ def build_summary(run: Any, wall: float, stopped: str | None, started: str) -> d
         },
     }
     return json_safe(summary)
+
+
+def time_to_accuracy(
+    history: Sequence[dict[str, Any]], targets: Sequence[float] | None
+) -> dict[str, Any] | None:
+    """For each target accuracy, the first evaluation that reached it: ``{"round", "virtual_time"}``,
+    or None when none did (None without targets). Offline the test accuracy, in a stream the anytime
+    accuracy."""
+    if not targets:
+        return None
+    key = "anytime_accuracy" if any("anytime_accuracy" in h for h in history) else "accuracy"
+    out: dict[str, Any] = {}
+    for target in targets:
+        hit = next((h for h in history if (h.get(key) or 0.0) >= target), None)
+        out[f"{target:g}"] = (
+            None if hit is None else {"round": hit["round"], "virtual_time": hit.get("virtual_time")}
+        )
+    return out
 
 
 def continual_summary(history: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -97,6 +97,9 @@ class SetupContext:
         so every process builds the identical model.
     run_dir : Path or None
         The run folder in the driver (loggers write there); ``None`` on workers.
+    recipe : LocalTraining or None
+        The scenario's local training recipe (``[train]``, before any plugin changes it for a
+        client): what a server plugin that simulates a client's training needs.
     """
 
     seed: int
@@ -108,6 +111,7 @@ class SetupContext:
     global_class_counts: np.ndarray
     generator: torch.Generator
     run_dir: Path | None = None
+    recipe: Any = None
 
     def generator_for(self, purpose: str) -> torch.Generator:
         """A CPU generator of the stream ``(seed, purpose)``: randomness of the plugin's own, the same

@@ -46,6 +46,13 @@ REQUIREMENTS = {
     "head": "a model with a linear `head`",
     "prompts": "a model with a prompt slot (model.name = 'vit')",
     "stream": "a continual scenario ([stream] kind set)",
+    "async": "an asynchronous federation (federation.mode = 'async' or 'buffered': updates can be stale)",
+}
+
+#: Requirements the scenario answers (the rest are model capabilities): whether it meets each.
+_SCENARIO_NEEDS = {
+    "stream": lambda s: s.stream.kind != "none",
+    "async": lambda s: s.federation.mode in ("async", "buffered"),
 }
 
 
@@ -103,7 +110,7 @@ def check_requirements(scenario: Any, plugins: Sequence[Any]) -> list[FedltError
                         hint=f"It builds on {other!r}; list {other!r} before it.",
                     )
                 )
-            elif req == "stream" and scenario.stream.kind == "none":
+            elif req in _SCENARIO_NEEDS and not _SCENARIO_NEEDS[req](scenario):
                 problems.append(
                     ScenarioError(
                         f"plugins[{i}].name",
@@ -112,7 +119,7 @@ def check_requirements(scenario: Any, plugins: Sequence[Any]) -> list[FedltError
                         hint="It requires it.",
                     )
                 )
-            elif other is None and req != "stream" and req not in provides:
+            elif other is None and req not in _SCENARIO_NEEDS and req not in provides:
                 has = ", ".join(n for n in MODELS if req in MODELS[n].provides)
                 problems.append(
                     ScenarioError(

@@ -146,6 +146,9 @@ class Federation(ABC):
 
     def __post_init__(self) -> None:
         self.n_rounds = self.scenario.federation.rounds
+        #: Events so far by kind (start, arrive, drop, late, refresh, update) and arrivals by staleness.
+        self.counts: dict[str, int] = {}
+        self.staleness: dict[int, int] = {}
 
     @property
     def mode(self) -> str:
@@ -156,6 +159,30 @@ class Federation(ABC):
         """Advance the clock through server update ``r`` (from 1); the model then holds its result."""
 
     # ------------------------------------------------------------------ shared parts
+
+    def note(self, event: str, t: float, **fields: Any) -> None:
+        """Count an event and write it to the timeline."""
+        self.counts[event] = self.counts.get(event, 0) + 1
+        if event == "arrive":
+            self.staleness[fields["staleness"]] = self.staleness.get(fields["staleness"], 0) + 1
+        self.emit(event, t, **fields)
+
+    def report(self) -> dict[str, Any]:
+        """What summary.json says of the federation: mode, clock, events, staleness of arrivals."""
+        arrived = sum(self.staleness.values())
+        mean = sum(k * v for k, v in self.staleness.items()) / arrived if arrived else None
+        return {
+            "mode": self.mode,
+            "virtual_time": round(self.clock, 6),
+            "starts": self.counts.get("start", 0),
+            "arrivals": self.counts.get("arrive", 0),
+            "dropped": self.counts.get("drop", 0),
+            "late": self.counts.get("late", 0),
+            "refreshed": self.counts.get("refresh", 0),
+            "staleness_mean": mean,
+            "staleness_max": max(self.staleness, default=None),
+            "staleness_histogram": {str(k): self.staleness[k] for k in sorted(self.staleness)},
+        }
 
     def per_round(self) -> int:
         """``k``: clients per round, ``max(1, floor(n_clients * fraction_clients))``."""
@@ -214,11 +241,19 @@ class Federation(ABC):
         return {k: state[k] for k in self.keys}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "clock": self.clock, "dispatches": self.dispatches}
+        return {
+            "mode": self.mode,
+            "clock": self.clock,
+            "dispatches": self.dispatches,
+            "counts": dict(self.counts),
+            "staleness": dict(self.staleness),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.clock = float(state.get("clock", 0.0))
         self.dispatches = int(state.get("dispatches", 0))
+        self.counts = {str(k): int(v) for k, v in state.get("counts", {}).items()}
+        self.staleness = {int(k): int(v) for k, v in state.get("staleness", {}).items()}
 
 
 # =========================================================================== rounds
@@ -273,7 +308,7 @@ class Rounds(Federation):
         chosen = self._select(r, self.want())
         t0 = self.clock
         if not chosen:
-            self.emit("update", self.clock, version=r, arrivals=0)
+            self.note("update", self.clock, version=r, arrivals=0)
             return ServerUpdate(math.nan, {"round": r}, {}, self.clock, 0)
         ctx, configs = self.configure(r, chosen)
         due: dict[int, float] = {}
@@ -282,15 +317,15 @@ class Rounds(Federation):
             self.dispatches += 1
             at, arrives = self.plan(c, self.dispatches, r)
             due[c] = at
-            self.emit("start", t0, client=c, version=r - 1)
+            self.note("start", t0, client=c, version=r - 1)
             if arrives:
                 arriving.append((at, c))
             else:
-                self.emit("drop", at, client=c)
+                self.note("drop", at, client=c)
         arriving.sort()
         kept, end = self.keep(arriving, t0, max(due.values()))
         for at, c in arriving[len(kept) :]:
-            self.emit("late", min(at, end), client=c)
+            self.note("late", min(at, end), client=c)
         order = [c for _, c in kept] if self.mode == "deadline" else sorted(c for _, c in kept)
         state = self.global_state()
         arrivals = tuple(Arrival(c, r - 1, 0, t0, due[c], state) for c in order)
@@ -301,9 +336,9 @@ class Rounds(Federation):
             results = self.train(tasks, state)
             loss, _ = aggregate_round(self.hooks, self.model, self.keys, ctx, results, self.client_states)
         for a in arrivals:
-            self.emit("arrive", a.arrived_at, client=a.client_id, staleness=0)
+            self.note("arrive", a.arrived_at, client=a.client_id, staleness=0)
         self.clock = end
-        self.emit("update", end, version=r, arrivals=len(tasks))
+        self.note("update", end, version=r, arrivals=len(tasks))
         return ServerUpdate(loss, ctx.config, {c: configs[c] for c in order}, end, len(tasks))
 
 
@@ -399,7 +434,7 @@ class Asynchronous(Federation):
             self.dispatches += 1
             at, arrives = self.plan(c, self.dispatches, r)
             plans[c] = (self.dispatches, at, arrives)
-            self.emit("start", self.clock, client=c, version=self.version)
+            self.note("start", self.clock, client=c, version=self.version)
             if arrives:
                 task = ClientTask(c, r, configs[c], self.client_states.get(c) or {}, dispatch=self.dispatches)
                 trained.append(task)
@@ -433,9 +468,9 @@ class Asynchronous(Federation):
             self.clock = at
             flight = self.flights.pop(c)
             if flight.result is None:
-                self.emit("drop", at, client=c)
+                self.note("drop", at, client=c)
             else:
-                self.emit("arrive", at, client=c, staleness=self.version - flight.base_version)
+                self.note("arrive", at, client=c, staleness=self.version - flight.base_version)
                 if any(flight.result.states.values()):  # the client's own state is current at once
                     self.client_states[c] = flight.result.states
                 self.buffer.append(flight)
@@ -477,7 +512,7 @@ class Asynchronous(Federation):
                     arrival = replace(
                         arrival, staleness=0, base_version=self.version, base_weights=current, refreshed=True
                     )
-                    self.emit("refresh", self.clock, client=flight.client)
+                    self.note("refresh", self.clock, client=flight.client)
             arrivals.append(arrival)
         ctx = self.context(r, [f.client for f in self.buffer], arrivals=tuple(arrivals))
         f = self.scenario.federation
@@ -490,7 +525,7 @@ class Asynchronous(Federation):
         loss, _ = aggregate_round(self.hooks, self.model, self.keys, ctx, results, self.client_states, rule)
         configs = {flight.client: flight.config for flight in self.buffer}
         self.buffer = []
-        self.emit("update", self.clock, version=r, arrivals=len(arrivals))
+        self.note("update", self.clock, version=r, arrivals=len(arrivals))
         return loss, ctx.config, configs
 
     # ------------------------------------------------------------------ checkpoints

@@ -29,6 +29,7 @@ def setup_context(
         global_class_counts=data.train_class_counts,
         generator=torch_generator(scenario.seed, "configure-model"),
         run_dir=run_dir,
+        recipe=LocalTraining.from_scenario(scenario),
     )
 
 
