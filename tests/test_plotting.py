@@ -222,7 +222,8 @@ def test_missing_data_skips_figures_with_a_note(two_runs: list[Path], tmp_path: 
         data = p.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) < 150_000
     skipped = {n.split(".png")[0] for n in files.notes}
-    assert skipped == {"confusion_matrix", "anytime_accuracy", "task_class_accuracy"}
+    clock = {"virtual_time_accuracy", "client_timeline", "staleness"}  # hand-written runs have no clock
+    assert skipped == {"confusion_matrix", "anytime_accuracy", "task_class_accuracy", *clock}
     assert any("no run recorded a confusion_matrix" in n for n in files.notes)
 
 
@@ -282,7 +283,8 @@ def test_anytime_figure_uses_samples_seen_and_marks_task_ends(tmp_path: Path) ->
     assert heat.mask.tolist() == [[False, True, True], [False, False, True], [False, False, False]]
     # Accuracy curves use only the full evaluations (rounds 3 and 6).
     assert _lines(figures["accuracy"].axes[0])["c"] == ([3, 6], [0.5, 0.5])
-    assert not notes or all("confusion" in n or "per_class" in n for n in notes)
+    clock = ("virtual_time", "client_timeline", "staleness")
+    assert not notes or all(any(w in n for w in ("confusion", "per_class", *clock)) for n in notes)
 
 
 def test_anytime_figure_falls_back_to_rounds(tmp_path: Path) -> None:
@@ -464,13 +466,59 @@ def synthetic_runs(root: Path, continual: bool = False) -> list[Path]:
     return paths
 
 
+CLOCK_FIGURES = ("virtual_time_accuracy", "client_timeline", "staleness")
+
+
 def test_synthetic_long_tail_draws_all_figures(tmp_path: Path) -> None:
     offline = plot_runs(synthetic_runs(tmp_path / "lt"), tmp_path / "offline", dpi=40)
     assert [p.stem for p in offline] == [
-        n for n in FIGURE_FILES if n not in ("anytime_accuracy", "task_class_accuracy")
+        n for n in FIGURE_FILES if n not in ("anytime_accuracy", "task_class_accuracy", *CLOCK_FIGURES)
     ]
     continual = plot_runs(synthetic_runs(tmp_path / "cl", continual=True), tmp_path / "continual", dpi=40)
-    assert [p.stem for p in continual] == list(FIGURE_FILES) and not continual.notes
+    assert [p.stem for p in continual] == [n for n in FIGURE_FILES if n not in CLOCK_FIGURES]
+    assert {n.split(".png")[0] for n in continual.notes} == set(CLOCK_FIGURES)
+
+
+def test_clock_figures_of_an_async_run_draw_what_its_files_say(tmp_path: Path) -> None:
+    """Accuracy against virtual_time from metrics.jsonl; the staleness histogram and the client
+    timeline from events.jsonl (counted here from the file); offline stretches from system.npz."""
+    import json
+
+    from support.scenarios import TINY
+
+    import fedlt
+
+    s = copy.deepcopy(TINY)
+    s["federation"].update(mode="async", concurrency=3, rounds=12, eval_every=3)
+    s["system"] = {"speed": "lognormal", "speed_sigma": 1.0, "dropout": 0.2, "availability": "periodic",
+                   "availability_period": 2.0, "availability_online": 0.7}  # fmt: skip
+    fedlt.run(s, out=tmp_path / "a")
+    s["federation"] = {"rounds": 4, "eval_every": 1, "fraction_clients": 0.5}
+    fedlt.run(s, out=tmp_path / "s")
+    figures, _ = build_figures([tmp_path / "a", tmp_path / "s"])
+    records = fedlt.history(tmp_path / "a")
+    assert _lines(figures["virtual_time_accuracy"].axes[0])["a"] == (
+        [r["virtual_time"] for r in records],
+        [r["accuracy"] for r in records],
+    )
+    events = [json.loads(x) for x in (tmp_path / "a" / "events.jsonl").read_text().splitlines()]
+    stale = [e["staleness"] for e in events if e["event"] == "arrive"]
+    bars = figures["staleness"].axes[0].patches
+    heights = [b.get_height() for b in bars[: max(stale) + 1]]  # the first run's bars come first
+    assert heights == pytest.approx([stale.count(k) / len(stale) for k in range(max(stale) + 1)])
+    timeline = figures["client_timeline"].axes[0]
+    green = sum(len(c.get_paths()) for c in timeline.collections if c.get_facecolor()[0][1] > 0.4
+                and c.get_facecolor()[0][0] < 0.3)  # fmt: skip
+    end = max(e["t"] for e in events) * 0.25
+    starts = {}
+    shown = 0
+    for e in events:
+        if e["event"] == "start":
+            starts[e["client"]] = e["t"]
+        elif e["event"] == "arrive" and starts.get(e["client"], end) < end:
+            shown += 1
+    assert green == shown and (tmp_path / "a" / "system.npz").is_file()
+    assert any(c.get_facecolor()[0][0] == pytest.approx(0.82) for c in timeline.collections)  # offline
 
 
 def render_examples(out: Path, real_root: Path) -> list[Path]:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedlt.analysis.compare import RunRecord, load_run
+from fedlt.analysis.timeline import client_timeline_figure, staleness_figure, virtual_time_figure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -57,6 +58,9 @@ FIGURE_FILES: dict[str, str] = {
     "confusion_matrix": "confusion matrix of the last evaluation (when recorded)",
     "anytime_accuracy": "continual runs: anytime accuracy with task boundaries",
     "task_class_accuracy": "continual runs: accuracy per task and class (when recorded)",
+    "virtual_time_accuracy": "accuracy and head / medium / tail accuracy against virtual time",
+    "client_timeline": "the first run's clients on the virtual clock: training, dropped, late, offline",
+    "staleness": "asynchronous runs: how stale the arriving updates were",
 }
 
 _INSTALL = "plotting needs matplotlib: pip install matplotlib (or pip install 'fedlt[plot]')"
@@ -559,6 +563,9 @@ def build_figures(
         "confusion_matrix": "no run recorded a confusion_matrix",
         "anytime_accuracy": "no continual run (no anytime_accuracy in metrics.jsonl)",
         "task_class_accuracy": "no run recorded task_class_accuracy in summary.json",
+        "virtual_time_accuracy": "no run has virtual_time in metrics.jsonl (written before fedlt 0.3)",
+        "client_timeline": "no run has events.jsonl (log.events = false, or written before fedlt 0.3)",
+        "staleness": "no run had a stale update (synchronous rounds only)",
     }
     counts = _CountCache()
     builders = {
@@ -569,6 +576,9 @@ def build_figures(
         "confusion_matrix": lambda: (_fig_confusion(runs), None),
         "anytime_accuracy": lambda: (_fig_anytime(runs), None),
         "task_class_accuracy": lambda: (_fig_task_class(runs), None),
+        "virtual_time_accuracy": lambda: (virtual_time_figure(runs), None),
+        "client_timeline": lambda: (next(filter(None, map(client_timeline_figure, runs)), None), None),
+        "staleness": lambda: (staleness_figure(runs), None),
     }
     for name, build in builders.items():
         fig, reason = build()

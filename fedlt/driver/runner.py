@@ -255,6 +255,8 @@ class Run:
             emit=self.events,
         )
         self.events.restart(ckpt.get("events") if ckpt is not None else None)
+        if self.prepared.devices is not None:  # for the timeline plot's offline stretches
+            self.prepared.devices.save(self.run_dir / "system.npz")
         if ckpt is not None:
             self.federation.load_state_dict(ckpt.get("federation", {}))
         start, stopped, rounds = point.round + 1, None, self.scenario.federation.rounds

@@ -233,8 +233,8 @@ class Federation(ABC):
         share = self.devices.drops(client, dispatch)
         offline = self.devices.online_until(client, self.clock, end, r)
         if share is not None:
-            return min(self.clock + share * duration, offline), False
-        return offline, offline >= end
+            return float(min(self.clock + share * duration, offline)), False
+        return float(offline), bool(offline >= end)
 
     def global_state(self) -> dict[str, torch.Tensor]:
         state = self.model.state_dict()

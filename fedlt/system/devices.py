@@ -137,11 +137,11 @@ class Devices:
 
     def compute_time(self, client: int, samples: int) -> float:
         """Virtual seconds ``client`` computes on ``samples`` samples."""
-        return samples / float(self.speeds[client])
+        return float(samples) / float(self.speeds[client])
 
     def duration(self, client: int, samples: int) -> float:
         """Virtual seconds of a client-round: download, compute on ``samples``, upload."""
-        return self.transfer_time + self.compute_time(client, samples)
+        return float(self.transfer_time + self.compute_time(client, samples))
 
     def drops(self, client: int, dispatch: int) -> float | None:
         """The share of its duration after which start ``dispatch`` of ``client`` drops out, or None."""
@@ -205,7 +205,7 @@ class Devices:
             return end
         if kind == "periodic":
             phase_in = (start - self.phase[client]) % self.cfg.availability_period
-            return min(end, start + self._online(client) - phase_in)
+            return float(min(end, start + self._online(client) - phase_in))
         starts, ends = self._intervals[client]
         i = int(np.searchsorted(starts, start, side="right")) - 1
         return min(end, float(ends[i])) if i >= 0 and start < ends[i] else start
