@@ -11,9 +11,11 @@ differ only in when clients start and which arrivals make an update:
 - ``buffered``: every ``buffer_size`` arrivals make one step (FedBuff).
 
 Events are ordered by virtual time, ties by client id, never by when an engine returns, so every
-engine gives the same numbers. A client is trained when it starts (its result is a pure function
-of the global weights it starts from, its data and its seeds), and its update is held until its
-virtual arrival; a client that drops out, goes offline or would miss a deadline is not trained.
+engine gives the same numbers. A client's update is a pure function of the global weights it
+starts from, its data, its state and its seeds, so when it is computed does not change it: a
+round's clients train together (sync, deadline), an asynchronous client trains when it arrives,
+from the weights it started from. A client that drops out, goes offline or would miss a deadline
+is not trained (its state and stream stay as they were: the server never hears of that work).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ class ServerUpdate(NamedTuple):
 
 @dataclass
 class _Flight:
-    """A started client: when it started and is due, and its update (None: it never arrives)."""
+    """A started client: when it started and is due, whether it arrives, and (once it has arrived
+    and trained, while it waits in FedBuff's buffer) its update."""
 
     client: int
     dispatch: int
@@ -73,29 +76,22 @@ class _Flight:
     start: float
     due: float
     config: Mapping[str, Any]
-    result: ClientResult | None
+    arrives: bool
+    result: ClientResult | None = None
 
     def state(self) -> dict[str, Any]:
         r = self.result
         held = None
         if r is not None:
             held = {
-                "weights": dict(r.weights),
-                "n_samples": r.n_samples,
-                "loss": r.loss,
-                "n_steps": r.n_steps,
-                "payloads": r.payloads,
-                "states": r.states,
-            }
+                "weights": dict(r.weights), "n_samples": r.n_samples, "loss": r.loss, "n_steps": r.n_steps,
+                "payloads": r.payloads, "states": r.states,
+            }  # fmt: skip
         return {
-            "client": self.client,
-            "dispatch": self.dispatch,
-            "base_version": self.base_version,
-            "start": self.start,
-            "due": self.due,
-            "config": dict(self.config),
+            "client": self.client, "dispatch": self.dispatch, "base_version": self.base_version,
+            "start": self.start, "due": self.due, "config": dict(self.config), "arrives": self.arrives,
             "result": held,
-        }
+        }  # fmt: skip
 
     @classmethod
     def from_state(cls, s: Mapping[str, Any], device: torch.device) -> _Flight:
@@ -112,7 +108,16 @@ class _Flight:
                 held["payloads"],
                 held["states"],
             )
-        return cls(s["client"], s["dispatch"], s["base_version"], s["start"], s["due"], s["config"], result)
+        return cls(
+            s["client"],
+            s["dispatch"],
+            s["base_version"],
+            s["start"],
+            s["due"],
+            s["config"],
+            s["arrives"],
+            result,
+        )
 
 
 def _copy(result: ClientResult) -> ClientResult:
@@ -369,7 +374,13 @@ class Deadline(Rounds):
 
 class Asynchronous(Federation):
     """``async`` and ``buffered``: ``concurrency`` clients in flight; a slot refills at each arrival or
-    drop; every ``buffer`` arrivals make one server update."""
+    drop; every ``buffer`` arrivals make one server update.
+
+    A client is trained when it arrives, from the global weights it started from (kept per
+    version while some client in flight started from them): the same update as training it at
+    its start, with no work spent on clients that never arrive, and a checkpoint that holds the
+    weights clients started from rather than their updates (re-run on resume, deterministically).
+    """
 
     buffer_size: int = 1
 
@@ -428,26 +439,22 @@ class Asynchronous(Federation):
         if not chosen:
             return
         _, configs = self.configure(r, chosen)
-        trained: list[ClientTask] = []
-        plans: dict[int, tuple[int, float, bool]] = {}
         for c in chosen:
             self.dispatches += 1
             at, arrives = self.plan(c, self.dispatches, r)
-            plans[c] = (self.dispatches, at, arrives)
             self.note("start", self.clock, client=c, version=self.version)
-            if arrives:
-                task = ClientTask(c, r, configs[c], self.client_states.get(c) or {}, dispatch=self.dispatches)
-                trained.append(task)
-        results: dict[int, ClientResult] = {}
-        if trained:
-            state = self.global_state()
-            self.bases.setdefault(self.version, {k: v.detach().clone() for k, v in state.items()})
-            results = {res.client_id: _copy(res) for res in self.train(trained, state)}
-        for c in chosen:
-            dispatch, at, _ = plans[c]
-            flight = _Flight(c, dispatch, self.version, self.clock, at, configs[c], results.get(c))
-            self.flights[c] = flight
-            heapq.heappush(self.queue, (at, c, dispatch))
+            if arrives and self.version not in self.bases:
+                self.bases[self.version] = {k: v.detach().clone() for k, v in self.global_state().items()}
+            self.flights[c] = _Flight(c, self.dispatches, self.version, self.clock, at, configs[c], arrives)
+            heapq.heappush(self.queue, (at, c, self.dispatches))
+
+    def _trained(self, flight: _Flight) -> ClientResult:
+        """The update ``flight``'s client makes from the weights it started from."""
+        states = self.client_states.get(flight.client) or {}
+        c, r = flight.client, flight.base_version + 1
+        task = ClientTask(c, r, flight.config, states, dispatch=flight.dispatch)
+        (result,) = [_copy(res) for res in self.train([task], self.bases[flight.base_version])]
+        return result
 
     # ------------------------------------------------------------------ the clock
 
@@ -467,10 +474,11 @@ class Asynchronous(Federation):
             at, c, _ = heapq.heappop(self.queue)
             self.clock = at
             flight = self.flights.pop(c)
-            if flight.result is None:
+            if not flight.arrives:
                 self.note("drop", at, client=c)
             else:
                 self.note("arrive", at, client=c, staleness=self.version - flight.base_version)
+                flight.result = self._trained(flight)
                 if any(flight.result.states.values()):  # the client's own state is current at once
                     self.client_states[c] = flight.result.states
                 self.buffer.append(flight)
@@ -479,7 +487,7 @@ class Asynchronous(Federation):
             self._fill(r)
         loss, round_config, configs = self._apply(r)
         self.version = r
-        used = {f.base_version for f in self.flights.values()}
+        used = {f.base_version for f in self.flights.values() if f.arrives}
         self.bases = {v: w for v, w in self.bases.items() if v in used}
         self._fill(r + 1)
         return ServerUpdate(loss, round_config, configs, self.clock, len(configs))
@@ -491,22 +499,14 @@ class Asynchronous(Federation):
         for flight in self.buffer:
             assert flight.result is not None
             arrival = Arrival(
-                flight.client,
-                flight.base_version,
-                self.version - flight.base_version,
-                flight.start,
-                flight.due,
-                self.bases[flight.base_version],
-            )
+                flight.client, flight.base_version, self.version - flight.base_version, flight.start,
+                flight.due, self.bases[flight.base_version],
+            )  # fmt: skip
             if arrival.staleness > 0 and self.hooks.server_refresh_update:
                 new = self.hooks.server_refresh_update(
-                    weights=flight.result.weights,
-                    arrival=arrival,
-                    global_weights=current,
-                    n_samples=flight.result.n_samples,
-                    n_steps=flight.result.n_steps,
-                    ctx=self.context(r),
-                )
+                    weights=flight.result.weights, arrival=arrival, global_weights=current,
+                    n_samples=flight.result.n_samples, n_steps=flight.result.n_steps, ctx=self.context(r),
+                )  # fmt: skip
                 if new is not None:
                     flight.result = replace(flight.result, weights=dict(new))
                     arrival = replace(
@@ -531,7 +531,9 @@ class Asynchronous(Federation):
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        used = {f.base_version for f in self.flights.values()} | {f.base_version for f in self.buffer}
+        used = {f.base_version for f in self.flights.values() if f.arrives} | {
+            f.base_version for f in self.buffer
+        }
         return {
             **super().state_dict(),
             "version": self.version,
