@@ -6,8 +6,10 @@ each round's peak in the summary.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -63,11 +65,17 @@ class PeakMemory:
 
     On CUDA the peak of tensor memory allocated on the device (reset at each start). On a CPU the
     process's peak resident set: reset at each start where Linux allows it (``/proc/self/clear_refs``),
-    else the peak since the process started (``kind`` says which).
+    else the peak since the process started (``kind`` says which). On a CPU, stretches shorter than
+    ``interval`` seconds (an asynchronous run's server updates) share a measurement: a start within
+    ``interval`` of the last reset does not reset, and the peak is read at most once an interval,
+    so the two /proc calls do not cost more than the work they measure.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, interval: float = 0.25) -> None:
         self.device = device
+        self.interval = interval
+        self._reset_at = self._read_at = -math.inf
+        self._last: float | None = None
         if device.type == "cuda":
             self.kind = "cuda allocated"
         else:
@@ -84,14 +92,18 @@ class PeakMemory:
     def start(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.kind == "process rss":
+        elif self.kind == "process rss" and time.monotonic() - self._reset_at >= self.interval:
             self._reset()
+            self._reset_at = time.monotonic()
 
     def peak_mb(self) -> float | None:
         if self.device.type == "cuda":
             return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        if self._last is not None and time.monotonic() - self._read_at < self.interval:
+            return self._last
         kib = _rss_peak_kib()
         if kib is None:
             usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
             kib = int(usage)
-        return round(kib / 1024, 1)
+        self._last, self._read_at = round(kib / 1024, 1), time.monotonic()
+        return self._last

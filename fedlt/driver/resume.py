@@ -95,7 +95,11 @@ def restore(
         ckpt["round"],
         ckpt["elapsed"],
         truncate_metrics(run_dir / METRICS, ckpt["round"]),
-        [t for t in ckpt.get("training", []) if t.get("round", 0) <= ckpt["round"]],
+        [
+            {**t, "through": min(t.get("through", t["round"]), ckpt["round"])}
+            for t in ckpt.get("training", [])
+            if t.get("round", 0) <= ckpt["round"]
+        ],
         ckpt["client_states"],
     )
 

@@ -299,7 +299,7 @@ class Run:
                 self.history.append(record)
                 append_metrics(self.run_dir / METRICS, record)
                 self.observers.evaluated(r, record)  # loggers, before the checkpoint
-            if r % s.checkpoint.every == 0 or r == s.federation.rounds or exhausted:
+            if r % self._checkpoint_every() == 0 or r == s.federation.rounds or exhausted:
                 self._checkpoint(r, elapsed())
             self.observers.round_ended(r, done.loss, record)
             if exhausted and r < s.federation.rounds:
@@ -312,6 +312,15 @@ class Run:
                 return stopped
         return None
 
+    def _checkpoint_every(self) -> int:
+        """``checkpoint.every``, or by default every round (every ``concurrency`` async updates)."""
+        s = self.scenario
+        if s.checkpoint.every is not None:
+            return s.checkpoint.every
+        if s.federation.mode == "async":
+            return getattr(self.federation, "concurrency", 1)
+        return 1
+
     def _round(self, r: int) -> ServerUpdate:
         """Server update ``r``: the federation starts clients, trains them (:meth:`_train`) and
         applies what arrives; recorded with how its clients were trained and its peak memory."""
@@ -319,9 +328,27 @@ class Run:
         self._r = r
         self._peak.start()
         done = self.federation.update(r)
-        report = {"round": r, **self.engine.round_report()}
-        self.training.append({**report, "peak_memory_mb": self._peak.peak_mb(), "memory": self._peak.kind})
+        self._record_training(
+            r, {**self.engine.round_report(), "memory": self._peak.kind}, self._peak.peak_mb()
+        )
         return done
+
+    def _record_training(self, r: int, report: dict[str, Any], peak: float | None) -> None:
+        """Round ``r``'s training report; rounds trained alike share one record (``round`` to
+        ``through``, the largest peak), so a run of 100,000 server updates keeps a short log."""
+        last = self.training[-1] if self.training else None
+        same = (
+            last is not None
+            and last.get("through", last.get("round")) == r - 1
+            and all(last.get(k) == v for k, v in report.items())
+        )
+        if same:
+            assert last is not None
+            last["through"] = r
+            if peak is not None:
+                last["peak_memory_mb"] = max(last.get("peak_memory_mb") or 0.0, peak)
+        else:
+            self.training.append({"round": r, "through": r, **report, "peak_memory_mb": peak})
 
     def _train(self, tasks: list[ClientTask], state: Mapping[str, torch.Tensor]) -> Iterator[ClientResult]:
         """The engine trains ``tasks`` from ``state``; in a stream each reads its next slice."""

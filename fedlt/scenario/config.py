@@ -669,7 +669,13 @@ class LogConfig(_Section):
 class CheckpointConfig(_Section):
     """How often the run is saved for `fedlt resume`."""
 
-    every: int = Field(1, ge=1, description="Checkpoint every this many rounds (and always after the last).")
+    every: int | None = Field(
+        None,
+        ge=1,
+        description="Checkpoint every this many rounds (and always after the last). Unset: every round, "
+        "and in federation.mode = 'async' every `concurrency` server updates (as often, in client work, as a "
+        "synchronous round; a checkpoint after every asynchronous update would cost more than the update).",
+    )
 
 
 class PluginSpec(BaseModel):

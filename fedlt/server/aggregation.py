@@ -58,13 +58,16 @@ class FedAsync:
     Parameters
     ----------
     like : mapping of str to Tensor
-        The current global weights (not modified; the result is new tensors).
+        The current global weights.
     alpha : float
         The mixing weight.
     weight : callable
         The staleness weight ``s``.
     arrivals : sequence of Arrival
         The updates, in the order ``add`` receives them (``RoundContext.arrivals``).
+    in_place : bool, default=False
+        Mix into ``like`` itself when :meth:`result` is called (fedlt's server passes the model's
+        own weights: one pass over the model instead of two); otherwise into new tensors.
     """
 
     def __init__(
@@ -73,23 +76,25 @@ class FedAsync:
         alpha: float,
         weight: Callable[[int], float],
         arrivals: Sequence[Any],
+        in_place: bool = False,
     ) -> None:
-        self._x = {k: v.detach().clone() for k, v in like.items() if v.is_floating_point()}
-        self._alpha, self._weight, self._arrivals, self._i = alpha, weight, arrivals, 0
-        self._changed = False
+        self._like = {k: v for k, v in like.items() if v.is_floating_point()}
+        self._alpha, self._weight, self._arrivals, self._in_place = alpha, weight, arrivals, in_place
+        self._mixes: list[tuple[Mapping[str, torch.Tensor], float]] = []
 
     def add(self, weights: Mapping[str, torch.Tensor], n_samples: int, client_id: int) -> None:
-        arrival = self._arrivals[self._i]
-        self._i += 1
-        if n_samples <= 0:
-            return
-        a = self._alpha * self._weight(arrival.staleness)
-        for key, x in self._x.items():
-            x.mul_(1.0 - a).add_(weights[key], alpha=a)
-        self._changed = True
+        arrival = self._arrivals[len(self._mixes)]
+        a = self._alpha * self._weight(arrival.staleness) if n_samples > 0 else 0.0
+        self._mixes.append((weights, a))
 
     def result(self) -> dict[str, torch.Tensor] | None:
-        return self._x if self._changed else None
+        if not any(a for _, a in self._mixes):
+            return None
+        x = self._like if self._in_place else {k: v.clone() for k, v in self._like.items()}
+        for weights, a in self._mixes:
+            for k, v in x.items():  # lerp: x + a (x_new - x) = (1 - a) x + a x_new
+                v.lerp_(weights[k].to(v.dtype), a)
+        return x
 
 
 class FedBuff:

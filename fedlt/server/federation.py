@@ -394,6 +394,7 @@ class Asynchronous(Federation):
         self.queue: list[tuple[float, int, int]] = []  # (due, client, dispatch): ties by client id
         self.buffer: list[_Flight] = []
         self.bases: dict[int, dict[str, torch.Tensor]] = {}
+        self._state: dict[str, torch.Tensor] | None = None  # the model's live weights, when known
 
     # ------------------------------------------------------------------ starting clients
 
@@ -444,7 +445,8 @@ class Asynchronous(Federation):
             at, arrives = self.plan(c, self.dispatches, r)
             self.note("start", self.clock, client=c, version=self.version)
             if arrives and self.version not in self.bases:
-                self.bases[self.version] = {k: v.detach().clone() for k, v in self.global_state().items()}
+                state = self._state if self._state is not None else self.global_state()
+                self.bases[self.version] = {k: v.detach().clone() for k, v in state.items()}
             self.flights[c] = _Flight(c, self.dispatches, self.version, self.clock, at, configs[c], arrives)
             heapq.heappush(self.queue, (at, c, self.dispatches))
 
@@ -453,12 +455,14 @@ class Asynchronous(Federation):
         states = self.client_states.get(flight.client) or {}
         c, r = flight.client, flight.base_version + 1
         task = ClientTask(c, r, flight.config, states, dispatch=flight.dispatch)
-        (result,) = [_copy(res) for res in self.train([task], self.bases[flight.base_version])]
+        keep = _copy if self.buffer_size > 1 else lambda res: res  # async applies it before training again
+        (result,) = [keep(res) for res in self.train([task], self.bases[flight.base_version])]
         return result
 
     # ------------------------------------------------------------------ the clock
 
     def update(self, r: int) -> ServerUpdate:
+        self._state = None  # evaluation and checkpoints ran since the last update
         self._fill(r)
         while len(self.buffer) < self.buffer_size:
             if not self.queue:
@@ -494,7 +498,8 @@ class Asynchronous(Federation):
 
     def _apply(self, r: int) -> tuple[float, Mapping[str, Any], dict[int, Mapping[str, Any]]]:
         """Server update ``r`` from the buffer: refresh stale updates, aggregate, load."""
-        current = self.global_state()
+        full = self.model.state_dict()
+        current = {k: full[k] for k in self.keys}
         arrivals: list[Arrival] = []
         for flight in self.buffer:
             assert flight.result is not None
@@ -518,12 +523,17 @@ class Asynchronous(Federation):
         f = self.scenario.federation
         rule: Callable[[Mapping[str, torch.Tensor]], Any]
         if self.mode == "async":
-            rule = lambda like: FedAsync(like, f.async_alpha, self.weight, ctx.arrivals)  # noqa: E731
+            rule = lambda like: FedAsync(like, f.async_alpha, self.weight, ctx.arrivals, in_place=True)  # noqa: E731
         else:
             rule = lambda like: FedBuff(like, f.server_lr, self.weight, ctx.arrivals)  # noqa: E731
         results = [flight.result for flight in self.buffer if flight.result is not None]
-        loss, _ = aggregate_round(self.hooks, self.model, self.keys, ctx, results, self.client_states, rule)
+        loss, _ = aggregate_round(
+            self.hooks, self.model, self.keys, ctx, results, self.client_states, rule, state=full
+        )
         configs = {flight.client: flight.config for flight in self.buffer}
+        # The model's tensors now hold the new weights; without server_after_aggregate nothing can
+        # have replaced them, so the next start's snapshot needs no new state_dict.
+        self._state = current if not self.hooks.server_after_aggregate else None
         self.buffer = []
         self.note("update", self.clock, version=r, arrivals=len(arrivals))
         return loss, ctx.config, configs

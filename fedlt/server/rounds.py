@@ -140,14 +140,16 @@ def aggregate_round(
     results: Iterable[ClientResult],
     client_states: dict[int, dict[str, dict[str, Any]]],
     default: Callable[[Mapping[str, torch.Tensor]], Any] = FedAvg,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[float, int]:
     """Stream ``results`` (in task order) into the aggregator and write the new weights into
     ``model``; stores each client's new plugin state. Returns (mean loss, samples trained).
 
     ``default`` makes the aggregator when no plugin does (the mode's rule: FedAvg, FedAsync,
-    FedBuff). A non-finite client loss stops the round naming round, client and plugins.
+    FedBuff); ``state``: ``model.state_dict()`` when the caller has it. A non-finite client loss
+    stops the round naming round, client and plugins.
     """
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     global_weights = {k: state[k] for k in keys}
     maker = "fedlt"
     aggregator = None
@@ -188,7 +190,8 @@ def aggregate_round(
         new = _check_update(new, state, keys, maker, ctx.round) if maker != "fedlt" else new
         with torch.no_grad():
             for k, v in new.items():
-                state[k].copy_(v)
+                if v is not state[k]:  # an aggregator may have written the model's own tensors
+                    state[k].copy_(v)
     if hooks.server_after_aggregate:
         hooks.server_after_aggregate(payloads=payloads, model=model, ctx=ctx)  # each plugin its own
     return (float(np.mean(losses)) if losses else float("nan")), total
