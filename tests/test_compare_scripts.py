@@ -228,3 +228,35 @@ def test_continual_rejects_offline_scenario(tmp_path: Path, tiny: dict[str, Any]
     mod = _load("compare_continual")
     with pytest.raises(SystemExit):
         mod.main([str(_write(tmp_path, tiny, "tiny")), "--quick", "--out", str(tmp_path / "o")])
+
+
+def test_compare_async_runs_methods_at_equal_client_work_and_reuses_runs(tmp_path: Path, tiny: dict) -> None:
+    mod = _load("compare_async")
+    s = copy.deepcopy(tiny)
+    s["federation"] = {"mode": "async", "rounds": 8, "concurrency": 2, "eval_every": 4}
+    s["system"] = {"speed": "lognormal", "speed_sigma": 0.8, "tail_slowdown": 5.0}
+    s["eval"]["time_to_accuracy"] = [0.05, 0.999]
+    scenario = _write(tmp_path, s, "tinyasync")
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    argv = [str(scenario), "--seeds", "0", "1", "--methods", "fedasync", "fedbuff", "deadline", "--no-plot"]
+    argv += ["--out", str(out), "--runs", str(runs), "--settings", "intertwined"]
+    assert mod.main(argv) == 0
+    report = (out / "async-tiny.md").read_text()
+    summary = lambda m, k: json.loads((runs / "intertwined" / m / f"seed{k}" / "summary.json").read_text())  # noqa: E731
+    sync = [summary("sync", k) for k in (0, 1)]
+    fedasync = [summary("fedasync", k) for k in (0, 1)]
+    # Equal client work: 4 rounds of 2 clients against 8 async updates; FedBuff 2 updates of 4.
+    assert [x["rounds"] for x in sync] == [4, 4] and [x["federation"]["arrivals"] for x in fedasync] == [8, 8]
+    fedbuff = summary("fedbuff", 0)
+    assert fedbuff["rounds"] == 2 and fedbuff["federation"]["arrivals"] == 8
+    deadline = summary("deadline", 0)
+    assert deadline["federation"]["mode"] == "deadline"
+    row = _row(report.split("### intertwined (")[1], "fedasync")
+    tail = lambda x: x["final"]["tail_accuracy"]  # noqa: E731
+    tails = [tail(a) - tail(b) for a, b in zip(fedasync, sync, strict=True)]
+    assert row[6] == f"{100 * statistics.mean(tails):+.1f}"  # the paired Δtail, from the summaries
+    assert row[8] == "never" and "| fedasync (" not in report.split("### intertwined: `fedlt compare`")[0]
+    assert "sync (baseline)" in report
+    mtimes = {p: p.stat().st_mtime for p in runs.rglob("summary.json")}
+    assert mod.main(argv) == 0  # everything reused
+    assert {p: p.stat().st_mtime for p in runs.rglob("summary.json")} == mtimes
