@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -268,3 +269,15 @@ def test_every_section_default_is_valid() -> None:
     s = Scenario()
     assert s.model.params() == {"hidden": [128, 64]}
     assert s.stream.schedule == "per-client"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "scenarios").glob("*.toml")), ids=str
+)
+def test_every_shipped_scenario_loads_and_passes_preflight(path: Path) -> None:
+    """Each scenarios/*.toml is a valid scenario whose plugins, keys and traces check out (its data
+    is not loaded: some read ../shared/data)."""
+    from fedlt.prepare import preflight
+
+    scenario = load_scenario(path)
+    assert preflight(scenario) == []
