@@ -22,7 +22,8 @@ authors' code decides this with the client's true data (an oracle a server does 
 the server compares what it can compute: the inversion error ``e_inv = |sim(w_base, D) - delta|_1 /
 |delta|_1`` and the staleness effect on the estimate, ``e_stale = |sim(w_now, D) - sim(w_base, D)|_1 /
 |delta|_1``. An update is refreshed when ``e_inv < e_stale``; after ``patience`` updates in a row
-where it is not, the plugin switches to plain aggregation for the rest of the run (``switch =
+where it is not, past the first ``warmup`` share of the run (early updates are noisy: the model has
+hardly moved), the plugin switches to plain aggregation for the rest of the run (``switch =
 "auto"``), as the paper does late in training. ``stop_after`` ends it after that many server updates
 (the authors' ``switch_max``).
 """
@@ -151,7 +152,10 @@ class StaleInversionParams(BaseModel):
     switch: Literal["auto", "never"] = Field(
         "auto", description="auto: switch to plain aggregation after `patience` updates the estimate loses."
     )
-    patience: int = Field(3, ge=1, description="Consecutive lost updates before switching back.")
+    patience: int = Field(10, ge=1, description="Consecutive lost updates before switching back for good.")
+    warmup: float = Field(
+        0.1, ge=0, le=1, description="Share of the run's server updates before switching back may happen."
+    )
     stop_after: int | None = Field(None, ge=1, description="No refreshing after this server update.")
 
 
@@ -230,7 +234,7 @@ class StaleInversion(Plugin):
         if e_inv >= e_stale and p.switch == "auto":
             self.counts["kept"] += 1
             self.lost_in_a_row += 1
-            if self.lost_in_a_row >= p.patience:
+            if self.lost_in_a_row >= p.patience and ctx.round > p.warmup * ctx.n_rounds:
                 self.switched_at = ctx.round
             return None
         self.lost_in_a_row = 0

@@ -147,21 +147,18 @@ def test_it_switches_back_to_plain_aggregation_when_the_estimate_keeps_losing() 
     x, y = batch()
     weights = {k: base[k] + d for k, d in train_on(model, base, x, y, steps=5, lr=0.1).items()}
     now = {k: v + 1e-4 for k, v in base.items()}  # hardly stale: the estimate cannot win
-    plugin = _plugin(iterations=2, patience=2)
+    plugin = _plugin(iterations=2, patience=2, warmup=0.5)  # no switching in rounds 1-5 of 10
+    stale = Arrival(1, 0, 3, 0.0, 1.0, base)
     call = lambda r: plugin.server_refresh_update(  # noqa: E731
-        weights=weights,
-        arrival=Arrival(1, 0, 3, 0.0, 1.0, base),
-        global_weights=now,
-        n_steps=5,
-        ctx=_round_ctx(r),
+        weights=weights, arrival=stale, global_weights=now, n_steps=5, ctx=_round_ctx(r)
     )
-    assert call(3) is None and plugin.switched_at is None
-    assert call(4) is None and plugin.switched_at == 4
+    assert call(3) is None and call(4) is None and plugin.switched_at is None  # lost twice, but early
+    assert call(6) is None and plugin.switched_at == 6
     iterations_before = len(plugin.errors)
-    assert call(5) is None and len(plugin.errors) == iterations_before  # no inversion any more
+    assert call(7) is None and len(plugin.errors) == iterations_before  # no inversion any more
     restored = _plugin()
     restored.load_state_dict(plugin.state_dict())
-    assert restored.switched_at == 4 and restored.counts == plugin.counts
+    assert restored.switched_at == 6 and restored.counts == plugin.counts
 
 
 def test_stale_inversion_refuses_a_synchronous_federation(tmp_path: Path) -> None:

@@ -434,3 +434,24 @@ def test_time_to_accuracy_reports_the_first_evaluation_reaching_each_target(tmp_
     assert first["accuracy"] >= 0.05
     assert summary["time_to_accuracy"] == {"0.05": {"round": 1, "virtual_time": 8.0}, "0.999": None}
     assert math.isclose(summary["federation"]["virtual_time"], 24.0)
+
+
+def test_sync_rounds_start_only_clients_online_in_their_round(tmp_path: Path) -> None:
+    """Bernoulli availability per round: a client starts in round r only if its draw
+    hash_uniform(seed, "system-online", client, r) < p, computed here; and k of them when enough are."""
+    from fedlt.base.seeding import hash_uniform
+
+    s = scenario(tmp_path, n=4, speeds=(32, 16, 8, 4), federation={"rounds": 8, "fraction_clients": 0.5})
+    s["system"].update(availability="bernoulli", availability_p=0.5)
+    fedlt.run(s, out=tmp_path / "r")
+    starts = events(tmp_path / "r", "start")
+    updates = events(tmp_path / "r", "update")
+    assert len(updates) == 8
+    by_round: dict[int, list[int]] = {}
+    for e in starts:
+        by_round.setdefault(e["version"] + 1, []).append(e["client"])
+    for r in range(1, 9):
+        online = [c for c in range(4) if hash_uniform(TINY["seed"], "system-online", c, r) < 0.5]
+        chosen = by_round.get(r, [])
+        assert set(chosen) <= set(online)
+        assert len(chosen) == min(2, len(online))
