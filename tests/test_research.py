@@ -126,6 +126,7 @@ def test_plot_two_runs_writes_every_figure_they_have_data_for(runs: Path, tmp_pa
     assert main(["plot", str(a), str(b), "--out", str(out), "--labels", "lr 0.1,lr 0.05"]) == 0
     stdout, stderr = capsys.readouterr()
     expected = ["accuracy", "shot_accuracy", "per_class_vs_count", "head_vs_tail", "confusion_matrix"]
+    expected += ["virtual_time_accuracy", "client_timeline"]  # a sync run has a clock, no stale update
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.png" for n in expected)
     for name in expected:
         width, height = _valid_png(out / f"{name}.png")

@@ -120,6 +120,29 @@ class _Flight:
         )
 
 
+def _flatten(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One tensor per dtype (in key order), so a checkpoint of many base versions saves a few
+    records each rather than one per entry (torch.save's cost is per record)."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for t in weights.values():
+        groups.setdefault(str(t.dtype).removeprefix("torch."), []).append(t.detach().reshape(-1))
+    return {dtype: torch.cat(parts) for dtype, parts in groups.items()}
+
+
+def _unflatten(
+    flat: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The weights :func:`_flatten` packed, shaped as ``like`` (the model's entries, in key order)."""
+    offsets = dict.fromkeys(flat, 0)
+    out = {}
+    for key, ref in like.items():
+        dtype = str(ref.dtype).removeprefix("torch.")
+        start = offsets[dtype]
+        out[key] = flat[dtype][start : start + ref.numel()].reshape(ref.shape).to(device).clone()
+        offsets[dtype] = start + ref.numel()
+    return out
+
+
 def _copy(result: ClientResult) -> ClientResult:
     """A result whose weights outlive the engine's next client (engines yield live tensors)."""
     weights = {k: v.detach().clone() for k, v in result.weights.items()}
@@ -549,7 +572,7 @@ class Asynchronous(Federation):
             "version": self.version,
             "flights": [self.flights[c].state() for c in sorted(self.flights)],
             "buffer": [f.state() for f in self.buffer],
-            "bases": {v: dict(w) for v, w in self.bases.items() if v in used},
+            "bases": {v: _flatten(w) for v, w in self.bases.items() if v in used},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -558,9 +581,8 @@ class Asynchronous(Federation):
         self.version = int(state.get("version", 0))
         self.flights = {int(s["client"]): _Flight.from_state(s, device) for s in state.get("flights", [])}
         self.buffer = [_Flight.from_state(s, device) for s in state.get("buffer", [])]
-        self.bases = {
-            int(v): {k: t.to(device) for k, t in w.items()} for v, w in state.get("bases", {}).items()
-        }
+        like = self.global_state()
+        self.bases = {int(v): _unflatten(w, like, device) for v, w in state.get("bases", {}).items()}
         self.queue = [(f.due, f.client, f.dispatch) for f in self.flights.values()]
         heapq.heapify(self.queue)
 
