@@ -38,3 +38,18 @@ def test_floor_and_fedlt_sides_run_and_print_times(
     fedlt = bench._numbers(capsys.readouterr().out)
     assert fedlt["fedlt_wall_s"] >= fedlt["fedlt_rounds_s"] >= 0
     assert fedlt["torch_threads"] >= 1
+
+
+def test_async_benchmark_children_run_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench_async.py's child (one mode of part 1) and split_async.py run and print what the
+    parents parse; the async child starts its 400 clients plus the ones in flight at the end."""
+    import json
+
+    bench = load_script(Path("benchmarks/bench_async.py"), "fedlt_bench_async")
+    bench.child_mode("digits", "buffered", tmp_path / "run")
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["starts"] == 400 + 8 and out["wall_s"] > 0
+    split = load_script(Path("benchmarks/split_async.py"), "fedlt_split_async")
+    split.main("digits", "sync")
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("digits sync: total") and "train" in line and "checkpoint" in line
