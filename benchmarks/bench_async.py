@@ -7,15 +7,16 @@ an asynchronous federation of 100,000 clients must cost per server update what o
 does (target: within 1.2x), since a start, an arrival and an update touch only the clients
 involved.
 
-Part 1 (same client work), on two workloads of 20 clients: ``digits`` (long-tailed digits, about
-21 samples a client, MLP [128, 64], 2 local epochs: a client trains in about 3 ms, so per-update
-bookkeeping shows) and ``synthetic`` (500 samples a client, 64 features, MLP [128, 64], 1 local
-epoch: a client trains in about 15 ms, like most real workloads). ``sync`` 50 rounds of 8 clients,
-``async`` 400 updates with 8 in flight, ``buffered`` 50 updates of 8 arrivals; one evaluation at
-the end; a checkpoint every 8 client trainings in each (every round; every 8 async updates, the
-default there), and on digits ``async`` again with a checkpoint after every update. Each run is a
-fresh process with one thread, imports excluded; the median of ``--repeats`` runs, the runs of one
-repeat back to back so the machine's load hits them alike.
+Part 1 (same client work), on three workloads: ``digits`` (long-tailed digits, 20 clients of
+about 21 samples, MLP [128, 64], 2 local epochs: a client trains in about 2 ms, so per-update
+bookkeeping shows), ``synthetic`` (20 clients of 500 samples, 64 features, MLP [128, 64],
+1 local epoch: about 8 ms a client) and ``anchor-w2`` (the project's overhead-bound anchor of
+../shared/bench: 100 clients of 50 CIFAR-shaped samples, the floor's CNN, one batch of 50).
+``sync`` 50 rounds of 8 clients, ``async`` 400 updates with 8 in flight, ``buffered`` 50 updates
+of 8 arrivals; one evaluation at the end; a checkpoint every 8 client trainings in each (every
+round; every 8 async updates, the default there), and on digits ``async`` again with a checkpoint
+after every update. Each run is a fresh process with one thread, imports excluded; the median of
+``--repeats`` runs, the runs of one repeat back to back so the machine's load hits them alike.
 
 Part 2 (scale): synthetic data (2 samples a client plus 10,000), iid, MLP [32]; ``async`` with
 100 clients in flight, 300 updates, a checkpoint every 100; seconds per update = the median of
@@ -66,7 +67,20 @@ SYNTHETIC: dict[str, Any] = {
     "eval": {"personalized": False},
     "engine": {"threads": 1},
 }
-WORKLOADS = {"digits": DIGITS, "synthetic": SYNTHETIC}
+#: The project's overhead-bound anchor (../shared/bench W2: 100 clients of 50 CIFAR-shaped samples,
+#: the floor's CNN, batch 50, one local epoch), as bench_serial.py runs it.
+ANCHOR_W2: dict[str, Any] = {
+    "seed": 0,
+    "data": {"dataset": "synthetic", "n_train": 5000, "n_test": 100, "num_classes": 10, "shape": [3, 32, 32]},
+    "long_tail": {"profile": "none"},
+    "partition": {"kind": "iid", "n_clients": 100},
+    "model": {"name": "cnn", "widths": [16, 32]},
+    "train": {"local_epochs": 1, "batch_size": 50, "lr": 0.05},
+    "system": {"speed": "lognormal", "speed_sigma": 0.5},
+    "eval": {"personalized": False},
+    "engine": {"threads": 1},
+}
+WORKLOADS = {"digits": DIGITS, "synthetic": SYNTHETIC, "anchor-w2": ANCHOR_W2}
 #: Part 1's modes: the federation table and the checkpoint cadence of each.
 MODES: dict[str, tuple[dict[str, Any], int | None]] = {
     "sync": ({"rounds": 50, "fraction_clients": 0.4, "eval_every": 0}, 1),
@@ -86,11 +100,11 @@ SIZES = (1_000, 10_000, 100_000)
 UPDATES, IN_FLIGHT = 300, 100
 
 
-def child_mode(workload: str, name: str, out: Path) -> None:
-    import fedlt
-    import fedlt.api
-
+def scenario_for(workload: str, name: str) -> dict[str, Any]:
+    """Part 1's scenario of ``workload`` in mode ``name``: 8 clients a round or in flight."""
     federation, every = MODES[name]
+    if "fraction_clients" in federation:  # 8 clients a round, whatever the federation's size
+        federation = {**federation, "fraction_clients": 8 / WORKLOADS[workload]["partition"]["n_clients"]}
     s = {
         **WORKLOADS[workload],
         "name": "bench-async",
@@ -99,6 +113,14 @@ def child_mode(workload: str, name: str, out: Path) -> None:
     }
     if every is None:
         del s["checkpoint"]
+    return s
+
+
+def child_mode(workload: str, name: str, out: Path) -> None:
+    import fedlt
+    import fedlt.api
+
+    s = scenario_for(workload, name)
     t0 = time.perf_counter()
     summary = fedlt.run(s, out=out)
     wall = time.perf_counter() - t0

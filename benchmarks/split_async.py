@@ -42,10 +42,7 @@ def main(workload: str, mode: str) -> None:
     timed(worker.ClientTrainer, "run", "train")
     timed(runner.Run, "_checkpoint", "checkpoint")
     timed(runner.Run, "_evaluate", "evaluate")
-    federation, every = bench_async.MODES[mode]
-    s = {**bench_async.WORKLOADS[workload], "name": "split", "federation": federation}
-    if every is not None:
-        s["checkpoint"] = {"every": every}
+    s = bench_async.scenario_for(workload, mode)
     out = Path(tempfile.mkdtemp(prefix="fedlt-split-"))
     try:
         t0 = time.perf_counter()
