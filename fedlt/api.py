@@ -30,8 +30,12 @@ def run(
     out : path, optional
         Run folder (default ``runs/<name>-<plugins>-<timestamp>``).
     if_exists : {"error", "overwrite", "resume"}, default="error"
-        When ``out`` already holds a run: refuse, delete its files and start again, or continue
-        it from its checkpoint (returning its summary at once if it has finished).
+        When ``out`` already holds a run: refuse, delete its files and start again (after
+        claiming the folder, so a live run's files are never deleted), or continue it from its
+        checkpoint. With ``"resume"``, the folder's own scenario.toml is what continues and the
+        ``overrides`` apply as ``fedlt.resume(out, **overrides)`` applies them: settings that keep
+        the checkpoint valid change (more rounds continue a finished run), others are refused;
+        when they change nothing, a finished run's summary is returned at once.
     progress : bool, default=False
         Show a progress bar.
     on_round : callable, optional
@@ -41,16 +45,28 @@ def run(
         Dotted keys, written with ``__`` for ``.`` (``federation__rounds=3``) or passed as
         ``**{"federation.rounds": 3}``.
 
+    Raises
+    ------
+    TypeError
+        ``scenario`` is not a path, name, dict or Scenario, or ``overrides=[...]`` was passed
+        (overrides are keyword arguments).
+
     Examples
     --------
     >>> summary = fedlt.run("quickstart", out="runs/qs", federation__rounds=5)  # doctest: +SKIP
     >>> summary["final"]["balanced_accuracy"]  # doctest: +SKIP
     >>> fedlt.history("runs/qs")[-1]["accuracy"]  # doctest: +SKIP
     """
-    from fedlt.driver.runner import SCENARIO, Run, finished_summary
+    from fedlt.driver.runner import SCENARIO, Run
     from fedlt.errors import ScenarioError
-    from fedlt.store.rundir import artefacts_in
+    from fedlt.store.rundir import LOCK, artefacts_in, claim
 
+    if not isinstance(scenario, str | Path | Mapping | Scenario):
+        raise TypeError(
+            f"fedlt.run's 'scenario' must be a path to a scenario TOML file, a built-in scenario name, "
+            f"a dict or a fedlt.Scenario. Got {scenario!r} ({type(scenario).__name__}) instead."
+        )
+    _check_overrides("run", overrides)
     if if_exists not in ("error", "overwrite", "resume"):
         raise ScenarioError("if_exists", if_exists, "'error', 'overwrite' or 'resume'")
     if isinstance(scenario, Scenario):
@@ -59,18 +75,68 @@ def run(
             spec.update(spec.pop("params"))
     resolved = load_scenario(scenario, overrides)
     run_dir = None if out is None else Path(out)
+    lock = None
     if run_dir is not None and run_dir.is_dir() and artefacts_in(run_dir):
         if if_exists == "resume" and (run_dir / SCENARIO).is_file():
-            done = finished_summary(run_dir)
-            if done is not None:
-                return done
-            return _execute(Run.open(run_dir, progress), on_round)
+            command = _call("run", scenario, out=str(out), if_exists=if_exists, **overrides)
+            return _resume(run_dir, progress, on_round, overrides, command)
         if if_exists == "overwrite":
-            for name in artefacts_in(run_dir):
-                target = run_dir / name
-                if name != "fedlt.lock":
-                    shutil.rmtree(target) if target.is_dir() else target.unlink()
-    return _execute(Run.create(resolved, run_dir, progress, key="out="), on_round)
+            lock = claim(run_dir, key="out=")  # refuses a live run's folder before anything is deleted
+            try:
+                for name in artefacts_in(run_dir):
+                    target = run_dir / name
+                    if name == LOCK:
+                        continue
+                    if target.is_dir() and not target.is_symlink():
+                        shutil.rmtree(target)
+                    else:
+                        target.unlink()  # a link goes, never what it points to
+            except BaseException:
+                lock.release()
+                raise
+    command = _call("run", scenario, out=None if out is None else str(out), **overrides)
+    return _execute(Run.create(resolved, run_dir, progress, key="out=", command=command, lock=lock), on_round)
+
+
+def _check_overrides(name: str, overrides: Mapping[str, Any]) -> None:
+    """Refuse ``overrides=[...]``: it would be taken for a scenario key named ``overrides``."""
+    if "overrides" in overrides:
+        raise TypeError(
+            f"fedlt.{name} takes overrides as keyword arguments, not as overrides=: write "
+            f"federation__rounds=3 (``__`` for ``.``) or **{{'federation.rounds': 3}}. "
+            f"Got overrides={overrides['overrides']!r}."
+        )
+
+
+def _resume(
+    run_dir: Path,
+    progress: bool,
+    on_round: Callable[[int, dict[str, Any] | None], None] | None,
+    overrides: Mapping[str, Any],
+    command: str,
+) -> dict[str, Any]:
+    """Continue ``run_dir`` with ``overrides`` applied as a resume applies them; a finished run
+    whose settings they leave unchanged gives its summary at once."""
+    from fedlt.driver.resume import resume_overrides, setting_changes
+    from fedlt.driver.runner import SCENARIO, Run, finished_summary
+
+    kept = load_scenario(run_dir / SCENARIO)
+    changed = resume_overrides(kept, overrides)  # refuses keys a resume cannot change
+    if changed is None or not setting_changes(kept, changed):
+        overrides = {}
+        done = finished_summary(run_dir)
+        if done is not None:
+            return done
+    return _execute(Run.open(run_dir, progress, overrides, command), on_round)
+
+
+def _call(name: str, first: Any, **keywords: Any) -> str:
+    """How a run was started from Python, as its starts.json records it."""
+    if not isinstance(first, str | Path):
+        first = getattr(first, "name", None) or (first.get("name") if isinstance(first, Mapping) else None)
+    args = [repr(str(first))] if first is not None else []
+    args += [f"{k}={v!r}" for k, v in keywords.items() if v is not None]
+    return f"fedlt.{name}({', '.join(args)})"
 
 
 def _execute(run: Any, on_round: Callable[[int, dict[str, Any] | None], None] | None) -> dict[str, Any]:
@@ -92,11 +158,13 @@ def resume(
     """
     from fedlt.driver.runner import Run, finished_summary
 
+    _check_overrides("resume", overrides)
     if not overrides:
         done = finished_summary(Path(run_dir))
         if done is not None:
             return done
-    return _execute(Run.open(Path(run_dir), progress, overrides), on_round)
+    command = _call("resume", run_dir, **overrides)
+    return _execute(Run.open(Path(run_dir), progress, overrides, command), on_round)
 
 
 def history(run_dir: str | Path) -> list[dict[str, Any]]:

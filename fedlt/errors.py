@@ -85,23 +85,42 @@ class NonFiniteLossError(FedltError):
     """Training diverged (NaN/inf loss, weights or logits); the run stops, keeping its last good checkpoint.
 
     ``client`` is ``None`` when the divergence shows in the global model rather than one client.
+    ``checkpoint``: the round of the run's last checkpoint, ``None`` when it has none yet (the
+    message then says so instead of promising one), ``-1`` where the raiser cannot tell.
     """
 
     exit_status = 1
 
-    def __init__(self, round: int, client: int | None, plugins: list[str], loss: float) -> None:
+    def __init__(
+        self, round: int, client: int | None, plugins: list[str], loss: float, checkpoint: int | None = -1
+    ) -> None:
         self.round = round
         self.client = client
         self.plugins = plugins
         self.loss = loss
+        self.checkpoint = checkpoint
         stack = ", ".join(plugins) if plugins else "none"
         where = f"on client {client}" if client is not None else "in the global model's test logits"
-        self._init_args = (round, client, plugins, loss)
+        self._init_args = (round, client, plugins, loss, checkpoint)
+        if checkpoint is None:
+            kept = (
+                "The run stopped before its first checkpoint, so no round is kept: lower the learning rate "
+                "or fix the plugin and start again ('fedlt resume' with --set restarts it from round 1)."
+            )
+        else:
+            after = f" (round {checkpoint})" if checkpoint >= 0 else ""
+            kept = (
+                f"The run stopped; the last good checkpoint{after} is kept, so lower the learning rate "
+                "or fix the plugin and run 'fedlt resume'."
+            )
         super().__init__(
             f"Training diverged (loss, weights or logits became {loss}) in round {round} {where} "
-            f"(plugins, in order: {stack}). The run stopped; the last good checkpoint is kept, "
-            "so lower the learning rate or fix the plugin and run 'fedlt resume'."
+            f"(plugins, in order: {stack}). {kept}"
         )
+
+    def at_checkpoint(self, checkpoint: int | None) -> NonFiniteLossError:
+        """The same error, saying which checkpoint the run keeps (``None``: none yet)."""
+        return NonFiniteLossError(self.round, self.client, self.plugins, self.loss, checkpoint)
 
     def __reduce__(self):
         return (NonFiniteLossError, self._init_args)

@@ -120,6 +120,16 @@ CASES = [
     (Q, S("engine.kind=ray", "engine.vectorize=on"), "engine.vectorize"),
     (Q, S("engine.kind=flower", "engine.vectorize=off"), "engine.vectorize"),
     (Q, S("engine.kind=ray", "engine.group_size=4"), "engine.group_size"),
+    # a key the chosen kind does not use would be ignored: refused, one rule for every section
+    (Q, S("stream.eval_period=5"), "stream.eval_period"),
+    (Q, S("engine.num_workers=3"), "engine.num_workers"),
+    # a long-tail profile that leaves a class without a training sample
+    (
+        Q,
+        S("long_tail.profile=exponential", "long_tail.n_max=4", "long_tail.imbalance_factor=5"),
+        "long_tail.imbalance_factor",
+    ),
+    (Q, IMAGES + S("data.root={tmp}/set.tar", "data.max_members=3"), "data.max_members"),
 ]
 
 # Runner-side bad input: (arguments, what the message must contain). "{tmp}" is the test's
@@ -134,9 +144,10 @@ RUNNER_CASES = [
         "The --out folder {tmp}/used already holds a fedlt run (metrics.jsonl)",
     ),
     (["run", Q, "--out", "{tmp}/stopped"], "fedlt resume {tmp}/stopped"),
-    (["run", Q, "--out", "{tmp}/held"], "The --out folder {tmp}/held already holds a fedlt run (fedlt.lock)"),
+    (["run", Q, "--out", "{tmp}/held"], "The run folder {tmp}/held is in use: held by pid {pid}"),
     (["resume", "{tmp}/held-run"], "The run folder {tmp}/held-run is in use: held by pid {pid}"),
     (["resume", "{tmp}/empty"], "'RUN_DIR' value must be a run folder holding scenario.toml"),
+    (["resume", "{tmp}/lock-only"], "There is nothing to resume in {tmp}/lock-only"),
     (["resume", "{tmp}/nowhere"], "Got '{tmp}/nowhere'"),
     (["resume", "{tmp}/file.txt"], "Got '{tmp}/file.txt'"),
     (["resume", "{tmp}/ckpt-truncated"], "{tmp}/ckpt-truncated/checkpoint.pt: the file is truncated"),
@@ -267,6 +278,9 @@ def _runner_files(tmp: Path, runs: Path) -> None:
     lock = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now", "command": "x"})
     (tmp / "held").mkdir()
     (tmp / "held" / "fedlt.lock").write_text(lock)
+    (tmp / "lock-only").mkdir()  # a run killed while its data was built, long ago
+    dead = {"pid": 2**22 + 12345, "host": socket.gethostname(), "started": "then", "command": "x"}
+    (tmp / "lock-only" / "fedlt.lock").write_text(json.dumps(dead))
     shutil.copytree(runs / "stopped", tmp / "stopped")
     shutil.copytree(runs / "stopped", tmp / "held-run")
     (tmp / "held-run" / "fedlt.lock").write_text(lock)

@@ -170,6 +170,65 @@ def test_total_cap_stops_before_the_member_that_would_pass_it(tmp_path: Path) ->
     assert f"total read to {total} bytes" in str(err)
 
 
+def test_a_gzip_bomb_is_refused_by_its_expansion_before_the_second_member_is_read(tmp_path: Path) -> None:
+    # Three members of 40 MiB of zeros: gzip makes them a few hundred kB on disk.
+    archive = tmp_path / "bomb.tar.gz"
+    zeros = bytes(40 * MIB)
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+        for i in range(3):
+            info = tarfile.TarInfo(f"set/{'ab'[i % 2]}/{i}.png")
+            info.size = len(zeros)
+            tar.addfile(info, io.BytesIO(zeros))
+    del zeros
+    size = archive.stat().st_size
+    cap = max(64 * MIB, 100 * size)  # the rule, written out: 100x the archive, at least 64 MiB
+    assert cap < 80 * MIB  # so the second member (40 + 40 MiB) is the one refused
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageFolderError) as info:
+            _load(archive, tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    err = info.value
+    assert err.key == "data.max_expansion" and err.value == 100
+    assert f"total read to {80 * MIB} bytes" in str(err) and f"(cap {cap};" in str(err)
+    assert f"the archive's {size} bytes on disk" in str(err)
+    # One member read (tarfile's stream read holds it about twice while joining chunks), never two.
+    assert peak < 100 * MIB, peak
+    # a larger ratio lets it through to the next cap
+    with pytest.raises(ImageFolderError) as info:
+        _load(archive, tmp_path / "other", max_expansion=10**6, max_total_bytes=80 * MIB - 1)
+    assert info.value.key == "data.max_total_bytes"
+
+
+def test_the_member_count_is_capped_before_any_member_is_read(tmp_path: Path) -> None:
+    members = _members(n=3)  # 12 members
+    archive = _write_tar(tmp_path / "set.tar", members)
+    assert _load(archive, tmp_path, max_members=12).class_names == ("a", "b")
+    with pytest.raises(ImageFolderError) as info:
+        _load(archive, tmp_path / "other", max_members=11)
+    assert info.value.key == "data.max_members" and info.value.value == 11
+    assert "holds more than 11 members" in str(info.value)
+
+
+def test_a_compressed_archive_of_many_empty_members_is_refused_in_proportion_to_its_size(
+    tmp_path: Path,
+) -> None:
+    archive = tmp_path / "many.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for i in range(10_500):
+            info = tarfile.TarInfo(f"set/{'ab'[i % 2]}/{i}.png")
+            tar.addfile(info, io.BytesIO(b""))
+    size = archive.stat().st_size
+    cap = max(10_000, size // 20)  # one member per 20 compressed bytes, at least 10,000
+    assert cap < 10_500, size
+    with pytest.raises(ImageFolderError) as info:
+        _load(archive, tmp_path)
+    assert info.value.key == "data.max_members" and info.value.value == 10**6
+    assert f"holds more than {cap} members ({size} bytes on disk" in str(info.value)
+
+
 def test_forged_pax_header_size_is_refused_before_tarfile_reads_it(tmp_path: Path) -> None:
     pax = tarfile.TarInfo("././@PaxHeader")
     pax.type = tarfile.XHDTYPE
@@ -181,7 +240,9 @@ def test_forged_pax_header_size_is_refused_before_tarfile_reads_it(tmp_path: Pat
     assert info.value.key == "data.max_image_bytes" and str(BIG) in str(info.value)
 
 
-@pytest.mark.parametrize("cap", ["max_image_bytes", "max_total_bytes", "max_decoded_bytes"])
+@pytest.mark.parametrize(
+    "cap", ["max_image_bytes", "max_total_bytes", "max_decoded_bytes", "max_members", "max_expansion"]
+)
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_caps_must_be_positive_ints(tmp_path: Path, cap: str, bad: object) -> None:
     base = _tree(tmp_path / "set", {"": ("a", "b")})

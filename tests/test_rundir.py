@@ -107,7 +107,7 @@ def test_a_new_or_empty_folder_is_accepted_and_nothing_is_created(tmp_path):
     assert os.listdir(tmp_path / "empty") == ["README.md"]
 
 
-@pytest.mark.parametrize("artefact", ["scenario.toml", "metrics.jsonl", "checkpoint.pt", LOCK])
+@pytest.mark.parametrize("artefact", ["scenario.toml", "metrics.jsonl", "checkpoint.pt", "starts.json"])
 def test_a_folder_holding_a_run_is_refused_naming_what_it_holds(tmp_path, artefact):
     (tmp_path / artefact).write_text("x")
     (tmp_path / "summary.json").write_text("{}")
@@ -118,6 +118,17 @@ def test_a_folder_holding_a_run_is_refused_naming_what_it_holds(tmp_path, artefa
     assert artefact in message and "summary.json" in message
     assert f"fedlt resume {tmp_path}" in message
     assert info.value.exit_status == 2
+
+
+def test_a_folder_holding_only_a_lock_is_left_to_the_claim(tmp_path):
+    # A run killed while its data was built (or a full disk when the lock was written) leaves only
+    # fedlt.lock: that is no run, and claim() takes it over when stale or names a live holder.
+    (tmp_path / LOCK).write_text("")
+    check_fresh_dir(tmp_path, key="--out")
+    with pytest.warns(RuntimeWarning, match="stale lock"):
+        lock = claim(tmp_path, fresh=True)
+    lock.release()
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_file_is_refused(tmp_path):

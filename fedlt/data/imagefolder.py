@@ -13,7 +13,9 @@ channel statistics are computed from the cached arrays at load time, so a new se
 ``test_fraction`` reuses the same decode.
 
 Input may be hostile or broken, so nothing is trusted: archive members are size-checked from
-their tar headers before they are read (``max_image_bytes``, ``max_total_bytes``), decoded
+their tar headers before they are read (``max_image_bytes``, ``max_total_bytes``), a compressed
+archive may expand only ``max_expansion`` times its size on disk (at least 64 MiB) and hold only
+so many members (``max_members``, and one per 20 compressed bytes, at least 10,000), decoded
 sizes are checked from image headers before decoding (``max_decoded_bytes`` and PIL's
 decompression-bomb limit), absolute and ``..`` member names are ignored, truncated archives are
 reported rather than half-read, symlinked folders are never walked twice, and only the formats
@@ -44,6 +46,7 @@ import numpy as np
 from PIL import Image
 
 from fedlt.base.seeding import numpy_rng
+from fedlt.base.warn import user_stacklevel
 from fedlt.data.raw import RawDataset, RawSplit, stratified_split
 
 __all__ = [
@@ -77,6 +80,14 @@ _ALLOWED_ROOT = "a folder of class subfolders (maybe under train/ and test/) or 
 _ALLOWED_ARCHIVE = "a .tar/.tar.gz/.tgz archive that opens; this one is"
 _MIB = 2**20
 _GIB = 2**30
+#: A compressed archive may always expand to this much, whatever its size on disk.
+_EXPANSION_FLOOR = 64 * _MIB
+#: Compressed bytes an image member costs at least (the smallest PNG is 67 bytes and does not
+#: compress much; an empty member's header gzips to about 5), and the members always allowed.
+_BYTES_PER_MEMBER = 20
+_MEMBERS_FLOOR = 10_000
+#: Leading bytes of the compressed formats tarfile's stream reader unpacks (gzip, bzip2, xz).
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zX")
 
 
 class ImageFolderError(ValueError):
@@ -214,13 +225,13 @@ def _list_directory(root: Path) -> list[tuple[str, int, int]]:
             f"Skipped {_example(revisits)} symlinked folder(s) under {base!r} that lead back into the "
             "tree or to a folder already walked (their images would count twice, or never end).",
             SymlinkSkippedWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     if special:
         warnings.warn(
             f"Skipped {_example(special)} image-named entries under {base!r} that are not regular files.",
             ImageFolderWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     found.sort()
     return found
@@ -307,13 +318,47 @@ def _archive_error(exc: BaseException, last: str | None, ends: list[str], value:
     )
 
 
-def _read_archive(path: Path, max_image_bytes: int, max_total_bytes: int) -> dict[str, bytes]:
+def _archive_caps(
+    path: Path, magic: bytes, max_total_bytes: int, max_members: int, max_expansion: int
+) -> tuple[int, int, str]:
+    """The total member bytes and member count ``path`` may yield, and the keys that set them.
+
+    A plain tar holds what it yields, so only the given caps apply. A compressed one is capped in
+    proportion to its size on disk: image members are compressed already, so an archive that
+    expands more than ``max_expansion`` times, or holds more members than its bytes can encode,
+    is a decompression bomb; the floors keep small real datasets well clear of both.
+    """
+    if not magic.startswith(_COMPRESSED_MAGIC):
+        return max_total_bytes, max_members, "data.max_total_bytes"
+    size = path.stat().st_size
+    by_size = max(_EXPANSION_FLOOR, max_expansion * size)
+    members = max(_MEMBERS_FLOOR, size // _BYTES_PER_MEMBER)
+    total_key = "data.max_expansion" if by_size < max_total_bytes else "data.max_total_bytes"
+    return min(by_size, max_total_bytes), min(members, max_members), total_key
+
+
+def _cap_error(key: str, cap: int, caps: dict[str, int], hint: str) -> ImageFolderError:
+    """A cap exceeded, naming the key to raise; ``caps`` are the keys' values."""
+    allowed = {
+        "data.max_total_bytes": "at least the total size of the image members (bytes)",
+        "data.max_expansion": "at least the archive's expansion (uncompressed over compressed size)",
+        "data.max_members": "at least the number of members of the archive",
+    }[key]
+    return ImageFolderError(allowed, hint=f"{hint} (cap {cap}; not read).", key=key, value=caps[key])
+
+
+def _read_archive(
+    path: Path, max_image_bytes: int, max_total_bytes: int, max_members: int = 10**6, max_expansion: int = 100
+) -> dict[str, bytes]:
     """Every image member's bytes, streamed in one pass; sizes are checked from headers before reading.
 
     A gzip archive is decompressed by :mod:`gzip` (which checks the CRC and notices a cut stream),
-    not by tarfile's stream reader (which does neither).
+    not by tarfile's stream reader (which does neither). The member count and the total are
+    checked against :func:`_archive_caps` as each header is read, before its data is.
     """
     value = str(path)
+    keys = {"data.max_total_bytes": max_total_bytes, "data.max_members": max_members}
+    keys["data.max_expansion"] = max_expansion
     try:
         raw = path.open("rb")
     except OSError as exc:
@@ -337,12 +382,25 @@ def _read_archive(path: Path, max_image_bytes: int, max_total_bytes: int) -> dic
                 value=value,
             )
         gzipped = magic[:2] == b"\x1f\x8b"
+        caps = _archive_caps(path, magic, max_total_bytes, max_members, max_expansion)
+        total_cap, member_cap, total_key = caps
         source: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
         tarinfo = _guarded_tarinfo(max_image_bytes, ends)
+        count = 0
         try:
             with tarfile.open(fileobj=source, mode="r|" if gzipped else "r|*", tarinfo=tarinfo) as archive:
                 for member in archive:
                     last = member.name
+                    count += 1
+                    if count > member_cap:
+                        raise _cap_error(
+                            "data.max_members",
+                            member_cap,
+                            keys,
+                            f"{value!r} holds more than {member_cap} members ({path.stat().st_size} bytes "
+                            f"on disk allow at most {max_members} and one per {_BYTES_PER_MEMBER} compressed "
+                            f"bytes, at least {_MEMBERS_FLOOR})",
+                        )
                     if _unsafe_member_name(member.name):
                         unsafe.append(member.name)
                         continue
@@ -359,14 +417,19 @@ def _read_archive(path: Path, max_image_bytes: int, max_total_bytes: int) -> dic
                             key="data.max_image_bytes",
                             value=max_image_bytes,
                         )
-                    if total + member.size > max_total_bytes:
-                        raise ImageFolderError(
-                            "at least the total size of the image members (bytes)",
-                            hint=f"Member {member.name!r} of {value!r} ({member.size} bytes) would bring "
-                            f"the total read to {total + member.size} bytes, over the cap of "
-                            f"{max_total_bytes} bytes (not read).",
-                            key="data.max_total_bytes",
-                            value=max_total_bytes,
+                    if total + member.size > total_cap:
+                        why = ""
+                        if total_key == "data.max_expansion":
+                            why = (
+                                f", over {max_expansion} times the archive's {path.stat().st_size} bytes "
+                                f"on disk (at least {_EXPANSION_FLOOR})"
+                            )
+                        raise _cap_error(
+                            total_key,
+                            total_cap,
+                            keys,
+                            f"Member {member.name!r} of {value!r} ({member.size} bytes) would bring the "
+                            f"total read to {total + member.size} bytes{why}",
                         )
                     handle = archive.extractfile(member)
                     if handle is not None:
@@ -389,7 +452,7 @@ def _read_archive(path: Path, max_image_bytes: int, max_total_bytes: int) -> dic
         warnings.warn(
             f"Ignored {_example(unsafe)} member(s) of {value!r} with an absolute or '..' path.",
             UnsafeMemberWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     return members
 
@@ -596,10 +659,12 @@ def _decode_root(
     max_image_bytes: int = 64 * _MIB,
     max_total_bytes: int = 8 * _GIB,
     max_decoded_bytes: int = 16 * _GIB,
+    max_members: int = 10**6,
+    max_expansion: int = 100,
 ) -> dict[str, np.ndarray]:
     """Decode everything under ``root`` into the arrays the cache stores (``listing``: a folder's)."""
     if _is_archive(root):
-        members = _read_archive(root, max_image_bytes, max_total_bytes)
+        members = _read_archive(root, max_image_bytes, max_total_bytes, max_members, max_expansion)
         rels = sorted(members)
         read: Callable[[str], bytes | str] = members.__getitem__
     else:
@@ -710,9 +775,9 @@ def _stats(sums: np.ndarray, squares: np.ndarray, pixels: int) -> tuple[tuple[fl
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-def _check_cap(key: str, cap: int) -> None:
+def _check_cap(key: str, cap: int, unit: str = "bytes") -> None:
     if isinstance(cap, bool) or not isinstance(cap, int | np.integer) or cap < 1:
-        raise ImageFolderError("an int >= 1 (bytes)", key=key, value=cap)
+        raise ImageFolderError(f"an int >= 1 ({unit})", key=key, value=cap)
 
 
 def load_imagefolder(
@@ -725,6 +790,8 @@ def load_imagefolder(
     max_image_bytes: int = 64 * _MIB,
     max_total_bytes: int = 8 * _GIB,
     max_decoded_bytes: int = 16 * _GIB,
+    max_members: int = 10**6,
+    max_expansion: int = 100,
 ) -> RawDataset:
     """Load an image-folder dataset (folder or tar archive), decoding it only on the first call.
 
@@ -747,6 +814,12 @@ def load_imagefolder(
     max_decoded_bytes : int, default=16 GiB
         Decoded pixels in all (width x height x 3 per image, from image headers before decoding),
         and the size of the stored arrays.
+    max_members : int, default=1,000,000
+        Archives: members of any kind (counted from their headers); a compressed archive also
+        holds at most one per 20 bytes on disk (at least 10,000).
+    max_expansion : int, default=100
+        Compressed archives: the image members may total at most this many times the archive's
+        size on disk (at least 64 MiB); images are compressed already, so more is a bomb.
 
     Returns
     -------
@@ -772,6 +845,8 @@ def load_imagefolder(
     _check_cap("data.max_image_bytes", max_image_bytes)
     _check_cap("data.max_total_bytes", max_total_bytes)
     _check_cap("data.max_decoded_bytes", max_decoded_bytes)
+    _check_cap("data.max_members", max_members, "members")
+    _check_cap("data.max_expansion", max_expansion, "a ratio")
 
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     listing = (
@@ -788,6 +863,8 @@ def load_imagefolder(
             max_image_bytes=max_image_bytes,
             max_total_bytes=max_total_bytes,
             max_decoded_bytes=max_decoded_bytes,
+            max_members=max_members,
+            max_expansion=max_expansion,
         )
         try:
             _write_cache(cache_file, arrays)
@@ -796,7 +873,7 @@ def load_imagefolder(
                 f"Could not cache the decoded images in {str(folder)!r} ({exc}); the next load decodes "
                 "again.",
                 ImageFolderWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
 
     x, y = arrays["x"], arrays["y"]

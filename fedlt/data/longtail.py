@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from fedlt.base.registry import Entry, NoParams, Params, Registry
+from fedlt.errors import ScenarioError
 
 __all__ = ["PROFILES", "exponential_counts", "long_tail_counts", "step_counts", "subsample_long_tail"]
 
@@ -169,11 +170,26 @@ def long_tail_counts(available: np.ndarray, profile: str, **params: Any) -> np.n
     ------
     ValueError
         An unknown profile, or parameters it does not take or out of range.
+    ScenarioError
+        The profile would leave a class that has training samples with none
+        (``long_tail.imbalance_factor`` above ``n_max``): its test samples could never be learned
+        and its per-class metrics would measure nothing but the profile.
     """
     available = np.asarray(available, dtype=np.int64)
     entry = PROFILES[profile]
-    counts = entry.build(available, **dict(entry.params.model_validate(params)))
-    return np.minimum(counts, available)
+    checked = dict(entry.params.model_validate(params))
+    counts = np.minimum(entry.build(available, **checked), available)
+    emptied = np.flatnonzero((counts == 0) & (available > 0))
+    if emptied.size:
+        head = int(available.max()) if checked.get("n_max") is None else int(checked["n_max"])
+        raise ScenarioError(
+            "long_tail.imbalance_factor",
+            checked.get("imbalance_factor"),
+            f"at most n_max = {head} (the head class's samples), so that every class keeps a training sample",
+            hint=f"The {profile} profile gives train_class_counts {counts.tolist()}: class(es) "
+            f"{emptied.tolist()} would have none. Lower long_tail.imbalance_factor or raise long_tail.n_max.",
+        )
+    return counts
 
 
 def subsample_long_tail(labels: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:

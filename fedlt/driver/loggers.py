@@ -11,17 +11,17 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedlt.hooks.context import LogContext, SetupContext
 from fedlt.hooks.plugin import Plugin, hookimpl
-from fedlt.store.checkpoint import read_metrics
+from fedlt.store.checkpoint import read_metrics, write_file
+from fedlt.store.safefile import refuse_link
 
-__all__ = ["CSVLog", "TensorBoardLog", "WandbLog", "loggers_for", "scalars"]
+__all__ = ["CSVLog", "TensorBoardLog", "WandbLog", "loggers_for", "scalars", "wandb_run_id"]
 
 METRICS_CSV = "metrics.csv"
 
@@ -66,14 +66,8 @@ class CSVLog(Plugin):
         writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in self.rows)
-        fd, tmp = tempfile.mkstemp(dir=ctx.run_dir, prefix=f"{METRICS_CSV}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(buffer.getvalue())
-            os.replace(tmp, ctx.run_dir / METRICS_CSV)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Atomic, 0644 like the checkpoint, and never through a link.
+        write_file(ctx.run_dir / METRICS_CSV, buffer.getvalue())
 
 
 class TensorBoardLog(Plugin):
@@ -94,7 +88,8 @@ class TensorBoardLog(Plugin):
 
             assert self.run_dir is not None
             # purge_step drops events a killed run wrote after its last checkpoint.
-            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=first_round)
+            log_dir = refuse_link(self.run_dir / "tensorboard")
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=first_round)
         return self.writer
 
     @hookimpl
@@ -128,12 +123,11 @@ class WandbLog(Plugin):
         import wandb
 
         assert ctx.run_dir is not None
-        # A stable id per run folder, so a resumed run continues the same W&B run.
-        run_id = "fedlt-" + "".join(ch for ch in ctx.run_dir.resolve().as_posix()[-48:] if ch.isalnum())
+        refuse_link(ctx.run_dir / "wandb")
         self.run = wandb.init(
             project=self.project,
             name=ctx.run_dir.name,
-            id=run_id,
+            id=wandb_run_id(ctx.run_dir),
             dir=str(ctx.run_dir),
             mode=self.mode,
             config=self.config,
@@ -152,6 +146,22 @@ class WandbLog(Plugin):
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of ``run_dir``: drawn once, at random, and kept in ``<run>/wandb-id``, so a
+    resumed run continues its own W&B run and two runs never share one (an id made from the path
+    would be shared by two folders whose paths end alike, or by a folder reused after deletion)."""
+    path = Path(run_dir) / "wandb-id"
+    try:
+        kept = path.read_text().strip()
+    except FileNotFoundError:
+        kept = ""
+    if kept and kept.replace("-", "").isalnum():
+        return kept
+    run_id = f"fedlt-{uuid.uuid4().hex[:16]}"
+    write_file(path, run_id + "\n")
+    return run_id
 
 
 def loggers_for(log: Any, scenario_config: Mapping[str, Any]) -> list[Plugin]:

@@ -27,16 +27,21 @@ from fedlt.store.checkpoint import CHECKPOINT, check_compatible, load_checkpoint
 __all__ = [
     "METRICS",
     "RESUMABLE_KEYS",
+    "ROUNDS",
     "SCENARIO",
     "SUMMARY",
     "ResumePoint",
     "finished_summary",
+    "flat_settings",
     "read_checkpoint",
     "restore",
     "resume_overrides",
+    "setting_changes",
 ]
 
 METRICS = "metrics.jsonl"
+#: Every server update's training loss and virtual time (metrics.jsonl: evaluations only).
+ROUNDS = "rounds.jsonl"
 SUMMARY = "summary.json"
 SCENARIO = "scenario.toml"
 
@@ -71,9 +76,12 @@ class ResumePoint:
     client_states: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
 
-def read_checkpoint(run_dir: Path, model: nn.Module) -> dict[str, Any] | None:
-    """The folder's checkpoint as plain data, checked to fit ``model`` (None: a fresh run)."""
-    ckpt = load_checkpoint(run_dir)
+def read_checkpoint(
+    run_dir: Path, model: nn.Module, loaded: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The folder's checkpoint as plain data (``loaded``: already read), checked to fit ``model``
+    (None: a fresh run)."""
+    ckpt = load_checkpoint(run_dir) if loaded is None else loaded
     if ckpt is not None:
         check_compatible(ckpt, model.state_dict(), run_dir / CHECKPOINT)
     return ckpt
@@ -85,12 +93,14 @@ def restore(
     """Load ``ckpt`` into the model, the plugins and the stream positions and cut metrics.jsonl
     back to its round; without one, clear a previous attempt's metrics and summary."""
     if ckpt is None:
-        for stale in (METRICS, SUMMARY):
+        for stale in (METRICS, ROUNDS, SUMMARY):
             (run_dir / stale).unlink(missing_ok=True)
         return ResumePoint()
     model.load_state_dict(ckpt["global"])
     hooks.load_state_dict(ckpt["plugins"])
     views.load_state_dict(ckpt.get("stream_pos", {}))
+    if (run_dir / ROUNDS).is_file():
+        truncate_metrics(run_dir / ROUNDS, ckpt["round"])
     return ResumePoint(
         ckpt["round"],
         ckpt["elapsed"],
@@ -139,6 +149,18 @@ def resume_overrides(scenario: Scenario, overrides: Iterable[str] | Mapping[str,
                 "new run.",
             )
     return new
+
+
+def setting_changes(before: Scenario, after: Scenario) -> dict[str, Any]:
+    """The settings ``after`` changes, as dotted keys (``"train.lr"``) to their new values."""
+    old = dict(_flatten(before.model_dump(mode="json")))
+    new = dict(_flatten(after.model_dump(mode="json")))
+    return {k: new.get(k) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def flat_settings(scenario: Scenario) -> dict[str, Any]:
+    """Every setting of ``scenario`` as a dotted key (``"train.lr"``, ``"plugins[0].gamma"``)."""
+    return dict(_flatten(scenario.model_dump(mode="json")))
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -37,28 +37,41 @@ from fedlt.driver.observers import Callback, HookLoggers, Observers, ProgressBar
 from fedlt.driver.resume import (
     METRICS,
     RESUMABLE_KEYS,
+    ROUNDS,
     SCENARIO,
     SUMMARY,
     finished_summary,
+    flat_settings,
     read_checkpoint,
     restore,
     resume_overrides,
+    setting_changes,
 )
-from fedlt.driver.schedule import Due, EvalSchedule
+from fedlt.driver.schedule import Due, EvalSchedule, memory_class_counts
 from fedlt.driver.summary import build_summary, continual_summary
 from fedlt.driver.threads import CoreSampler, auto_threads
 from fedlt.engines import make_engine
-from fedlt.errors import ScenarioError
+from fedlt.errors import FedltError, NonFiniteLossError, ScenarioError
 from fedlt.evaluation.evaluator import Configs, Evaluator
 from fedlt.hooks.dispatch import HookSet
+from fedlt.hooks.state import check_checkpoint_states
 from fedlt.metrics.continual import federation_task_ends
 from fedlt.prepare import prepare
 from fedlt.scenario.config import Scenario, load_scenario, scenario_to_toml
 from fedlt.server.federation import Federation, FederationStalled, ServerUpdate, make_federation
 from fedlt.server.rounds import select_clients
-from fedlt.store.checkpoint import append_metrics, read_metrics, remove_stale_temps, save_checkpoint
+from fedlt.store.checkpoint import (
+    append_metrics,
+    load_checkpoint,
+    read_metrics,
+    remove_stale_temps,
+    save_checkpoint,
+    write_file,
+)
 from fedlt.store.events import EventLog
 from fedlt.store.rundir import RunDirError, RunLock, check_fresh_dir, claim
+from fedlt.store.safefile import refuse_link
+from fedlt.store.starts import read_starts, record_resume, record_start, resume_comment
 from fedlt.training.context import setup_context
 from fedlt.training.round import ClientResult, ClientTask
 
@@ -85,6 +98,9 @@ def default_run_dir(scenario: Scenario, base: Path = Path("runs")) -> Path:
         n += 1
         run_dir = first.with_name(f"{first.name}-{n}")
     return run_dir
+
+
+_UNREAD = object()  # Run._ckpt before Run.open read the checkpoint
 
 
 class _Stop(Exception):
@@ -148,7 +164,9 @@ class Run:
         self.events = EventLog(self.run_dir, scenario.log.events)
         self.federation: Federation | None = None
         self._r = 0
-        self.started = now()
+        self.starts: dict[str, Any] = {"started": now(), "command": None, "resumes": []}
+        self._losses: list[dict[str, Any]] = []  # rounds.jsonl lines not yet written (at checkpoints)
+        self._ckpt: Any = _UNREAD
         self._peak = PeakMemory(self.device)
         self._on_round: Callable[[int, dict[str, Any] | None], None] | None = None
 
@@ -172,19 +190,29 @@ class Run:
         run_dir: Path | None = None,
         progress: bool = False,
         key: str = "--out",
+        command: str | None = None,
+        lock: RunLock | None = None,
     ) -> Run:
         """A fresh run in ``run_dir`` (default ``runs/<name>-<plugins>-<timestamp>``).
 
         Refuses (exit 2, naming ``key``) a folder that is a file, lies under a file, cannot be
         written, holds another run's files, or is held by a running run — before any data is
-        built.
+        built. ``command`` is what started it, for the record (default: this process's argv).
+        ``lock``: the folder's claim, already held (``if_exists="overwrite"`` claims before it
+        deletes); released if the run cannot be created.
         """
         run_dir = default_run_dir(scenario) if run_dir is None else Path(run_dir)
-        check_fresh_dir(run_dir, key)
-        lock = claim(run_dir, fresh=True, key=key)
+        try:
+            check_fresh_dir(run_dir, key)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        lock = claim(run_dir, fresh=True, key=key) if lock is None else lock
         try:
             run = cls(scenario, run_dir, progress, lock)
-            (run_dir / SCENARIO).write_text(scenario_to_toml(scenario))
+            write_file(run_dir / SCENARIO, scenario_to_toml(scenario))
+            run.starts = record_start(run_dir, command)
         except BaseException:
             lock.release()
             raise
@@ -192,24 +220,55 @@ class Run:
 
     @classmethod
     def open(
-        cls, run_dir: Path, progress: bool = False, overrides: Iterable[str] | Mapping[str, Any] = ()
+        cls,
+        run_dir: Path,
+        progress: bool = False,
+        overrides: Iterable[str] | Mapping[str, Any] = (),
+        command: str | None = None,
     ) -> Run:
         """Reopen a run folder written by :meth:`create` to continue it.
 
         ``overrides`` change settings that keep the checkpoint valid (:data:`RESUMABLE_KEYS`:
-        learning rate, rounds, engine...); they are written into the folder's scenario.toml.
+        learning rate, rounds, engine...), never ``federation.rounds`` below the rounds already
+        run. They are written into the folder's scenario.toml, under a comment saying from which
+        round they apply; every resume is appended to starts.json (summary.json's ``resumes``).
         """
         run_dir = Path(run_dir)
         if not (run_dir / SCENARIO).is_file():
-            raise ScenarioError("RUN_DIR", str(run_dir), f"a run folder holding {SCENARIO}")
+            hint = None
+            if run_dir.is_dir():  # e.g. only the fedlt.lock of a run killed before its first round
+                hint = (
+                    f"There is nothing to resume in {run_dir}: no run got as far as writing its "
+                    f"{SCENARIO}. Start one there with `fedlt run SCENARIO --out {run_dir}`."
+                )
+            raise ScenarioError("RUN_DIR", str(run_dir), f"a run folder holding {SCENARIO}", hint=hint)
         scenario = load_scenario(run_dir / SCENARIO)
         changed = resume_overrides(scenario, overrides)
+        changes = setting_changes(scenario, changed) if changed is not None else {}
         lock = claim(run_dir, key="RUN_DIR")
         try:
             remove_stale_temps(run_dir)
+            ckpt = load_checkpoint(run_dir)
+            done = ckpt["round"] if ckpt is not None else 0
+            if changed is not None and changed.federation.rounds < done:
+                raise ScenarioError(
+                    "federation.rounds",
+                    changed.federation.rounds,
+                    f"at least {done}, the rounds this run has already run (its checkpoint's round)",
+                    hint="A resumed run only continues; for a shorter run start a new one, or read this "
+                    "run's metrics.jsonl up to that round.",
+                )
             run = cls(changed or scenario, run_dir, progress, lock)
+            run._ckpt = read_checkpoint(run_dir, run.model, ckpt)  # another model's: refused before records
+            if ckpt is not None:  # plugin state as each plugin declares it (replay indices its own)
+                check_checkpoint_states(run.hooks.plugins, ckpt, run.data)
+            entry = record_resume(run_dir, done, changes, command)
+            run.starts = read_starts(run_dir)
             if changed is not None:
-                (run_dir / SCENARIO).write_text(scenario_to_toml(changed))
+                old_text = (run_dir / SCENARIO).read_text()
+                notes = [line for line in old_text.splitlines() if line.startswith("# Resumed after round")]
+                notes.append(resume_comment(entry, flat_settings(scenario)))
+                write_file(run_dir / SCENARIO, "\n".join(notes) + "\n" + scenario_to_toml(changed))
         except BaseException:
             lock.release()
             raise
@@ -228,14 +287,24 @@ class Run:
             return self._execute()
         except _Stop:
             raise KeyboardInterrupt from None
+        except NonFiniteLossError as exc:  # say which checkpoint is kept, or that none is yet
+            raise exc.at_checkpoint(self._checkpoint_round()) from None
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
             if self.lock is not None:
                 self.lock.release()
 
+    def _checkpoint_round(self) -> int | None:
+        """The round of the folder's checkpoint; ``None`` without one (-1: unreadable)."""
+        try:
+            ckpt = load_checkpoint(self.run_dir)
+        except FedltError:
+            return -1
+        return None if ckpt is None else int(ckpt["round"])
+
     def _execute(self) -> dict[str, Any]:
-        ckpt = read_checkpoint(self.run_dir, self.model)
+        ckpt = read_checkpoint(self.run_dir, self.model, None if self._ckpt is _UNREAD else self._ckpt)
         setup = setup_context(self.scenario, self.data, self.device, self.run_dir)
         for hooks in (self.hooks, self.loggers):  # on resume, before their state is restored
             if hooks.server_setup:
@@ -256,7 +325,7 @@ class Run:
         )
         self.events.restart(ckpt.get("events") if ckpt is not None else None)
         if self.prepared.devices is not None:  # for the timeline plot's offline stretches
-            self.prepared.devices.save(self.run_dir / "system.npz")
+            self.prepared.devices.save(refuse_link(self.run_dir / "system.npz"))
         if ckpt is not None:
             self.federation.load_state_dict(ckpt.get("federation", {}))
         start, stopped, rounds = point.round + 1, None, self.scenario.federation.rounds
@@ -275,8 +344,8 @@ class Run:
             self.engine.close()
             self.events.close()
             self.observers.close()
-        summary = build_summary(self, point.elapsed + time.perf_counter() - t0, stopped, self.started)
-        (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        summary = build_summary(self, point.elapsed + time.perf_counter() - t0, stopped, self.starts)
+        write_file(self.run_dir / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
         self.observers.run_ended(summary)
         return summary
 
@@ -292,6 +361,9 @@ class Run:
             except FederationStalled as exc:
                 print(f"fedlt: {exc}; stopping after round {r - 1}.", file=sys.stderr)
                 return str(exc)
+            self._losses.append(
+                {"round": r, "train_loss": done.loss, "virtual_time": round(done.virtual_time, 6)}
+            )
             exhausted = self.views.exhausted()
             due = self.schedule.due(r, before, self.views.consumed(), exhausted)
             record = None if due is None else self._evaluate(r, done, due)
@@ -366,7 +438,7 @@ class Run:
             self.client_states,
             due.full,
             due.anytime,
-            per_client_classes=bool(due.task_end) or due.last,
+            per_client_classes=due.anytime,  # per-client anytime curves and forgetting
             configs=configs,
         )
         record: dict[str, Any] = {
@@ -375,12 +447,17 @@ class Run:
             "virtual_time": round(done.virtual_time, 6),
         }
         if self.views.streaming:
-            record.update(samples_seen=due.samples_seen, periodic=due.periodic)
+            record.update(samples_seen=due.samples_seen, periodic=due.periodic, eval_points=due.points)
             record.update(task_end=due.task_end or None, final=due.last)
         record.update(metrics)
+        if self.views.streaming and due.anytime:
+            record.update(memory_class_counts(self.hooks, self.client_states, self.data.num_classes))
         return record
 
     def _checkpoint(self, r: int, elapsed: float) -> None:
+        if self._losses:  # before the checkpoint, as metrics.jsonl, so it never gets ahead of them
+            append_metrics(self.run_dir / ROUNDS, self._losses)
+            self._losses = []
         save_checkpoint(
             self.run_dir,
             {

@@ -17,8 +17,10 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from fedlt.base.warn import user_stacklevel
 from fedlt.errors import PluginError
 from fedlt.hooks.hookspecs import CONTRACT, CONTRACT_CHANGES, SPECS
+from fedlt.hooks.state import Rule
 
 __all__ = ["Impl", "NoParams", "Plugin", "contract_problem", "hookimpl", "implementations"]
 
@@ -74,6 +76,13 @@ class Plugin:
         The plugin contract the plugin is written for (``"0.3"``, see
         :data:`fedlt.hooks.hookspecs.CONTRACT`): registration refuses it when this fedlt cannot
         honour it, saying what changed (docs/migrating.md). None: not declared, not checked.
+    client_state : dict of str to Rule, or None
+        The shape of the per-client ``state`` the client hooks keep: each key and the rule its
+        value follows (:mod:`fedlt.hooks.state`: ``Int``, ``ListOf(OwnSample())``, ...). A resume
+        checks the checkpoint against it before training, so a changed or foreign checkpoint is
+        refused naming the plugin, client, key and value. None: loaded as it is.
+    server_state : dict of str to Rule, or None
+        The same for what :meth:`state_dict` returns.
     """
 
     name: ClassVar[str] = ""
@@ -82,6 +91,8 @@ class Plugin:
     class_weighting: ClassVar[bool] = False
     vectorized: ClassVar[bool] = False
     contract: ClassVar[str | None] = None
+    client_state: ClassVar[Mapping[str, Rule] | None] = None
+    server_state: ClassVar[Mapping[str, Rule] | None] = None
 
     def __init__(self, params: BaseModel | None = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -102,9 +113,13 @@ class Plugin:
 
     @classmethod
     def description(cls) -> str:
-        """The first line of the class docstring (``fedlt plugins`` shows it)."""
+        """The first paragraph of the class docstring, as one line (``fedlt plugins`` shows it).
+
+        A docstring's summary often wraps onto a second line; its first line alone would stop
+        mid-sentence.
+        """
         doc = inspect.getdoc(cls) if cls.__doc__ else None
-        return doc.strip().splitlines()[0] if doc else ""
+        return " ".join(doc.strip().split("\n\n")[0].split()) if doc else ""
 
 
 class Impl:
@@ -164,6 +179,21 @@ def contract_problem(declared: str | None) -> str | None:
     return None
 
 
+def _declaration_problem(attr: str, declared: Any) -> str | None:
+    """What is wrong with a ``client_state`` / ``server_state`` declaration, or None."""
+    if declared is None:
+        return None
+    if not isinstance(declared, Mapping):
+        return f"{attr} must be a dict of state keys to rules (fedlt.hooks.state). Got {declared!r} instead."
+    for key, rule in declared.items():
+        if not isinstance(key, str) or not isinstance(rule, Rule):
+            return (
+                f"{attr}[{key!r}] must be a rule of fedlt.hooks.state (Int, ListOf(OwnSample()), ...), "
+                f"keyed by a str. Got {rule!r} instead."
+            )
+    return None
+
+
 @functools.cache
 def implementations(cls: type[Plugin], name: str) -> dict[str, Impl]:
     """The hook implementations of a plugin class, validated against the contract.
@@ -215,11 +245,15 @@ def implementations(cls: type[Plugin], name: str) -> dict[str, Impl]:
     problem = contract_problem(getattr(cls, "contract", None))
     if problem is not None:
         raise PluginError(name, None, problem)
+    for attr in ("client_state", "server_state"):
+        problem = _declaration_problem(attr, getattr(cls, attr, None))
+        if problem is not None:
+            raise PluginError(name, None, problem)
     if getattr(cls, "class_weighting", False):
         warnings.warn(
             f"plugin {name!r}: class_weighting = True is deprecated since fedlt's plugin contract 0.3; "
             "implement client_class_weights (same arguments, same return) instead of client_sample_weights",
             DeprecationWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     return impls

@@ -36,6 +36,7 @@ import torch
 
 from fedlt.base.safe import describe_type, find_unsafe
 from fedlt.errors import FedltError
+from fedlt.store.safefile import open_nofollow, refuse_link
 
 __all__ = [
     "CHECKPOINT",
@@ -50,6 +51,7 @@ __all__ = [
     "remove_stale_temps",
     "save_checkpoint",
     "truncate_metrics",
+    "write_file",
 ]
 
 CHECKPOINT = "checkpoint.pt"
@@ -64,7 +66,18 @@ FORMAT = 1
 REQUIRED_KEYS = ("round", "elapsed", "global", "plugins", "client_states")
 
 #: Temporary files a writer of this module may leave behind when killed mid-write.
-TEMP_PATTERNS = ("checkpoint.pt.*.tmp", "checkpoint.pt.tmp", "metrics.jsonl.*.tmp", "metrics.jsonl.tmp")
+TEMP_PATTERNS = (
+    "checkpoint.pt.*.tmp",
+    "checkpoint.pt.tmp",
+    "metrics.jsonl.*.tmp",
+    "metrics.jsonl.tmp",
+    "rounds.jsonl.*.tmp",
+    "starts.json.*.tmp",
+    "metrics.csv.*.tmp",
+    "summary.json.*.tmp",
+    "scenario.toml.*.tmp",
+    "wandb-id.*.tmp",
+)
 
 _DISK_FULL = {errno.ENOSPC} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
 _CHUNK = 1 << 20  # write in 1 MiB pieces, so a full disk is met part-way as it is in reality
@@ -374,16 +387,18 @@ def _json_line(record: Mapping[str, Any]) -> str:
     return json.dumps(json_safe(dict(record)), allow_nan=False) + "\n"
 
 
-def append_metrics(path: Path, record: Mapping[str, Any]) -> None:
-    """Append ``record`` to a metrics file as one strict JSON line (NaN/inf written as ``null``).
+def append_metrics(path: Path, record: Mapping[str, Any] | list[Mapping[str, Any]]) -> None:
+    """Append ``record`` (or several) to a metrics file as strict JSON lines (NaN/inf written as
+    ``null``), with one write and one flush.
 
     The line is flushed to disk before returning, so a checkpoint written afterwards never gets
     ahead of the metrics it follows. On a full disk the partial line is cut off again, so the file
     stays a sequence of whole lines, and :class:`DiskFullError` is raised.
     """
     path = Path(path)
-    line = _json_line(record).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    records = record if isinstance(record, list) else [record]
+    line = "".join(_json_line(r) for r in records).encode()
+    fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         start = os.lseek(fd, 0, os.SEEK_END)
         try:
@@ -474,6 +489,7 @@ def _atomic_write(path: Path, data: bytes | memoryview, what: str) -> None:
     The temporary file is ``<name>.<pid>.<random>.tmp`` in the same folder (same filesystem, so the
     rename is atomic; unique, so two writers never share one) and is removed on every failure.
     """
+    refuse_link(path)  # os.replace would not follow it, but a link here is not the run's file
     folder = path.parent
     needed = len(data)
     free = _free_bytes(folder)
@@ -499,6 +515,15 @@ def _atomic_write(path: Path, data: bytes | memoryview, what: str) -> None:
     finally:
         _discard(tmp)
     _fsync_dir(folder)
+
+
+def write_file(path: Path, data: bytes | str, what: str | None = None) -> None:
+    """Replace ``path`` by ``data`` atomically (world-readable, 0644), refusing a link at ``path``.
+
+    Full disks raise :class:`DiskFullError` with the old file intact.
+    """
+    raw = data.encode() if isinstance(data, str) else data
+    _atomic_write(refuse_link(path), raw, what or Path(path).name)
 
 
 def _discard(tmp: str | None) -> None:

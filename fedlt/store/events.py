@@ -11,8 +11,11 @@ back to it, so a resumed run's timeline is the one an uninterrupted run writes.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import IO, Any
+
+from fedlt.store.safefile import open_nofollow, refuse_link
 
 __all__ = ["EVENTS", "EventLog", "read_events"]
 
@@ -31,7 +34,8 @@ class EventLog:
         if not self.enabled:
             return
         if self._fh is None:
-            self._fh = self.path.open("a", encoding="utf-8")
+            fd = open_nofollow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fh = os.fdopen(fd, "a", encoding="utf-8")
         # Written by hand (the fields are ints and one name): json.dumps per event would cost as much
         # as an asynchronous server update's own bookkeeping.
         extra = "".join(f',"{k}":{int(v)}' for k, v in fields.items())
@@ -46,6 +50,7 @@ class EventLog:
     def restart(self, offset: int | None) -> None:
         """Cut the file back to ``offset`` (a checkpoint's), or remove it (None: a fresh run)."""
         self.close()
+        refuse_link(self.path)  # truncating would cut the link's target
         if offset is None or not self.path.exists():
             self.path.unlink(missing_ok=True)
             return

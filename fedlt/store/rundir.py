@@ -9,6 +9,12 @@ The claim is a lock file created atomically (``O_CREAT | O_EXCL``) holding who h
 where the OS has ``flock``, an OS lock on that file: the OS drops it when the holder dies, even
 by SIGKILL, so a lock file left by a crash is recognised as stale and taken over, while one whose
 holder still runs is refused with the holder's pid, host and start time.
+
+A folder holding only a lock (a run killed while its data was built, or a full disk when the
+lock was written) holds no run: :func:`check_fresh_dir` lets it through and :func:`claim` takes
+the stale lock over. The lock is never opened through a symbolic link, and a claim refuses a
+folder in which any fedlt artefact is a link (:mod:`fedlt.store.safefile`): a run folder may
+have been made by someone else, and writing through a link would overwrite a file not the run's.
 """
 
 from __future__ import annotations
@@ -25,14 +31,25 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from fedlt.base.warn import user_stacklevel
 from fedlt.errors import FedltError
+from fedlt.store.safefile import check_no_links, open_nofollow
 
 try:
     import fcntl
 except ImportError:  # Windows: the pid check alone guards the folder
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["FEDLT_ARTEFACTS", "LOCK", "RunDirError", "RunLock", "artefacts_in", "check_fresh_dir", "claim"]
+__all__ = [
+    "FEDLT_ARTEFACTS",
+    "LOCK",
+    "RunDirError",
+    "RunLock",
+    "artefacts_in",
+    "check_fresh_dir",
+    "check_output_folder",
+    "claim",
+]
 
 #: Name of the lock file a running run holds in its folder.
 LOCK = "fedlt.lock"
@@ -44,7 +61,19 @@ FEDLT_ARTEFACTS: tuple[str, ...] = (
     "metrics.jsonl.*.tmp",
     "metrics.jsonl.tmp",
     "metrics.csv",
+    "metrics.csv.*.tmp",
     "summary.json",
+    "summary.json.*.tmp",
+    "scenario.toml.*.tmp",
+    "wandb-id.*.tmp",
+    "rounds.jsonl",
+    "rounds.jsonl.*.tmp",
+    "starts.json",
+    "starts.json.*.tmp",
+    "events.jsonl",
+    "system.npz",
+    "wandb-id",
+    "wandb",
     "checkpoint.pt",
     "checkpoint.pt.*.tmp",
     "checkpoint.pt.tmp",
@@ -93,24 +122,16 @@ def check_fresh_dir(run_dir: Path, key: str = "--out") -> None:
     ------
     RunDirError
         The path is a file, lies under a file, is not writable, or already holds fedlt artefacts
-        (the message names them and says that ``fedlt resume DIR`` continues that run).
+        other than a lock (the message names them and says that ``fedlt resume DIR`` continues
+        that run). A lock alone is left to :func:`claim`.
     """
     run_dir = Path(run_dir)
     label = f"The {key} folder {run_dir}"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"{label} is a file, not a folder. Choose a folder for the run's outputs.")
-    existing = run_dir
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise RunDirError(f"{label} cannot be created: {existing} is a file, not a folder.")
-    if not _writable(existing):
-        what = "is not writable" if existing == run_dir else f"cannot be created: {existing} is not writable"
-        raise RunDirError(f"{label} {what} by this user. Choose another folder or fix its permissions.")
+    check_output_folder(run_dir, key, "the run's outputs")
     try:
-        found = artefacts_in(run_dir)
+        # A lock alone is no run: left by a run killed before it wrote anything, or by a full disk.
+        # claim() takes it over if its holder is gone and refuses it (naming the holder) if not.
+        found = [n for n in artefacts_in(run_dir) if n != LOCK]
     except OSError as exc:
         raise RunDirError(f"{label} cannot be listed: {exc.strerror or exc}.") from None
     if found:
@@ -118,6 +139,34 @@ def check_fresh_dir(run_dir: Path, key: str = "--out") -> None:
             f"{label} already holds a fedlt run ({', '.join(found)}). "
             f"Continue it with `fedlt resume {run_dir}`, or choose a new or empty folder."
         )
+
+
+def check_output_folder(folder: Path, key: str, what: str = "the outputs") -> None:
+    """Refuse ``folder`` as one to write into unless it is, or can be made, a writable folder.
+
+    For every command that writes files into a folder (``--out``, ``--plot``): called before
+    any work, so a folder that is a file, lies under a file or cannot be written costs nothing.
+    Creates nothing but a probe file, removed at once.
+
+    Raises
+    ------
+    RunDirError
+        Naming ``key`` and the path at fault.
+    """
+    folder = Path(folder)
+    label = f"The {key} folder {folder}"
+    if folder.exists() and not folder.is_dir():
+        raise RunDirError(f"{label} is a file, not a folder. Choose a folder for {what}.")
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise RunDirError(f"{label} cannot be created: {existing} is a file, not a folder.")
+    if not _writable(existing):
+        why = "is not writable" if existing == folder else f"cannot be created: {existing} is not writable"
+        raise RunDirError(f"{label} {why} by this user. Choose another folder or fix its permissions.")
 
 
 def _writable(folder: Path) -> bool:
@@ -228,6 +277,8 @@ def claim(run_dir: Path, command: str | None = None, fresh: bool = False, key: s
     RunDirError
         The folder is held by a live run (naming its pid, host and start time), or held by a run
         on another host whose liveness cannot be checked, or the folder cannot be created.
+    LinkError
+        The lock or another fedlt artefact in the folder is a symbolic link (naming it).
     """
     run_dir = Path(run_dir)
     created_dir = not run_dir.exists()
@@ -249,6 +300,11 @@ def claim(run_dir: Path, command: str | None = None, fresh: bool = False, key: s
             break
     if lock is None:
         raise RunDirError(f"Could not claim the run folder {run_dir}: its lock file {path} kept changing.")
+    try:
+        check_no_links(run_dir, artefacts_in(run_dir))  # before any data is built or round trained
+    except BaseException:
+        lock.release()
+        raise
     if fresh:
         found = [n for n in artefacts_in(run_dir) if n != LOCK]
         if found:
@@ -263,7 +319,7 @@ def claim(run_dir: Path, command: str | None = None, fresh: bool = False, key: s
 def _try_create(path: Path, info: dict[str, Any], created_dir: bool) -> RunLock | None:
     """Create the lock file exclusively; ``None`` if it exists already."""
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        fd = open_nofollow(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
     except FileExistsError:
         return None
     except OSError as exc:
@@ -273,7 +329,17 @@ def _try_create(path: Path, info: dict[str, Any], created_dir: bool) -> RunLock 
         # stale and took it: it holds the folder now.
         os.close(fd)
         raise _held_error(path, _read_info(path))
-    _write_info(fd, info)
+    try:
+        _write_info(fd, info)
+    except OSError as exc:  # a full disk: leave no lock behind, so the folder stays usable
+        with contextlib.suppress(OSError):
+            if _same_file(path, fd):
+                path.unlink()
+        os.close(fd)
+        if created_dir:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # only succeeds when empty
+        raise RunDirError(f"Cannot write the lock file {path}: {exc.strerror or exc}.") from None
     return RunLock(path, fd, info, created_dir)
 
 
@@ -283,7 +349,7 @@ def _try_take_over(path: Path, info: dict[str, Any], created_dir: bool) -> RunLo
     Raises :class:`RunDirError` when the holder is alive (or may be: another host).
     """
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = open_nofollow(path, os.O_RDWR)  # a linked lock would have us empty the link's target
     except FileNotFoundError:
         return None  # released meanwhile: try creating again
     except OSError as exc:
@@ -317,9 +383,12 @@ def _try_take_over(path: Path, info: dict[str, Any], created_dir: bool) -> RunLo
         warnings.warn(
             f"Taking over the stale lock {path}: {reason}; that run ended without releasing it.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),  # the user's call (fedlt.run), not a line of fedlt's
         )
-        _write_info(fd, info)
+        try:
+            _write_info(fd, info)
+        except OSError as exc:  # a full disk: the stale lock stays stale, taken over next time
+            raise RunDirError(f"Cannot write the lock file {path}: {exc.strerror or exc}.") from None
         keep = True
         return RunLock(path, fd, info, created_dir)
     finally:
