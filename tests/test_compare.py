@@ -232,6 +232,7 @@ def test_means_std_and_intervals_by_hand(grid: Path) -> None:
     ):
         s = table.row(label, "balanced_accuracy").stat
         lo, hi = t_interval(xs, t)
+        lo, hi = max(lo, 0.0), min(hi, 1.0)  # an accuracy's interval stays in [0, 1] (C's reaches 1.09)
         assert s.n == len(xs)
         assert s.mean == pytest.approx(mean(xs), abs=1e-12)
         assert s.std == pytest.approx(sample_std(xs), abs=1e-12)
@@ -396,3 +397,251 @@ def test_real_runs_group_by_learning_rate(tmp_path: Path) -> None:
         assert table.row("train.lr=0.05", metric).stat.std == pytest.approx(sample_std(other))
         diff = table.row("train.lr=0.05", metric).diff
         assert diff.mean == pytest.approx(mean([o - b for o, b in zip(other, base, strict=True)]))
+
+
+# --------------------------------------------------------------------------- what may split a group
+
+OBSERVERS = (
+    "mirror=support.observer_plugins:MirrorLogger,logging-remedy=support.observer_plugins:LoggingRemedy"
+)
+
+
+def test_settings_that_cannot_change_a_number_do_not_split(tmp_path: Path, monkeypatch) -> None:
+    """Loggers (log.* keys, a logger-only plugin), checkpoints, threads, workers, devices: one group.
+    A remedy (a plugin with any steering hook), another learning rate or bfloat16: their own group."""
+    monkeypatch.setenv("FEDLT_EXTRA_PLUGINS", OBSERVERS)
+    neutral: list[dict[str, Any]] = [
+        {},
+        {"log": {"tensorboard": True, "wandb": True, "wandb_mode": "offline", "events": False}},
+        {"checkpoint": {"every": 7}, "federation": {"eval_every": 2}},
+        {"engine": {"threads": 3, "vectorize": "on", "group_size": 2, "device": "cuda"}},
+        {"engine": {"kind": "ray", "num_workers": 4, "num_cpus": 2.0, "max_retries": 3}},
+        {"eval": {"batch_size": 7, "time_to_accuracy": [0.5]}},
+    ]
+    for i, extra in enumerate(neutral):
+        write_run(tmp_path / f"n{i}", {"accuracy": 0.5}, seed=i, scenario_extra=extra)
+    write_run(tmp_path / "mirror", {"accuracy": 0.5}, seed=9, plugins=[{"name": "mirror"}])
+    write_run(tmp_path / "lr", {"accuracy": 0.5}, seed=0, lr=0.5)
+    write_run(tmp_path / "remedy", {"accuracy": 0.5}, seed=0, plugins=[{"name": "logging-remedy"}])
+    write_run(tmp_path / "bf16", {"accuracy": 0.5}, seed=0, scenario_extra={"engine": {"dtype": "bfloat16"}})
+    table = compare(collect_runs(tmp_path))
+    by_run = {r.name: g.label for g in table.groups for r in g.runs}
+    same = {by_run[f"n{i}"] for i in range(len(neutral))} | {by_run["mirror"]}
+    assert len(same) == 1, by_run
+    assert len(table.groups) == 4
+    assert {by_run["lr"], by_run["remedy"], by_run["bf16"]}.isdisjoint(same)
+    assert "train.lr=0.5" in by_run["lr"] and "plugins=[logging-remedy]" in by_run["remedy"]
+    assert "engine.dtype=bfloat16" in by_run["bf16"]
+    assert any("do not separate groups: mirror." in n for n in table.notes)
+
+
+def test_only_lr_differs_gives_two_groups_whatever_the_loggers(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FEDLT_EXTRA_PLUGINS", OBSERVERS)
+    for seed in (0, 1):
+        write_run(
+            tmp_path / f"a{seed}", {"accuracy": 0.5}, seed, scenario_extra={"log": {"tensorboard": True}}
+        )
+        write_run(tmp_path / f"b{seed}", {"accuracy": 0.6}, seed, plugins=[{"name": "mirror"}])
+        write_run(tmp_path / f"c{seed}", {"accuracy": 0.7}, seed, lr=0.01)
+    table = compare(collect_runs(tmp_path), baseline="train.lr=0.1")
+    assert [g.label for g in table.groups] == ["train.lr=0.1", "train.lr=0.01"]
+    assert [r.name for r in table.groups[0].runs] == ["a0", "a1", "b0", "b1"]
+
+
+def test_observer_rule_reads_hooks_not_names(monkeypatch) -> None:
+    from fedlt.analysis.compare import OBSERVER_HOOKS, observer_plugins
+
+    monkeypatch.setenv("FEDLT_EXTRA_PLUGINS", OBSERVERS)
+    assert {"server_log_metrics", "server_end"} == OBSERVER_HOOKS
+    # Not installed here: a remedy for all compare can tell, so it still separates groups.
+    assert observer_plugins(["mirror", "logging-remedy", "focal", "no-such-plugin"]) == {"mirror"}
+
+
+def test_a_logger_plugin_changes_no_number_in_a_real_run(tmp_path: Path, monkeypatch) -> None:
+    """The claim behind the rule, checked on real runs: with and without the logger, equal finals."""
+    from support.scenarios import TINY
+
+    import fedlt
+
+    monkeypatch.setenv("FEDLT_EXTRA_PLUGINS", OBSERVERS)
+    s = copy.deepcopy(TINY)
+    s["federation"]["rounds"] = 2
+    plain = fedlt.run(s, out=tmp_path / "plain")
+    logged = fedlt.run({**s, "plugins": [{"name": "mirror"}]}, out=tmp_path / "logged")
+    assert logged["final"] == plain["final"]
+    assert len((tmp_path / "logged" / "mirror.jsonl").read_text().splitlines()) == 2
+    table = compare(collect_runs(tmp_path))
+    assert len(table.groups) == 1 and table.row("tiny", "accuracy").stat.n == 2
+
+
+# --------------------------------------------------------------------------- settings changed mid-run
+
+
+def test_runs_resumed_with_other_settings_are_kept_apart_and_flagged(tmp_path: Path) -> None:
+    """Final scenarios all say lr 0.5; two runs got there by `fedlt resume --set train.lr=0.5` at
+    round 2: they form their own group, flagged, not averaged with runs at 0.5 throughout."""
+    changed = {"round": 2, "overrides": {"train.lr": 0.5}, "command": "fedlt resume r --set train.lr=0.5"}
+    neutral = {"round": 1, "overrides": {"engine.threads": 2, "log.tensorboard": True}, "command": "x"}
+    for seed, acc in ((0, 0.60), (1, 0.70)):
+        write_run(tmp_path / f"steady{seed}", {"accuracy": acc}, seed, lr=0.5)
+        write_run(
+            tmp_path / f"switched{seed}",
+            {"accuracy": acc - 0.1},
+            seed,
+            lr=0.5,
+            summary_extra={"resumes": [{**changed, "time": "2026-12-05T10:00:00Z"}]},
+        )
+    # Resumed, but only with settings that change no number (and once with no overrides at all).
+    write_run(tmp_path / "steady2", {"accuracy": 0.65}, 2, lr=0.5, summary_extra={"resumes": [neutral]})
+    write_run(tmp_path / "steady3", {"accuracy": 0.65}, 3, lr=0.5, summary_extra={"resumes": []})
+    table = compare(collect_runs(tmp_path), metrics=["accuracy"], baseline="never")
+    labels = [g.label for g in table.groups]
+    assert labels == ["changed_mid_run=never", "changed_mid_run=[round 2: train.lr=0.5]"]
+    steady, switched = table.groups
+    assert sorted(r.name for r in steady.runs) == ["steady0", "steady1", "steady2", "steady3"]
+    assert sorted(r.name for r in switched.runs) == ["switched0", "switched1"]
+    assert switched.changes == [{"round": 2, "overrides": {"train.lr": 0.5}}] and steady.changes == []
+    note = (
+        "changed_mid_run=[round 2: train.lr=0.5]: settings changed mid-run (round 2: train.lr=0.5); "
+        "kept apart from runs that ran with one setting throughout."
+    )
+    assert note in table.notes
+    md = table.to_markdown()
+    assert "| group | runs | seeds | settings changed mid-run |" in md
+    assert "| changed_mid_run=[round 2: train.lr=0.5] | 2 | 0, 1 | round 2: train.lr=0.5 |" in md
+    assert "| changed_mid_run=never (baseline) | 4 | 0, 1, 2, 3 | no |" in md
+    assert json.loads(table.to_json())["groups"][1]["changed_mid_run"] == switched.changes
+    # Paired by seed as any group: (0.5 - 0.6, 0.6 - 0.7).
+    assert table.row(switched.label, "accuracy").diff.mean == pytest.approx(-0.1)
+
+
+def test_runs_changed_the_same_way_group_together_and_others_apart(tmp_path: Path) -> None:
+    one = [{"round": 3, "overrides": {"train.lr": 0.01}}]
+    two = [{"round": 5, "overrides": {"train.lr": 0.01}}]
+    write_run(tmp_path / "a0", {"accuracy": 0.5}, 0, lr=0.01, summary_extra={"resumes": one})
+    write_run(tmp_path / "a1", {"accuracy": 0.5}, 1, lr=0.01, summary_extra={"resumes": one})
+    write_run(tmp_path / "b0", {"accuracy": 0.5}, 0, lr=0.01, summary_extra={"resumes": two})
+    labels = [g.label for g in compare(collect_runs(tmp_path)).groups]
+    assert labels == ["changed_mid_run=[round 3: train.lr=0.01]", "changed_mid_run=[round 5: train.lr=0.01]"]
+
+
+# --------------------------------------------------------------------------- intervals in range
+
+
+def test_interval_of_an_accuracy_stays_in_its_range(tmp_path: Path) -> None:
+    """Two seeds at 0.8667 and 0.9093: the t interval is [0.6174, 1.1586] (t(0.975, 1) = 12.706),
+    what the issue reported; an accuracy cannot pass 1, so the interval is [0.6174, 1]."""
+    from fedlt.analysis.compare import metric_bounds
+
+    xs = [0.8667, 0.9093]
+    lo, hi = t_interval(xs, T6[1])
+    assert hi > 1.15 and 0.617 < lo < 0.618  # what compare printed before
+    for seed, acc in enumerate(xs):
+        write_run(tmp_path / f"s{seed}", {"accuracy": acc, "a_auc": acc, "f_last": -acc}, seed)
+    table = compare(collect_runs(tmp_path), metrics=["accuracy", "a_auc", "f_last"])
+    acc = table.row("hand", "accuracy").stat
+    assert (acc.ci_low, acc.ci_high) == (pytest.approx(lo, abs=1e-6), 1.0)
+    assert acc.clipped and acc.half_width == pytest.approx(hi - mean(xs), abs=1e-6)
+    assert table.row("hand", "a_auc").stat.ci_high == 1.0
+    f = table.row("hand", "f_last").stat  # forgetting lies in [-1, 1]
+    assert (f.ci_low, f.ci_high) == (-1.0, pytest.approx(-lo, abs=1e-6))
+    assert "hand: the 95% interval of accuracy is clipped to [0, 1]." in table.notes
+    assert "[0.6174, 1.0000]" in table.to_markdown()
+    assert metric_bounds("personalized_tail_accuracy") == (0, 1)
+    assert metric_bounds("a_auc_personalized") == (0, 1) and metric_bounds("auroc_macro") == (0, 1)
+    assert metric_bounds("diagnostics.nc1") is None and metric_bounds("train_loss") is None
+
+
+def test_paired_difference_of_accuracies_stays_in_minus_one_one() -> None:
+    from fedlt.analysis.compare import difference_bounds
+
+    d = summarize([0.9, -0.2], difference_bounds((0.0, 1.0)))
+    lo, hi = t_interval([0.9, -0.2], T6[1])
+    assert lo < -1 and hi > 1
+    assert (d.ci_low, d.ci_high) == (-1.0, 1.0)
+    inside = summarize([0.5, 0.6, 0.55, 0.52], (0.0, 1.0))
+    want = t_interval([0.5, 0.6, 0.55, 0.52], T6[3])
+    assert not inside.clipped
+    assert (inside.ci_low, inside.ci_high) == (
+        pytest.approx(want[0], abs=1e-6),
+        pytest.approx(want[1], abs=1e-6),
+    )
+    with pytest.raises(ValueError, match="low < high"):
+        summarize([0.5], (1.0, 0.0))
+
+
+# --------------------------------------------------------------------------- LaTeX
+
+
+def test_latex_table_by_hand(grid: Path) -> None:
+    table = compare(collect_runs(grid), metrics=["balanced_accuracy"], baseline=A_LABEL)
+    tex = table.to_latex()
+    lines = tex.splitlines()
+    body = lines[lines.index("\\begin{tabular}{lrc}") :]
+    a = [0.50, 0.60, 0.70, 0.40]
+    alo, ahi = t_interval(a, T6[3])
+    d = [0.05, 0.02, 0.10]
+    dlo, dhi = t_interval(d, T6[2])
+    assert body[:4] == [
+        "\\begin{tabular}{lrc}",
+        "\\toprule",
+        "Group & $n$ & balanced\\_accuracy \\\\",
+        "\\midrule",
+    ]
+    cell = f"${mean(a):.4f}$ {{\\scriptsize $[{alo:.4f}, {ahi:.4f}]$}}"
+    assert body[4] == f"plugins=[], train.lr=0.1 (baseline) & 4 & {cell} \\\\"
+    # By eye: mean 0.55, half-width 3.182446 * 0.129099 / 2 = 0.2054.
+    assert (
+        body[4] == "plugins=[], train.lr=0.1 (baseline) & 4 & $0.5500$ {\\scriptsize $[0.3446, 0.7554]$} \\\\"
+    )
+    # C's interval [0.3851, 1.0883] is clipped to 1.
+    assert "plugins=[focal(gamma=2.0)], train.lr=0.1 & 3 & $0.7367$ {\\scriptsize $[0.3851, 1.0000]$}" in tex
+    assert "\\multicolumn{3}{l}{\\emph{Paired difference to plugins=[], train.lr=0.1}} \\\\" in body
+    assert (
+        f"plugins=[], train.lr=0.05 & 3 & ${mean(d):+.4f}$ {{\\scriptsize $[{dlo:+.4f}, {dhi:+.4f}]$}} \\\\"
+        in body
+    )
+    assert body[-1].startswith("%") and "\\bottomrule" in body and "\\end{tabular}" in body
+    assert body.index("\\bottomrule") < body.index("\\end{tabular}")
+
+
+def test_latex_escapes_labels_and_marks_missing_values(tmp_path: Path) -> None:
+    from fedlt.analysis.compare import _tex
+
+    assert _tex("a_b & 50% {x} #1 $ ~ ^ \\") == (
+        "a\\_b \\& 50\\% \\{x\\} \\#1 \\$ \\textasciitilde{} \\textasciicircum{} \\textbackslash{}"
+    )
+    write_run(tmp_path / "one", {"accuracy": 0.5}, 0)
+    tex = compare(collect_runs(tmp_path), metrics=["accuracy", "tail_accuracy"]).to_latex(digits=2)
+    assert "hand & 1 & $0.50$ & -- \\\\" in tex.splitlines()
+
+
+def test_cli_compare_writes_latex(grid: Path, tmp_path: Path, capsys) -> None:
+    from fedlt.cli import main
+
+    out = tmp_path / "table.tex"
+    code = main(
+        ["compare", str(grid), "--metrics", "balanced_accuracy", "--format", "latex", "--out", str(out)]
+    )
+    assert code == 0
+    assert out.read_text() == compare(collect_runs(grid), metrics=["balanced_accuracy"]).to_latex()
+
+
+def test_a_real_resume_with_new_settings_is_flagged(tmp_path: Path) -> None:
+    """End to end: `fedlt.resume(..., train__lr=0.5)` records the change in summary.json, and the run
+    is not grouped with one that ran at lr 0.5 for 3 rounds from the start (same final scenario)."""
+    from support.scenarios import TINY
+
+    import fedlt
+
+    s = copy.deepcopy(TINY)
+    s["federation"]["rounds"] = 2
+    fedlt.run(s, out=tmp_path / "switched")
+    fedlt.resume(tmp_path / "switched", federation__rounds=3, train__lr=0.5)
+    s["federation"]["rounds"], s["train"]["lr"] = 3, 0.5
+    fedlt.run(s, out=tmp_path / "steady")
+    assert load_run(tmp_path / "switched").scenario == load_run(tmp_path / "steady").scenario
+    table = compare(collect_runs(tmp_path))
+    change = "round 2: federation.rounds=3, train.lr=0.5"
+    assert [g.label for g in table.groups] == ["changed_mid_run=never", f"changed_mid_run=[{change}]"]
+    assert [[r.name for r in g.runs] for g in table.groups] == [["steady"], ["switched"]]

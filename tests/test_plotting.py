@@ -567,3 +567,113 @@ if __name__ == "__main__":  # python tests/test_plotting.py [OUT]: regenerate do
     with tempfile.TemporaryDirectory() as tmp:
         for path in render_examples(target, Path(tmp)):
             print(path, path.stat().st_size)
+
+
+# --------------------------------------------------------------------------- groups of runs (a sweep)
+
+
+@pytest.fixture(scope="module")
+def sweep_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real sweep of the tiny digits scenario: learning rates 0.1 and 0.05, seeds 0 and 1, 2 rounds."""
+    from support.scenarios import TINY
+
+    import fedlt
+    from fedlt.analysis.sweep import Sweep
+    from fedlt.scenario.config import scenario_to_toml
+
+    root = tmp_path_factory.mktemp("plot-sweep")
+    s = copy.deepcopy(TINY)
+    s["federation"].update(rounds=2, eval_every=1)
+    s["engine"] = {"threads": 1}
+    scenario = root / "tiny.toml"
+    scenario.write_text(scenario_to_toml(fedlt.load_scenario(s)))
+    sweep = Sweep(scenario, root / "sweep", {"train.lr": [0.1, 0.05]}, [0, 1])
+    assert not any(line.startswith("failed") for line in sweep.run_local())
+    return root / "sweep"
+
+
+def _records(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_groups_are_compares_and_draw_mean_and_band(sweep_folder: Path) -> None:
+    from fedlt.analysis.compare import collect_runs, compare
+    from fedlt.analysis.plotting import build_group_figures
+
+    figures, notes, groups = build_group_figures([sweep_folder])
+    labels = ["train.lr=0.05", "train.lr=0.1"]  # in folder order
+    assert (
+        [g.label for g in groups] == labels == [g.label for g in compare(collect_runs(sweep_folder)).groups]
+    )
+    assert set(figures) == {"accuracy", "shot_accuracy"}
+    assert any(n.startswith("anytime_accuracy skipped") for n in notes)
+    fig = figures["accuracy"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == labels
+    t1 = 12.706205  # t(0.975, 1): two seeds per group
+    for ax, key in zip(fig.axes, ("accuracy", "balanced_accuracy"), strict=True):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert sorted(lines) == sorted(labels)  # one line per group
+        bands = ax.collections
+        assert len(bands) == 2  # one band per group
+        for label, band in zip(labels, bands, strict=True):
+            lr = label.removeprefix("train.lr=")
+            runs = [sweep_folder / f"lr={lr}-seed{seed}" for seed in (0, 1)]
+            per_round = list(zip(*([r[key] for r in _records(run)] for run in runs), strict=True))
+            rounds = [r["round"] for r in _records(runs[0])]
+            xs, ys = lines[label].get_data()
+            assert list(xs) == rounds == [1, 2]
+            assert np.allclose(ys, [(a + b) / 2 for a, b in per_round])
+            vertices = band.get_paths()[0].vertices
+            for x, (a, b) in zip(rounds, per_round, strict=True):
+                half = t1 * abs(a - b) / 2  # t * std / sqrt(2), std = |a - b| / sqrt(2)
+                lo, hi = max((a + b) / 2 - half, 0.0), min((a + b) / 2 + half, 1.0)
+                at_x = vertices[np.isclose(vertices[:, 0], x)][:, 1]
+                assert np.isclose(at_x.min(), lo) and np.isclose(at_x.max(), hi)
+
+
+@pytest.mark.parametrize(("fmt", "signature"), [("pdf", b"%PDF"), ("svg", b"<svg"), ("png", PNG_MAGIC)])
+def test_group_plots_in_each_format(sweep_folder: Path, tmp_path: Path, fmt: str, signature: bytes) -> None:
+    from fedlt.analysis.plotting import plot_groups
+
+    files = plot_groups([sweep_folder], tmp_path, fmt=fmt, dpi=50)
+    assert sorted(p.name for p in files) == [f"accuracy.{fmt}", f"shot_accuracy.{fmt}"]
+    for path in files:
+        head = path.read_bytes()[:400]
+        assert (signature in head) if fmt == "svg" else head.startswith(signature)
+    if fmt == "png":
+        from PIL import Image
+
+        with Image.open(tmp_path / "accuracy.png") as im:
+            assert im.size == (500, 210)  # a 10 x 4.2 inch figure at 50 dpi
+            assert tuple(round(d) for d in im.info["dpi"]) == (50, 50)
+
+
+def test_plot_runs_writes_the_format_asked(two_runs: list[Path], tmp_path: Path) -> None:
+    files = plot_runs(two_runs, tmp_path, fmt="svg")
+    assert files and all(p.suffix == ".svg" and b"<svg" in p.read_bytes()[:400] for p in files)
+    with pytest.raises(ValueError, match="format 'jpg' is not one of png, pdf, svg"):
+        plot_runs(two_runs, tmp_path, fmt="jpg")
+    with pytest.raises(ValueError, match="dpi must be an integer >= 1, got 0"):
+        plot_runs(two_runs, tmp_path, dpi=0)
+
+
+def test_cli_plot_of_a_sweep_folder_groups_it(sweep_folder: Path, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from fedlt.cli import main
+
+    out = tmp_path / "figs"
+    assert main(["plot", str(sweep_folder), "--out", str(out), "--format", "png", "--dpi", "40"]) == 0
+    with Image.open(out / "accuracy.png") as im:
+        assert im.size == (400, 168)
+    assert f"wrote {out / 'accuracy.png'}" in capsys.readouterr().out
+    # Run folders named one by one are overlaid unless --group asks for groups.
+    runs = sorted(str(p) for p in sweep_folder.iterdir())
+    assert main(["plot", *runs, "--group", "--format", "pdf", "--out", str(tmp_path / "g")]) == 0
+    assert (tmp_path / "g" / "accuracy.pdf").read_bytes().startswith(b"%PDF")
+    assert main(["plot", str(sweep_folder), "--labels", "a,b", "--out", str(tmp_path / "x")]) == 2
+    assert "groups are labelled by the settings" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(SystemExit) as exc:
+        main(["plot", str(sweep_folder), "--dpi", "0"])
+    assert exc.value.code == 2 and "'0' is not an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

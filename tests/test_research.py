@@ -202,8 +202,8 @@ def _by_hand(runs: Path, metric: str) -> dict[str, dict[str, float]]:
         out[f"train.lr={lr}"] = {
             "mean": mean,
             "std": std,
-            "ci_low": mean - half,
-            "ci_high": mean + half,
+            "ci_low": max(mean - half, 0.0),  # these metrics lie in [0, 1]: compare clips to it
+            "ci_high": min(mean + half, 1.0),
             "diff_mean": (d0 + d1) / 2,
             "diff_std": abs(d0 - d1) / math.sqrt(2),
         }

@@ -12,6 +12,7 @@ import copy
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,7 +26,7 @@ from typing import Any
 
 import pytest
 import torch
-from support.processes import alive, descendants, private_ray_tmpdir
+from support.processes import alive, command, descendants, marked, private_ray_tmpdir
 from support.scenarios import TINY
 
 import fedlt
@@ -48,6 +49,31 @@ def _cli(argv: list[str]) -> tuple[int, str, str]:
     finally:
         torch.set_num_threads(threads)
     return code, out.getvalue(), err.getvalue()
+
+
+#: A progress line: ``[k/N] SETTINGS: REPORT[, METRIC VALUE] ([S s; ]H:MM:SS elapsed)``.
+PROGRESS = re.compile(
+    r"^\[(?P<k>\d+)/(?P<n>\d+)\] (?P<setting>[^:]*): (?P<report>(?:ran|resumed|skipped|failed) .*?)"
+    r"(?:, (?P<metric>balanced_accuracy|accuracy|a_auc) (?P<value>\d\.\d{4}))?"
+    r" \((?:(?P<seconds>\d+\.\d) s; )?(?P<elapsed>\d+:\d\d:\d\d) elapsed\)$"
+)
+
+
+def _progress(stderr: str, strict: bool = True) -> list[re.Match[str]]:
+    """The progress lines of a sweep's stderr in printed order (``strict``: every line is one;
+    Ray may add its own lines)."""
+    found = []
+    for line in stderr.splitlines():
+        match = PROGRESS.match(line)
+        assert match is not None or not strict, f"not a progress line: {line!r}"
+        if match is not None:
+            found.append(match)
+    return found
+
+
+def _reports(stderr: str, strict: bool = True) -> list[str]:
+    """The jobs' reports (``ran NAME``, ``skipped NAME (finished)``...) of the progress lines."""
+    return [m["report"] for m in _progress(stderr, strict)]
 
 
 def _summary(run: Path) -> dict[str, Any]:
@@ -81,9 +107,7 @@ def _copy(swept: tuple[Path, Path, str, str], tmp_path: Path) -> Path:
 def test_local_sweep_runs_every_point_and_prints_the_comparison(swept) -> None:
     _, out, stdout, stderr = swept
     assert sorted(p.name for p in out.iterdir()) == NAMES
-    assert sorted(line for line in stderr.splitlines() if line.startswith("ran ")) == [
-        f"ran {n}" for n in NAMES
-    ]
+    assert sorted(_reports(stderr)) == [f"ran {n}" for n in NAMES]
     for name in NAMES:
         scenario = tomllib.loads((out / name / "scenario.toml").read_text())
         lr, seed = name.removeprefix("lr=").split("-seed")
@@ -98,13 +122,71 @@ def test_local_sweep_runs_every_point_and_prints_the_comparison(swept) -> None:
         assert f"| train.lr={lr} | 2 | {mean:.4f} |" in section
 
 
+def test_progress_lines_name_index_settings_metric_and_time(swept) -> None:
+    """One line per job, numbered in finishing order, with the job's grid point and seed, its final
+    balanced accuracy as summary.json holds it, its own seconds and the sweep's elapsed time."""
+    _, out, _, stderr = swept
+    lines = _progress(stderr)
+    assert [(int(m["k"]), int(m["n"])) for m in lines] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    for m in lines:
+        name = m["report"].removeprefix("ran ")
+        lr, seed = name.removeprefix("lr=").split("-seed")
+        assert m["setting"] == f"train.lr={lr}, seed={seed}"
+        final = _summary(out / name)["final"]
+        assert m["metric"] == "balanced_accuracy" and m["value"] == f"{final['balanced_accuracy']:.4f}"
+        assert float(m["seconds"]) > 0
+    elapsed = [sum(int(x) * 60**i for i, x in enumerate(reversed(m["elapsed"].split(":")))) for m in lines]
+    assert elapsed == sorted(elapsed)
+
+
+def test_sweep_prints_each_job_as_it_finishes(swept, tmp_path: Path, monkeypatch, capsys) -> None:
+    """When job k starts, the line of job k - 1 is already on stderr (not held until the end)."""
+    import fedlt.analysis.sweep as sweep_module
+
+    scenario = swept[0]
+    seen_before: list[str] = []
+    real = sweep_module.run_job
+
+    def spy(scenario: str, job: Any, threads: int | None = None) -> str:
+        seen_before.append(capsys.readouterr().err)
+        return real(scenario, job, threads)
+
+    monkeypatch.setattr(sweep_module, "run_job", spy)
+    argv = [
+        "sweep",
+        str(scenario),
+        "--seeds",
+        "0-2",
+        "--set",
+        "engine.threads=1",
+        "--set",
+        "federation.rounds=1",
+    ]
+    assert main([*argv, "--out", str(tmp_path / "s")]) == 0
+    after = capsys.readouterr().err
+    assert seen_before[0] == ""
+    assert [_reports(err) for err in seen_before[1:]] == [["ran seed0"], ["ran seed1"]]
+    (last,) = _progress(after)
+    assert (last["k"], last["n"], last["setting"], last["report"]) == ("3", "3", "seed=2", "ran seed2")
+
+
+def test_progress_line_of_a_failed_job() -> None:
+    from fedlt.analysis.sweep import Job, progress_line
+
+    job = Job(Path("/nowhere/lr=0.1-seed3"), {"train.lr": 0.1, "seed": 3}, {"train.lr": 0.1, "seed": 3})
+    line = progress_line(2, 5, job, "failed lr=0.1-seed3: boom\n  at round 2", None, 3725.4)
+    assert line == "[2/5] train.lr=0.1, seed=3: failed lr=0.1-seed3: boom at round 2 (1:02:05 elapsed)"
+    ran = progress_line(5, 5, job, "ran lr=0.1-seed3", 12.34, 61)  # no summary.json: no metric
+    assert ran == "[5/5] train.lr=0.1, seed=3: ran lr=0.1-seed3 (12.3 s; 0:01:01 elapsed)"
+
+
 def test_sweep_again_skips_every_finished_run(swept, tmp_path: Path) -> None:
     scenario, _, first_table, _ = swept
     out = _copy(swept, tmp_path)
     before = {n: (out / n / "summary.json").read_bytes() for n in NAMES}
     code, stdout, stderr = _cli(["sweep", str(scenario), *GRID, "--out", str(out)])
     assert code == 0, stderr
-    assert sorted(stderr.splitlines()) == [f"skipped {n} (finished)" for n in NAMES]
+    assert sorted(_reports(stderr)) == [f"skipped {n} (finished)" for n in NAMES]
     assert {n: (out / n / "summary.json").read_bytes() for n in NAMES} == before
     assert stdout == first_table
 
@@ -138,7 +220,7 @@ def test_sweep_resumes_an_interrupted_run_and_starts_a_missing_one(swept, tmp_pa
 
     code, _, stderr = _cli(["sweep", str(scenario), *GRID, "--out", str(out)])
     assert code == 0, stderr
-    assert sorted(stderr.splitlines()) == [
+    assert sorted(_reports(stderr)) == [
         "ran lr=0.1-seed0",
         "resumed lr=0.05-seed1",
         "skipped lr=0.05-seed0 (finished)",
@@ -195,17 +277,205 @@ def test_failing_runs_are_reported_each_and_the_sweep_exits_1(swept, tmp_path: P
         code, _, stderr = _cli(argv)
     except Exception as exc:  # what fedlt's main lets through becomes a traceback for the user
         pytest.fail(f"fedlt sweep raised {type(exc).__name__}: {exc}")
-    lines = sorted(stderr.splitlines())
+    lines = sorted(_reports(stderr))
     assert code == 1, stderr
     assert [x.split(":")[0] for x in lines] == ["failed seed0", "failed seed1"], stderr
     assert all("Plugin 'always-fails' in hook 'client_loss'" in x for x in lines)
     assert "Traceback" not in stderr
 
 
+def test_a_worker_that_dies_fails_its_job_and_is_replaced(tmp_path: Path, monkeypatch) -> None:
+    """A worker killed mid-run (SIGKILL, as out of memory) fails that job with its exit code; a new
+    worker takes the jobs left, and no worker outlives the sweep."""
+    monkeypatch.setenv("FEDLT_EXTRA_PLUGINS", "kills-its-process=support.sweep_plugins:KillsItsProcess")
+    s = copy.deepcopy(TINY)
+    s["federation"].update(rounds=1, eval_every=1)
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(scenario_to_toml(fedlt.load_scenario(s)))
+    out = tmp_path / "sweep"
+    grid = 'plugins=[{name="kills-its-process"}],[],[{name="focal"}]'
+    argv = ["sweep", str(scenario), "--grid", grid, "--jobs", "2", "--set", "engine.threads=1"]
+    before = set(descendants(os.getpid()))
+    code, _, stderr = _cli([*argv, "--out", str(out)])
+    lines = [line for line in stderr.splitlines() if line.startswith("[")]  # settings hold ": "
+    assert code == 1, stderr
+    assert len(lines) == 3 and "Traceback" not in stderr
+    (died,) = [line for line in lines if "kills-its-process" in line]
+    assert "failed plugins=namekills-its-process-seed0: its worker process died (exit code -9)" in died
+    others = [re.search(r", seed=0: (\w+) ", line) for line in lines if line != died]
+    assert [m and m[1] for m in others] == ["ran", "ran"], lines
+    # multiprocessing's resource tracker lives as long as this process (it ends with a sweep's
+    # own process); every worker is gone.
+    left = [command(p) for p in set(descendants(os.getpid())) - before if alive(p) and p != os.getpid()]
+    assert all("resource_tracker" in c for c in left), left
+
+
 def test_sweep_into_a_file_exits_2(tmp_path: Path) -> None:
     (tmp_path / "taken").write_text("a file")
     code, _, stderr = _cli(["sweep", "quickstart", "--out", str(tmp_path / "taken")])
     assert code == 2 and "'--out'" in stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--grid", "train.lr=0.1,0.10"], ["train.lr", "0.1", "0.10"]),
+        (["--grid", "train.lr=0.1,0.05,0.1"], ["train.lr", "0.1"]),
+        (["--grid", "train.lr=0.1", "--grid", "train.lr=0.05"], ["train.lr", "given twice"]),
+        (["--grid", "train.lr=1,1.0"], ["train.lr", "1", "1.0", "same scenario"]),  # same float
+        (["--grid", "seed=1,2"], ["seed=1,2", "--seeds"]),
+        (["--set", "seed=3", "--seeds", "0-1"], ["seed=3", "--seeds"]),
+    ],
+)
+def test_grid_points_that_make_one_run_are_refused(tmp_path: Path, argv: list[str], named: list[str]) -> None:
+    """Two grid points that are one run (equal literals, or values the scenario resolves alike)
+    would be merged into one folder: exit 2 naming the key and the values, before anything runs."""
+    out = tmp_path / "sweep"
+    code, stdout, stderr = _cli(["sweep", "quickstart", *argv, "--out", str(out)])
+    message = " ".join(stderr.split())
+    assert code == 2 and stdout == "" and "Traceback" not in message, message
+    assert all(word in message for word in named), message
+    assert not out.exists()
+
+
+def _hand_digest(setting: dict[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def test_folder_names_are_distinct_where_readable_names_collide() -> None:
+    """Names that read alike once unsafe characters go (``"x y"``, ``"xy"``) or once case is
+    ignored (macOS) get the point's digest; a name past 120 characters is cut and gets it too;
+    names that do not collide stay readable (so existing sweep folders keep resuming)."""
+    from fedlt.analysis.sweep import point_names
+
+    points = [{"name": "x y"}, {"name": "xy"}, {"name": "XY"}, {"name": "other"}]
+    assert point_names(points) == [
+        f"name=xy-{_hand_digest(points[0])}",
+        f"name=xy-{_hand_digest(points[1])}",
+        f"name=XY-{_hand_digest(points[2])}",
+        "name=other",
+    ]
+    long = [{"plugins.0.note": "a" * 130}, {"plugins.0.note": "a" * 131}]
+    names = point_names(long)
+    assert names == [f"plugins.0.note={'a' * 96}-{_hand_digest(p)}" for p in long]
+    assert all(len(n) == 120 for n in names) and names[0] != names[1]
+    with pytest.raises(fedlt.errors.FedltError, match=r"points get the folder name 'a=0\.1-[0-9a-f]{8}'"):
+        point_names([{"a": 0.1}, {"a": 0.1}])  # one point twice (Python API: no parse_grid check)
+
+
+def test_a_sweep_runs_points_with_colliding_names_into_their_own_folders(tmp_path: Path) -> None:
+    """``name="x y"`` and ``name="xy"`` (both read ``name=xy``): two folders, each with its own run."""
+    s = copy.deepcopy(TINY)
+    s["federation"].update(rounds=1, eval_every=1)
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(scenario_to_toml(fedlt.load_scenario(s)))
+    out = tmp_path / "sweep"
+    code, _, stderr = _cli(["sweep", str(scenario), "--grid", 'name="x y","xy"', "--out", str(out)])
+    assert code == 0, stderr
+    folders = {p.name: tomllib.loads((p / "scenario.toml").read_text())["name"] for p in out.iterdir()}
+    assert folders == {
+        f"name=xy-{_hand_digest({'name': 'x y'})}-seed0": "x y",
+        f"name=xy-{_hand_digest({'name': 'xy'})}-seed0": "xy",
+    }
+
+
+@pytest.mark.parametrize(
+    ("argv", "key", "value"),
+    [
+        (["--cpus-per-run", "-1"], "--cpus-per-run", "-1.0"),
+        (["--cpus-per-run", "0"], "--cpus-per-run", "0.0"),
+        (["--cpus-per-run", "nan"], "--cpus-per-run", "nan"),
+        (["--cpus-per-run", "0.00001"], "--cpus-per-run", "1e-05"),
+        (["--gpus-per-run", "-0.5"], "--gpus-per-run", "-0.5"),
+        (["--gpus-per-run", "inf"], "--gpus-per-run", "inf"),
+    ],
+)
+def test_bad_ray_resources_exit_2_before_ray_starts(
+    tmp_path: Path, monkeypatch, argv: list[str], key: str, value: str
+) -> None:
+    """Checked before Ray is imported: with Ray made unimportable the error is still about the
+    resource (not "Ray is not installed"), so no Ray can have started."""
+    monkeypatch.setitem(sys.modules, "ray", None)
+    out = tmp_path / "sweep"
+    code, stdout, stderr = _cli(["sweep", "quickstart", "--ray", "local", *argv, "--out", str(out)])
+    message = " ".join(stderr.split())
+    assert code == 2 and stdout == "" and "Traceback" not in message, message
+    assert f"'{key}'" in message and f"Got {value} instead" in message and ">= 0.0001" in message, message
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- stopping a sweep
+
+MARK = "FEDLT_TEST_SWEEP_MARK"
+
+
+def _start_long_sweep(tmp_path: Path, mark: str) -> tuple[subprocess.Popen, Path, Path]:
+    """``fedlt sweep --jobs 2`` of 6 long runs in a child process whose environment carries
+    ``MARK=mark`` (inherited by every process it starts); returns once both workers run a job."""
+    s = copy.deepcopy(TINY)
+    s["federation"].update(rounds=100_000, eval_every=1000)
+    scenario = tmp_path / "long.toml"
+    scenario.write_text(scenario_to_toml(fedlt.load_scenario(s)))
+    out, log = tmp_path / "sweep", tmp_path / "stderr.txt"
+    argv = ["sweep", str(scenario), "--seeds", "0-5", "--jobs", "2", "--set", "engine.threads=1"]
+    env = {**os.environ, MARK: mark, "OMP_NUM_THREADS": "1"}
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedlt.cli", *argv, "--out", str(out)], env=env, stderr=err
+        )
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*/scenario.toml"))) < 2:  # written once a run's data and model are built
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "the sweep's two workers did not start their runs"
+        time.sleep(0.1)
+    return proc, out, log
+
+
+def _gone_within(pids: list[int], mark: str, seconds: float) -> list[int]:
+    """The processes of ``pids`` (and any with the mark) still running after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = sorted({p for p in pids if alive(p)} | set(marked(MARK, mark)))
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"]
+)
+def test_stopping_a_sweep_stops_every_process_it_started(tmp_path: Path, sig: int) -> None:
+    """Kill ``fedlt sweep --jobs 2`` while its two workers each run a job and four jobs wait: every
+    process it started (listed from /proc before the kill, and any process carrying the test's
+    environment mark, which catches orphans adopted by init) is gone within a few seconds, and no
+    waiting job starts. SIGTERM ends it as Ctrl-C (SIGINT) does: exit 130, no traceback."""
+    mark = f"{os.getpid()}-{sig}-{time.time_ns()}"
+    proc, out, log = _start_long_sweep(tmp_path, mark)
+    started: list[int] = []
+    try:
+        started = descendants(proc.pid)
+        workers = [p for p in started if p != proc.pid and "spawn_main" in command(p)]
+        assert len(workers) >= 2, [command(p) for p in started]
+        proc.send_signal(sig)
+        code = proc.wait(timeout=30)
+        left = _gone_within(started, mark, 8.0)
+        assert not left, f"still running after the sweep was stopped: {[(p, command(p)) for p in left]}"
+        folders = sorted(p.name for p in out.iterdir())
+        time.sleep(1.0)
+        assert sorted(p.name for p in out.iterdir()) == folders and len(folders) <= 3
+        assert not any((out / name / "summary.json").exists() for name in folders)
+        if sig != signal.SIGKILL:
+            stderr = log.read_text()
+            assert code == 130 and "Traceback" not in stderr, stderr
+            assert "interrupted" in stderr and str(out) in stderr
+    finally:  # never leave a process behind, even when the test fails
+        for pid in {p for p in started if alive(p)} | set(marked(MARK, mark)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
 
 
 # --------------------------------------------------------------------------- Ray
@@ -224,9 +494,7 @@ def test_sweep_on_a_local_ray_equals_the_local_sweep(swept, tmp_path: Path, monk
         monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
         code, stdout, stderr = _cli(["sweep", str(scenario), *GRID, "--out", str(out), "--ray", "local"])
     assert code == 0, stderr
-    assert sorted(line for line in stderr.splitlines() if line.startswith("ran ")) == [
-        f"ran {n}" for n in NAMES
-    ]
+    assert sorted(r for r in _reports(stderr, False) if r.startswith("ran ")) == [f"ran {n}" for n in NAMES]
     assert _finals(out) == _finals(local)
     assert "| train.lr=0.05 | 2 | 0, 1 |" in stdout
 
@@ -310,11 +578,7 @@ def test_sweep_on_a_two_node_ray_cluster_equals_the_local_sweep(swept, tmp_path:
         assert code == 0, stderr
         # Run again: everything is skipped, on the cluster too.
         again = _cli(["sweep", str(scenario), *GRID, "--out", str(out), "--ray", address])
-    assert sorted(line for line in stderr.splitlines() if line.startswith("ran ")) == [
-        f"ran {n}" for n in NAMES
-    ]
+    assert sorted(r for r in _reports(stderr, False) if r.startswith("ran ")) == [f"ran {n}" for n in NAMES]
     assert _finals(out) == _finals(local)
     assert again[0] == 0
-    assert sorted(x for x in again[2].splitlines() if x.startswith("skipped")) == [
-        f"skipped {n} (finished)" for n in NAMES
-    ]
+    assert sorted(_reports(again[2], False)) == [f"skipped {n} (finished)" for n in NAMES]

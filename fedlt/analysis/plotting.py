@@ -25,7 +25,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedlt.analysis.compare import RunRecord, load_run
+from fedlt.analysis.compare import (
+    IGNORED_KEYS,
+    Group,
+    RunRecord,
+    Stat,
+    check_out_path,
+    collect_runs,
+    group_runs,
+    load_run,
+    metric_bounds,
+    summarize,
+)
+from fedlt.analysis.figure_kit import _figure, _marker, _num, _run_legend, require_matplotlib
 from fedlt.analysis.timeline import client_timeline_figure, staleness_figure, virtual_time_figure
 
 if TYPE_CHECKING:
@@ -36,16 +48,21 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FIGURE_FILES",
+    "FORMATS",
+    "GROUP_FIGURES",
     "PlotFiles",
     "build_figures",
+    "build_group_figures",
     "client_counts_figure",
     "plot_client_class_counts",
+    "plot_groups",
     "plot_runs",
     "plot_stream_timeline",
     "require_matplotlib",
     "stream_labels",
     "stream_timeline_figure",
 ]
+
 
 log = logging.getLogger(__name__)
 
@@ -63,32 +80,19 @@ FIGURE_FILES: dict[str, str] = {
     "staleness": "asynchronous runs: how stale the arriving updates were",
 }
 
-_INSTALL = "plotting needs matplotlib: pip install matplotlib (or pip install 'fedlt[plot]')"
+#: File formats the figures can be written in (matplotlib's names; the file suffix).
+FORMATS: tuple[str, ...] = ("png", "pdf", "svg")
 
-
-def require_matplotlib() -> None:
-    """Fail early, before any work, when matplotlib is missing.
-
-    Raises
-    ------
-    ImportError
-        With a message saying ``pip install matplotlib``.
-    """
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(_INSTALL) from exc
-
-
-def _figure(width: float, height: float) -> Figure:
-    """A new figure on the Agg canvas, with constrained layout (nothing overlaps, legends fit)."""
-    require_matplotlib()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+#: The figures :func:`plot_groups` can write: per figure, its panels as (metric, panel title).
+GROUP_FIGURES: dict[str, tuple[tuple[str, str], ...]] = {
+    "accuracy": (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy")),
+    "shot_accuracy": (
+        ("head_accuracy", "Head accuracy"),
+        ("medium_accuracy", "Medium accuracy"),
+        ("tail_accuracy", "Tail accuracy"),
+    ),
+    "anytime_accuracy": (("anytime_accuracy", "Anytime accuracy"),),
+}
 
 
 def _colors(n: int) -> list[Any]:
@@ -106,6 +110,14 @@ def _save(fig: Figure, path: Path, dpi: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def _check_output(fmt: str, dpi: int) -> None:
+    """Refuse a format or resolution matplotlib would choke on, before anything is drawn."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 1:
+        raise ValueError(f"dpi must be an integer >= 1, got {dpi!r}")
 
 
 # --------------------------------------------------------------------------- runs
@@ -154,21 +166,10 @@ def _labels(paths: Sequence[Path], labels: Sequence[str] | None) -> list[str]:
     return out
 
 
-def _num(value: Any) -> float:
-    """A JSON metric as a float, NaN for ``None`` (matplotlib leaves a gap there)."""
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return math.nan
-    return float(value)
-
-
 def _series(records: Sequence[Mapping[str, Any]], key: str, x: str = "round") -> tuple[list[float], ...]:
     """(x, y) of the records that have ``key``."""
     pts = [(_num(r.get(x)), _num(r.get(key))) for r in records if r.get(key) is not None]
     return tuple(map(list, zip(*pts, strict=True))) if pts else ([], [])
-
-
-def _marker(n_points: int) -> dict[str, Any]:
-    return {"marker": "o", "markersize": 3} if n_points <= 40 else {}
 
 
 def _integer_x(ax: Axes) -> None:
@@ -176,14 +177,6 @@ def _integer_x(ax: Axes) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _run_legend(fig: Figure, runs: Sequence[_Run], extra: Sequence[Any] = ()) -> None:
-    """One legend for the whole figure, below the panels, so it never covers data."""
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], color=r.color, lw=2, label=r.label) for r in runs] + list(extra)
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), frameon=False)
 
 
 # --------------------------------------------------------------------------- the figures
@@ -470,37 +463,10 @@ def _fig_confusion(runs: Sequence[_Run]) -> Figure | None:
 
 
 def _fig_anytime(runs: Sequence[_Run]) -> Figure | None:
-    series = []
-    for r in runs:
-        recs = [h for h in r.history if h.get("anytime_accuracy") is not None]
-        if recs:
-            series.append((r, recs))
-    if not series:
-        return None
-    from matplotlib.lines import Line2D
+    # Continual panels (the A_auc points, task ends apart, clients, memory): their own module.
+    from fedlt.analysis.continual_plots import continual_figure
 
-    by_samples = all(all(h.get("samples_seen") is not None for h in recs) for _, recs in series)
-    x_key = "samples_seen" if by_samples else "round"
-    fig = _figure(9, 4.8)
-    ax = fig.subplots()
-    ends = {
-        r.label: [_num(h.get(x_key)) for h in recs if h.get("task_end") is not None] for r, recs in series
-    }
-    shared = all(e == next(iter(ends.values())) for e in ends.values())
-    for r, recs in series:
-        xs, ys = _series(recs, "anytime_accuracy", x_key)
-        ax.plot(xs, ys, color=r.color, label=r.label, **_marker(len(xs)))
-        # Boundaries common to all runs are drawn once in grey, others in their run's colour.
-        if not shared or r is series[0][0]:
-            for x in ends[r.label]:
-                ax.axvline(x, color="0.45" if shared else r.color, ls="--", lw=1, alpha=0.7)
-    xlabel = "training samples seen" if by_samples else "round"
-    ax.set(xlabel=xlabel, ylabel="anytime accuracy (exposed classes)", title="Anytime accuracy")
-    ax.grid(alpha=0.3)
-    _integer_x(ax)
-    extra = [Line2D([], [], color="0.4", ls="--", lw=1, label="task end")]
-    _run_legend(fig, [r for r, _ in series], extra)
-    return fig
+    return continual_figure(runs)
 
 
 def _fig_task_class(runs: Sequence[_Run]) -> Figure | None:
@@ -604,19 +570,23 @@ def plot_runs(
     out_dir: str | Path,
     labels: Sequence[str] | None = None,
     dpi: int = 100,
+    fmt: str = "png",
 ) -> PlotFiles:
-    """Draw several runs overlaid, one colour per run, and write the figures as PNGs.
+    """Draw several runs overlaid, one colour per run, and write the figures (PNG by default).
 
     Parameters
     ----------
     run_dirs : sequence of paths
         Run folders (finished or in progress: ``metrics.jsonl`` is read as it stands).
     out_dir : path
-        Folder for the PNGs, created if needed; files are named after :data:`FIGURE_FILES`.
+        Folder for the PNGs, created if needed; files are named after :data:`FIGURE_FILES`. A file
+        there (or above it) is refused before anything is read or drawn.
     labels : sequence of str, optional
         Legend label per run; default its folder name.
     dpi : int, default=100
-        Resolution of the PNGs.
+        Resolution of PNGs (and of anything rasterised inside a PDF or SVG).
+    fmt : {"png", "pdf", "svg"}, default="png"
+        File format (and suffix) of the figures.
 
     Returns
     -------
@@ -624,12 +594,135 @@ def plot_runs(
         The paths written (a list), with ``.notes`` naming each figure skipped for lack of data
         (confusion matrix, continual figures, per-class counts that could not be rebuilt).
     """
+    _check_output(fmt, dpi)
+    out = check_out_path(out_dir, "out_dir", folder=True)
     figures, notes = build_figures(run_dirs, labels)
-    out = Path(out_dir)
-    paths = [_save(fig, out / f"{name}.png", dpi) for name, fig in figures.items()]
+    paths = [_save(fig, out / f"{name}.{fmt}", dpi) for name, fig in figures.items()]
     for note in notes:
         log.info(note)
     return PlotFiles(paths, notes)
+
+
+# --------------------------------------------------------------------------- groups of runs
+
+
+def group_curve(group: Group, key: str, x: str = "round") -> tuple[list[float], list[Stat]]:
+    """Per evaluation point, the :class:`Stat` of ``key`` over the group's runs (its seeds).
+
+    The points are those every run of the group evaluated (runs of one group may differ in
+    ``federation.eval_every``, which does not split groups); the interval is the one ``fedlt
+    compare`` prints (Student t, clipped to the metric's range).
+    """
+    per_run = []
+    for run in group.runs:
+        points = {_num(h.get(x)): _num(h.get(key)) for h in run.history() if h.get(key) is not None}
+        per_run.append({k: v for k, v in points.items() if not (math.isnan(k) or math.isnan(v))})
+    common = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+    bounds = metric_bounds(key)
+    return common, [summarize((p[c] for p in per_run), bounds) for c in common]
+
+
+def _band(ax: Axes, xs: Sequence[float], stats: Sequence[Stat], color: Any, label: str) -> None:
+    """The mean curve and, where two or more runs give an interval, the shaded 95% band."""
+    ax.plot(xs, [st.mean for st in stats], color=color, label=label, **_marker(len(xs)))
+    low = [math.nan if st.ci_low is None else st.ci_low for st in stats]
+    high = [math.nan if st.ci_high is None else st.ci_high for st in stats]
+    if any(not math.isnan(v) for v in low):
+        ax.fill_between(xs, low, high, color=color, alpha=0.2, lw=0)
+
+
+def _fig_group(name: str, groups: Sequence[Group], colors: Sequence[Any]) -> Figure | None:
+    panels = GROUP_FIGURES[name]
+    curves = [
+        [(g, c, *group_curve(g, key)) for g, c in zip(groups, colors, strict=True)] for key, _ in panels
+    ]
+    if not any(xs for panel in curves for _, _, xs, _ in panel):
+        return None
+    fig = _figure(4.6 * len(panels) + 0.8, 4.2)
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True, squeeze=False)).ravel()
+    for ax, (_, title), panel in zip(axes, panels, curves, strict=True):
+        for g, color, xs, stats in panel:
+            if xs:
+                _band(ax, xs, stats, color, g.label)
+        ax.set(title=title, xlabel="round")
+        ax.grid(alpha=0.3)
+        _integer_x(ax)
+    axes[0].set_ylabel(panels[0][0] if len(panels) == 1 else "accuracy")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, lw=2, label=g.label) for g, c in zip(groups, colors, strict=True)]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), frameon=False)
+    sizes = sorted({len(g.runs) for g in groups})
+    runs = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    fig.suptitle(f"Mean over {runs} runs per group; band: 95% t-interval of the mean (as fedlt compare)")
+    return fig
+
+
+def build_group_figures(
+    paths: Sequence[str | Path], ignore: Sequence[str] = IGNORED_KEYS
+) -> tuple[dict[str, Figure], list[str], list[Group]]:
+    """The figures of :func:`plot_groups`, not yet written.
+
+    Returns
+    -------
+    figures : dict
+        Name (a key of :data:`GROUP_FIGURES`) → figure, for the figures some group has data for.
+    notes : list of str
+        One line per figure left out, saying why.
+    groups : list of Group
+        The groups drawn, as ``fedlt compare`` forms and labels them.
+    """
+    require_matplotlib()
+    groups = group_runs(collect_runs(paths), ignore)
+    colors = _colors(len(groups))
+    figures: dict[str, Figure] = {}
+    notes = []
+    for name in GROUP_FIGURES:
+        fig = _fig_group(name, groups, colors)
+        if fig is None:
+            keys = ", ".join(k for k, _ in GROUP_FIGURES[name])
+            notes.append(f"{name} skipped: no run has {keys} in metrics.jsonl")
+        else:
+            figures[name] = fig
+    return figures, notes, groups
+
+
+def plot_groups(
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    fmt: str = "png",
+    dpi: int = 100,
+    ignore: Sequence[str] = IGNORED_KEYS,
+) -> PlotFiles:
+    """Draw finished runs grouped as ``fedlt compare`` groups them: per group the mean curve over
+    its seeds and the band of its 95% interval, labelled by the settings in which groups differ.
+
+    Parameters
+    ----------
+    paths : sequence of paths
+        Run folders or folders holding them (a sweep's ``--out``), searched as
+        :func:`fedlt.analysis.compare.collect_runs` does (finished runs only).
+    out_dir : path
+        Folder for the figures, created if needed; files are named after :data:`GROUP_FIGURES`. A
+        file there (or above it) is refused before anything is read or drawn.
+    fmt : {"png", "pdf", "svg"}, default="png"
+    dpi : int, default=100
+        Resolution of PNGs (and of anything rasterised in PDF and SVG).
+    ignore : sequence of str
+        Scenario keys that do not split groups (as for ``fedlt compare``).
+
+    Returns
+    -------
+    PlotFiles
+        The paths written, with ``.notes`` naming each figure skipped for lack of data.
+    """
+    _check_output(fmt, dpi)
+    out = check_out_path(out_dir, "out_dir", folder=True)
+    figures, notes, _ = build_group_figures(paths, ignore)
+    written = [_save(fig, out / f"{name}.{fmt}", dpi) for name, fig in figures.items()]
+    for note in notes:
+        log.info(note)
+    return PlotFiles(written, notes)
 
 
 # --------------------------------------------------------------------------- data pictures

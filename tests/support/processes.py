@@ -35,6 +35,20 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def marked(variable: str, value: str) -> list[int]:
+    """Every running process whose environment holds ``variable=value``: what a test started with
+    that mark and whatever those processes started, even once orphaned (adopted by init, so no
+    longer below the test's process)."""
+    needle = f"{variable}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in (entry / "environ").read_bytes().split(b"\0") and alive(int(entry.name)):
+                    found.append(int(entry.name))
+    return found
+
+
 def command(pid: int) -> str:
     """The command line of ``pid`` (empty once it is gone)."""
     try:
