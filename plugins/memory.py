@@ -28,6 +28,16 @@ is stored and which stored item it overwrites. The policies:
     with probability ``|M_y| / n_y``, overwriting a random stored item of ``y`` (a per-class
     reservoir, so each class keeps a uniform sample of *its* stream rather than GDumb's first
     arrivals). Unlike ``cbrs`` the threshold is the fair share, not the sticky "ever largest".
+``evict-largest`` (the online memory update of the CLIB / Si-Blurry code's GDumb and
+Rainbow-Memory baselines, ``update_memory`` in ``methods/gdumb.py`` and
+``methods/rainbow_memory.py``)
+    While memory is not full, store. Once full, the item is **always** stored: count the memory's
+    classes *with the newcomer added*, draw a class uniformly among the largest ones and overwrite
+    a uniformly random stored item of it (so an item of the largest class replaces one of its own
+    class). One deviation: a largest class must hold a stored item, so the newcomer's class is
+    left out of the draw when memory holds none of it (the reference would then draw from an
+    empty slot list and fail). Only the online rule: Rainbow-Memory's uncertainty-based
+    selection at task ends and GDumb's retraining on memory are not part of this module.
 
 All randomness comes from the ``torch.Generator`` passed in (CPU), so a memory's evolution is a
 function of the seed. The state is plain Python containers kept in the caller's dict, so it can
@@ -51,8 +61,8 @@ __all__ = [
     "inverse_frequency_weights",
 ]
 
-Policy = Literal["reservoir", "cbrs", "gdumb", "balanced"]
-POLICIES: tuple[str, ...] = ("reservoir", "cbrs", "gdumb", "balanced")
+Policy = Literal["reservoir", "cbrs", "gdumb", "balanced", "evict-largest"]
+POLICIES: tuple[str, ...] = ("reservoir", "cbrs", "gdumb", "balanced", "evict-largest")
 
 
 def _randint(high: int, generator: torch.Generator) -> int:
@@ -90,7 +100,7 @@ class ClassMemory:
     ----------
     capacity : int
         ``K``, the most items stored.
-    policy : {"reservoir", "cbrs", "gdumb", "balanced"}
+    policy : {"reservoir", "cbrs", "gdumb", "balanced", "evict-largest"}
         How items are admitted and evicted (see the module docstring).
     state : dict, optional
         The dict holding the memory; a new empty memory when omitted or empty.
@@ -145,6 +155,14 @@ class ClassMemory:
         top = max(self.counts.values())
         return sorted(c for c, n in self.counts.items() if n == top)
 
+    def _largest_with(self, label: int) -> list[int]:
+        """The largest classes once a newcomer of ``label`` is counted, among those with a stored
+        item, sorted (``evict-largest``)."""
+        counts = dict(self.counts)
+        counts[label] = counts.get(label, 0) + 1
+        top = max(n for c, n in counts.items() if self.counts.get(c, 0))
+        return sorted(c for c, n in counts.items() if n == top and self.counts.get(c, 0))
+
     # ------------------------------------------------------------------ updates
 
     def extend(self, indices: Iterable[int], labels: Iterable[int], generator: torch.Generator) -> None:
@@ -173,6 +191,8 @@ class ClassMemory:
             if label not in self._full:
                 return self._evict_largest(largest, index, label, generator)
             return self._class_reservoir(index, label, generator)
+        if self.policy == "evict-largest":
+            return self._evict_largest(self._largest_with(label), index, label, generator)
         # gdumb and balanced: the fair share K / |Y_seen| decides.
         if self.counts.get(label, 0) < self.capacity / len(seen):
             return self._evict_largest(self.largest_classes(), index, label, generator)

@@ -11,13 +11,14 @@ samples to a 64-sample stream batch, ``replay_ratio = 0.5``).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from fedlt_plugins.memory import ClassMemory, Policy, draw_replay, inverse_frequency_weights
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlt import ClientContext, Plugin, hookimpl
+from fedlt import state as rules
 
 
 class ReplayParams(BaseModel):
@@ -28,7 +29,8 @@ class ReplayParams(BaseModel):
         "reservoir",
         description="How the memory is filled: 'reservoir' (Vitter's Algorithm R), 'cbrs' (class-balancing "
         "reservoir, Chrysakis & Moens 2020), 'gdumb' (greedy class-balanced, Prabhu et al. 2020), "
-        "'balanced' (fair-share admission plus per-class reservoir).",
+        "'balanced' (fair-share admission plus per-class reservoir), 'evict-largest' (always store, evicting "
+        "from the largest class counting the newcomer: the CLIB / Si-Blurry code's GDumb and RM memory).",
     )
     replay_ratio: float = Field(
         0.5,
@@ -50,7 +52,8 @@ class ReplayParams(BaseModel):
 
 
 class Replay(Plugin):
-    """Experience replay from a per-client index memory (reservoir, CBRS, GDumb or balanced).
+    """Experience replay from a per-client index memory (reservoir, CBRS, GDumb, balanced or
+    evict-largest).
 
     Memory policies (formulas in :mod:`fedlt_plugins.memory`): reservoir sampling (Vitter 1985,
     Algorithm R: item n stays with probability K/n), CBRS (Chrysakis & Moens, "Online continual
@@ -60,7 +63,9 @@ class Replay(Plugin):
     ECCV 2020: once full, store iff ``|M_y| < K / |Y_seen|``, evicting from the largest class; its
     retraining from scratch on memory is *not* done here) and ``balanced`` (GDumb's admission
     plus a per-class reservoir for classes at or above their share, cf. Avalanche's
-    ClassBalancedBuffer and mammoth's balancoir).
+    ClassBalancedBuffer and mammoth's balancoir) and ``evict-largest`` (the online memory update of
+    the CLIB / Si-Blurry code's GDumb and Rainbow-Memory baselines: always store, overwriting a
+    random item of a class drawn among the largest once the newcomer is counted).
 
     Each optimizer step appends ``n_r = floor(replay_ratio * b + 1/2)`` memory samples to the
     ``b`` stream rows (``min(n_r, |M|)`` distinct slots), drawn uniformly or with
@@ -76,6 +81,15 @@ class Replay(Plugin):
     Params = ReplayParams
     #: A memory of stream samples: offline there is no stream to remember.
     requires = frozenset({"stream"})
+    #: What a client's memory may hold (checked on resume): the client's own samples, with their
+    #: labels, at most memory_size of them, and the counters the policies keep.
+    client_state: ClassVar[dict[str, rules.Rule]] = {
+        "indices": rules.ListOf(rules.OwnSample(), max_len="memory_size"),
+        "labels": rules.ListOf(rules.LabelOf("indices"), same_length_as="indices"),
+        "n_seen": rules.Int(low=0),
+        "class_seen": rules.MapOf(rules.Label(), rules.Int(low=0)),
+        "full": rules.ListOf(rules.Label()),
+    }
 
     def _memory(self, state: dict[str, Any]) -> ClassMemory:
         """The client's memory, wrapped once per client-round (class counts derived once)."""
@@ -116,6 +130,17 @@ class Replay(Plugin):
         w = torch.ones(logits.shape[0], dtype=logits.dtype, device=logits.device)
         w[-n_r:] = self.replay_weights.to(device=logits.device, dtype=logits.dtype)
         return w
+
+    @hookimpl
+    def eval_client_memory(self, state: dict[str, Any], num_classes: int) -> dict[str, Any] | None:
+        """The class make-up of the client's memory, recorded with every stream evaluation."""
+        labels = state.get("labels")
+        if not labels:
+            return None
+        counts = [0] * num_classes
+        for label in labels:
+            counts[int(label)] += 1
+        return {"class_counts": counts}
 
     @hookimpl
     def client_update_memory(self, batch: torch.Tensor, ctx: ClientContext, state: dict[str, Any]) -> None:

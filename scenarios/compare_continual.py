@@ -165,12 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_path = args.out / f"{stem}.png"
     st = resolved.stream
     period = (
-        f"every {st.eval_period} stream samples read by the federation"
-        if st.eval_period
-        else "after every round that read stream samples"
+        "at every multiple of ceil(stream length / 50) stream samples read by the federation"
+        if st.eval_period == "auto"
+        else f"at every multiple of {st.eval_period} stream samples read by the federation"
     )
     desc = (
-        f"{common.describe(resolved)}; stream {st.kind} ({st.schedule}) T={st.n_tasks} "
+        f"{common.describe(resolved)}; stream {st.kind} ({st.schedule}, {st.pacing} pacing) T={st.n_tasks} "
         f"N={st.disjoint_percent:g}% M={st.blurry_percent:g}%, {st.samples_per_round} samples per "
         f"client-round, {st.online_iter} step(s) per batch, anytime evaluation {period}"
     )
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines += [
         f"Seeds: {' '.join(map(str, seeds))}. Replay memory K = {mem} per client. Accuracies in %, "
         "mean ± sample std over seeds: anytime accuracy on the classes exposed so far "
-        "(A_auc: its mean over the periodic evaluations, A_last: the final one, A_avg: the mean at "
+        "(A_auc: its mean over the fixed-period points, A_last: the final one, A_avg: the mean at "
         "the federation's task ends), F_last: forgetting (lower is better); 'pers.': the same on "
         f"each client's local view. Δ: per-seed paired differences from {BASELINE}, mean [95% t "
         "interval]. " + common.wall_note(results, total, runs),

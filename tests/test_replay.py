@@ -399,3 +399,71 @@ def test_offline_run_with_replay_is_refused(tiny, tmp_path):
     with pytest.raises(fedlt.ScenarioError, match=r"plugins\[0\]\.name.*continual scenario"):
         fedlt.run(tiny, out=tmp_path / "replay")
     assert not (tmp_path / "replay" / "checkpoint.pt").exists()
+
+
+# --------------------------------------------------------------------------- evict-largest (CLIB / Si-Blurry)
+
+
+def test_evict_largest_on_a_hand_worked_sequence():
+    # The CLIB / Si-Blurry code's GDumb and RM memory rule, K = 3, classes a = 0, b = 1, c = 2.
+    a, b, c = 0, 1, 2
+    memory = ClassMemory(3, "evict-largest")
+    g = _gen(0)
+    # 1. Not full: store in order. Memory [0:a, 1:a, 2:b].
+    for index, label in ((0, a), (1, a), (2, b)):
+        assert memory.offer(index, label, g).slot == index
+    # 2. 3:a. Counting the newcomer: a 3, b 1 -> evict an a; the newcomer is stored although its
+    #    class is the largest (GDumb's fair-share rule would discard it: 2 >= 3 / 2).
+    got = memory.offer(3, a, g)
+    assert got.slot in (0, 1) and got.evicted_label == a and got.evicted_index == got.slot
+    assert memory.counts == {a: 2, b: 1}
+    assert sorted(memory.indices) == sorted([2, 3, 1 - got.slot])
+    # 3. 4:c (new class, nothing of it stored). a 2, b 1, c 1 -> evict an a. Memory a 1, b 1, c 1.
+    got = memory.offer(4, c, g)
+    assert got.evicted_label == a and memory.counts == {a: 1, b: 1, c: 1}
+    slot_c = got.slot
+    # 4. 5:c. a 1, b 1, c 2 -> c is the only largest: 4 (the only c) is overwritten, in its slot.
+    got = memory.offer(5, c, g)
+    assert (got.slot, got.evicted_index, got.evicted_label) == (slot_c, 4, c)
+    # 5. 6:b. a 1, b 2, c 1 -> b's only item (2, slot 2) is overwritten.
+    got = memory.offer(6, b, g)
+    assert (got.slot, got.evicted_index, got.evicted_label) == (2, 2, b)
+    # Contents: one a (one of 0, 1, 3), 6:b and 5:c.
+    assert memory.counts == {a: 1, b: 1, c: 1}
+    kept_a = [i for i, y in zip(memory.indices, memory.labels, strict=True) if y == a]
+    assert len(kept_a) == 1 and kept_a[0] in (0, 1, 3)
+    assert sorted(i for i in memory.indices if i != kept_a[0]) == [5, 6]
+    # GDumb on the same arrivals discards 3:a (step 2): its memory keeps 0 and 1.
+    gdumb = ClassMemory(3, "gdumb")
+    gdumb.extend([0, 1, 2, 3], [a, a, b, a], _gen(0))
+    assert sorted(gdumb.indices) == [0, 1, 2]
+
+
+def test_evict_largest_draws_uniformly_among_tied_largest_classes():
+    # Memory [a, b] (K = 2) full; a newcomer of a third class ties a and b at 1: each is evicted
+    # about half the time (the newcomer's own class holds nothing and cannot be drawn).
+    evicted = Counter()
+    for seed in range(400):
+        memory = ClassMemory(2, "evict-largest")
+        g = _gen(seed)
+        memory.extend([0, 1], [0, 1], g)
+        evicted[memory.offer(2, 2, g).evicted_label] += 1
+    assert set(evicted) == {0, 1}
+    assert abs(evicted[0] - 200) < 4 * math.sqrt(400 * 0.25)  # binomial(400, 1/2), 4 sigma
+
+
+def test_stream_records_the_memory_class_make_up_at_every_evaluation(tiny, tmp_path):
+    scenario = _stream_scenario(tiny, memory_size=24, policy="evict-largest")
+    run = Run.create(fedlt.load_scenario(scenario), tmp_path / "run")
+    run.execute()
+    records = fedlt.history(tmp_path / "run")
+    made_up = [r["memory_class_counts"]["replay"] for r in records if "anytime_accuracy" in r]
+    assert made_up and len(made_up) == len(records)
+    for counts in made_up:
+        assert all(len(v) == run.data.num_classes and 0 < sum(v) <= 24 for v in counts.values())
+    # The last record is what the memories hold at the end, counted here from their labels.
+    expected = {
+        str(k): np.bincount(s["replay"]["labels"], minlength=run.data.num_classes).tolist()
+        for k, s in run.client_states.items()
+    }
+    assert made_up[-1] == expected

@@ -57,9 +57,11 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "PACINGS",
     "SCHEDULES",
     "STREAM_KINDS",
     "ClientStream",
+    "ProportionalPacing",
     "Task",
     "TaskSchedule",
     "build_stream",
@@ -70,6 +72,9 @@ __all__ = [
 STREAM_KINDS: tuple[str, ...] = ("si-blurry", "i-blurry")
 #: Who draws the class-to-task assignment: each client its own, or one for the whole federation.
 SCHEDULES: tuple[str, ...] = ("per-client", "shared")
+#: How fast each client reads its stream: ``samples_per_round`` for everyone, or in proportion to
+#: its tasks so that every client ends each task in the same round (:class:`ProportionalPacing`).
+PACINGS: tuple[str, ...] = ("constant", "proportional")
 
 
 @dataclass(frozen=True, eq=False)
@@ -330,8 +335,10 @@ def shared_schedule(
 
     Classes ``0 .. num_classes-1`` are split by the same rule a client uses on its own classes
     (steps 1-3 of the module docstring). Pass the result to :func:`build_stream` for every client,
-    so task ``j`` introduces the same classes everywhere and a class is exposed nowhere before its
-    task; each client still leaks and shuffles its own samples.
+    so task ``j`` owns the same classes everywhere: a *disjoint* class appears nowhere before its
+    task, while a *blurry* class's leaked samples may be dealt to earlier tasks (that is what
+    blurry means), and with ``si-blurry`` a task may own no class at all (it then holds only
+    leaked samples, or none). Each client still leaks and shuffles its own samples.
     """
     _check(kind, n_tasks, disjoint_percent, 0)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer) or num_classes < 1:
@@ -449,3 +456,54 @@ def build_stream(
         for j in range(n_tasks)
     )
     return ClientStream(tasks=tasks)
+
+
+@dataclass(frozen=True, eq=False)
+class ProportionalPacing:
+    """Reading speeds that make every client end task ``t`` in the same round.
+
+    Task ``t`` lasts ``R_t = ceil(max_k |task_{k,t}| / samples_per_round)`` rounds for everyone
+    (the client with the largest task ``t`` reads ``samples_per_round`` a round, the others
+    proportionally slower; a task empty on every client lasts 0 rounds). After ``j`` of task
+    ``t``'s rounds, client ``k`` has read ``b_{k,t-1} + floor(|task_{k,t}| j / R_t)`` samples
+    (``b_{k,t}``: its cumulative task sizes), so after the task's last round it stands exactly at
+    its task boundary ``b_{k,t}``, as federated class-incremental work runs its tasks.
+
+    Attributes
+    ----------
+    sizes : np.ndarray
+        ``(K, T)`` task sizes of every client.
+    task_rounds : tuple[int, ...]
+        ``R_t`` per task.
+    """
+
+    sizes: np.ndarray
+    task_rounds: tuple[int, ...]
+
+    @classmethod
+    def of(cls, streams: Iterable[ClientStream], samples_per_round: int) -> ProportionalPacing:
+        """The pacing of ``streams`` (all with the same number of tasks) at ``samples_per_round``."""
+        spr = samples_per_round
+        if isinstance(spr, bool) or not isinstance(spr, int | np.integer) or spr < 1:
+            raise ValueError(f"samples_per_round must be an int >= 1, got {spr!r}")
+        rows = [[len(t.indices) for t in s.tasks] for s in streams]
+        if not rows or any(len(r) != len(rows[0]) for r in rows):
+            raise ValueError("proportional pacing needs streams, all with the same number of tasks")
+        sizes = np.asarray(rows, dtype=np.int64)
+        rounds = tuple(-(-int(m) // int(spr)) for m in sizes.max(axis=0))
+        return cls(sizes=sizes, task_rounds=rounds)
+
+    @property
+    def task_end_rounds(self) -> list[int]:
+        """The round (1-based) after which every client has ended task ``t`` (0: before any)."""
+        return [int(x) for x in np.cumsum(self.task_rounds)]
+
+    def position(self, client: int, rounds_done: int) -> int:
+        """Samples of its stream client ``client`` should have read after ``rounds_done`` rounds."""
+        ends = np.cumsum(self.task_rounds)
+        row = self.sizes[client]
+        t = int(np.searchsorted(ends, rounds_done, side="right"))
+        if t >= len(ends):
+            return int(row.sum())
+        start = int(ends[t]) - self.task_rounds[t]
+        return int(row[:t].sum()) + int(row[t]) * (rounds_done - start) // self.task_rounds[t]

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedlt.data.federated import FederatedData
+from fedlt.data.stream import ProportionalPacing
 
 __all__ = ["ClientViews", "RoundSlice"]
 
@@ -53,6 +54,14 @@ class ClientViews:
         self.data = data
         self.samples_per_round = samples_per_round
         self.positions: dict[int, int] = {}
+        settings = data.stream_settings or {}
+        #: ``stream.pacing = "proportional"``: where each client should stand after each round.
+        self.pacing = (
+            ProportionalPacing.of(data.streams, samples_per_round)
+            if data.streams is not None and samples_per_round is not None
+            and settings.get("pacing") == "proportional"
+            else None
+        )
 
     @property
     def streaming(self) -> bool:
@@ -68,12 +77,17 @@ class ClientViews:
         assert self.data.streams is not None
         return len(self.data.streams[client].indices)
 
-    def next_slice(self, client: int) -> RoundSlice:
-        """The slice the client reads if trained this round (nothing is advanced yet)."""
+    def next_slice(self, client: int, round: int | None = None) -> RoundSlice:
+        """The slice the client reads if trained in round ``round`` (nothing is advanced yet):
+        ``samples_per_round`` more, or with proportional pacing up to where the pacing puts it
+        after that round (what it missed while not selected included)."""
         assert self.data.streams is not None and self.samples_per_round is not None
         stream = self.data.streams[client].indices
         pos = self.positions.get(client, 0)
-        end = min(pos + self.samples_per_round, len(stream))
+        if self.pacing is not None and round is not None:
+            end = max(pos, self.pacing.position(client, round))
+        else:
+            end = min(pos + self.samples_per_round, len(stream))
         return RoundSlice(stream[pos:end], self.seen_counts(client), end)
 
     def assign(self, tasks: Iterable[Any]) -> dict[int, int]:
@@ -84,7 +98,7 @@ class ClientViews:
         if not self.streaming:
             return ends
         for task in tasks:
-            part = self.next_slice(task.client_id)
+            part = self.next_slice(task.client_id, task.round)
             task.indices, task.seen_counts = part.indices, part.seen_before
             ends[task.client_id] = part.end
         return ends

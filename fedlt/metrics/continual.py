@@ -1,9 +1,11 @@
 """Anytime-evaluation metrics of online continual learning (Si-Blurry / CLIB).
 
-- ``A_auc``: mean of the anytime accuracies, evaluated each time the federation has read another
-  ``eval_period`` stream samples, on the test samples of the classes exposed so far; the
-  normalised area under the accuracy-vs-samples curve, so it rewards a model that is good
-  *throughout* the stream, not only at the end.
+- ``A_auc``: mean of the anytime accuracies at every multiple ``k P`` of the sample period ``P``
+  (``stream.eval_period``) that the federation's read-sample count reaches, on the test samples
+  of the classes exposed so far. The points are equally spaced, so the mean is the area under the
+  accuracy-vs-samples curve divided by its length (CLIB's ``sum_i f(i P) P``, normalised): it
+  rewards a model that is good *throughout* the stream, not only at the end. A round that moves
+  the count past several multiples gives one point per multiple (:func:`periodic_points`).
 - ``A_last``: the anytime accuracy at the end of the run.
 - ``A_avg``: mean of the end-of-task accuracies.
 - ``F_last``: mean over classes of (best end-of-task accuracy before the final task - final
@@ -17,7 +19,22 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["a_auc", "a_avg", "a_last", "crossed", "f_last", "federation_task_ends", "periodic_due"]
+__all__ = [
+    "AUTO_EVAL_POINTS",
+    "a_auc",
+    "a_avg",
+    "a_last",
+    "auto_eval_period",
+    "crossed",
+    "f_last",
+    "federation_task_ends",
+    "periodic_due",
+    "periodic_points",
+]
+
+#: ``stream.eval_period = "auto"`` places this many anytime points over the whole federation's
+#: stream: MVP/Si-Blurry evaluate CIFAR-100 (50,000 stream samples) every 1,000 samples.
+AUTO_EVAL_POINTS = 50
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -100,10 +117,24 @@ def crossed(before: int, after: int, thresholds: Sequence[int]) -> list[int]:
     return [t for t, e in enumerate(thresholds) if before < e <= after]
 
 
-def periodic_due(before: int, after: int, period: int | None) -> bool:
-    """An anytime evaluation is due when the sample count passed a multiple of ``period``
-    (``None``: whenever it moved at all). Stateless, so a resumed run evaluates where an
+def periodic_points(before: int, after: int, period: int) -> list[int]:
+    """The multiples ``k * period`` (``k >= 1``) with ``before < k * period <= after``: the anytime
+    points a round that moved the federation's sample count from ``before`` to ``after`` reached,
+    none skipped however many it passed. Stateless, so a resumed run evaluates where an
     uninterrupted one would."""
-    if after <= before:
-        return False
-    return period is None or after // period > before // period
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError(f"period must be an int >= 1, got {period!r}")
+    return [k * period for k in range(before // period + 1, after // period + 1)]
+
+
+def periodic_due(before: int, after: int, period: int) -> bool:
+    """Whether the round reached at least one anytime point (:func:`periodic_points`)."""
+    return bool(periodic_points(before, after, period))
+
+
+def auto_eval_period(total_samples: int, points: int = AUTO_EVAL_POINTS) -> int:
+    """``stream.eval_period = "auto"``: ``ceil(total_samples / points)`` (at least 1), so the
+    federation's whole stream gives at most ``points`` anytime points (the samples after the
+    last multiple are measured only by the final evaluation), whatever the dataset's size:
+    MVP's 1,000 samples on CIFAR-100's 50,000, scaled."""
+    return max(1, math.ceil(int(total_samples) / points))

@@ -216,11 +216,12 @@ class Federation(ABC):
         """``k``: clients per round, ``max(1, floor(n_clients * fraction_clients))``."""
         return max(1, int(self.data.n_clients * self.scenario.federation.fraction_clients + 1e-9))
 
-    def samples(self, client: int) -> int:
-        """Samples a client-round of ``client`` trains on by the scenario's plan (for its duration)."""
+    def samples(self, client: int, r: int | None = None) -> int:
+        """Samples a client-round of ``client`` (in round ``r``) trains on by the scenario's plan
+        (for its duration; a stream slice depends on the round under proportional pacing)."""
         t = self.scenario.train
         if self.views.streaming:
-            part = self.views.next_slice(client)
+            part = self.views.next_slice(client, r)
             return len(part.indices) * self.scenario.stream.online_iter
         if t.local_steps is not None:
             return t.local_steps * t.batch_size
@@ -256,7 +257,7 @@ class Federation(ABC):
 
     def plan(self, client: int, dispatch: int, r: int) -> tuple[float, bool]:
         """When a client started now is due, and whether it arrives (False: it drops out then)."""
-        duration = self.devices.duration(client, self.samples(client))
+        duration = self.devices.duration(client, self.samples(client, r))
         end = self.clock + duration
         share = self.devices.drops(client, dispatch)
         offline = self.devices.online_until(client, self.clock, end, r)
