@@ -428,9 +428,14 @@ class NeuralCollapse(Plugin):
     centred class means and of the head rows), NC3 (head aligned with the means) and NC4
     (agreement with the nearest-class-centre classifier); see :func:`neural_collapse` for the
     keys. Under a long tail these show the tail classes' means crowding together (minority
-    collapse) before accuracy does. NC4 compares with the logits the evaluation scored, i.e.
-    after every ``eval_logits`` adjustment. NC2 and NC3 read ``model.head.weight`` as stored: a
-    cosine head's forward normalises the rows, so its head equinorm is not what it predicts with.
+    collapse) before accuracy does.
+
+    One head per report: NC2 and NC3 read the classifier the evaluation scores with (the
+    evaluator's ``head``: ``model.head`` followed by every ``eval_logits`` adjustment, e.g. GLA-FR's
+    realigned head or CReFF's re-trained one; a cosine head's rows normalised and scaled), and NC4
+    compares with the logits that same classifier gave, so all four describe it; the record names
+    it (``evaluated_head``). Called without ``head`` (directly, outside an evaluation) they read
+    ``model.head.weight`` as stored.
     """
 
     Params = NeuralCollapseParams
@@ -444,12 +449,15 @@ class NeuralCollapse(Plugin):
         logits: torch.Tensor,
         labels: torch.Tensor,
         ctx: EvalContext,
+        head: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, Any] | None:
         if not _wanted(self.params.views, ctx):
             return None
-        head = model.head
-        bias = getattr(head, "bias", None)
-        return neural_collapse(features, labels, head.weight, bias, logits)
+        if head is None:
+            weight, bias = model.head.weight, getattr(model.head, "bias", None)
+        else:
+            weight, bias = head
+        return neural_collapse(features, labels, weight, bias, logits)
 
 
 class CalibrationParams(BaseModel):

@@ -13,7 +13,8 @@ Neither is used as trained; evaluation realigns them without further training:
 - global (generic model): w_c <- gamma * w_c^aux / ||w_c^aux||, logits = W h + b^aux. Equal row
   norms remove the head-class bias that FedAvg leaves in the norms of the aux head's rows.
 - personalised (client k): w_{k,c} <- w_c^aux * ||l_{k,c}|| (norm transfer from the local head),
-  logits = l_k(h) + W_k h + b^aux, with classes the client never saw masked out.
+  logits = l_k(h) + W_k h + b^aux. The personalised mask (classes the client never saw, by
+  default) is asked of the evaluator (``eval_personalized_mask``), which applies and records it.
 
 Randomness: the aux head's initial weights come from ``SetupContext.generator`` (stream
 ``"configure-model"``); each client's local head is initialised at its first round from its own
@@ -37,8 +38,11 @@ from fedlt import ClientContext, EvalContext, Plugin, SetupContext, hookimpl
 __all__ = [
     "AUX_NAME",
     "GLAFR",
+    "LOCAL_HEAD_STREAM",
+    "MASKS",
     "MASK_VALUE",
     "global_realign",
+    "initial_local_head",
     "local_realign",
     "mask_absent_classes",
 ]
@@ -48,6 +52,12 @@ AUX_NAME = "gla_aux"
 
 #: Logit given to classes a client has no training samples of (finite, so metrics stay finite).
 MASK_VALUE = -1e9
+
+#: GLA-FR's ``mask`` parameter as the evaluator's personalised mask (``eval.personalized_mask``).
+MASKS = {"train": "train-classes", "test": "test-classes", "none": "none"}
+
+#: The stream of a client's initial local head (``ClientContext.generator_for(..., per_round=False)``).
+LOCAL_HEAD_STREAM = "gla-fr-local-head"
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -62,6 +72,12 @@ def linear_init(
     weight = (torch.rand(out_features, in_features, generator=generator) * 2.0 - 1.0) * bound
     bias = (torch.rand(out_features, generator=generator) * 2.0 - 1.0) * bound
     return weight, bias
+
+
+def initial_local_head(ctx: EvalContext, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Client ``ctx.client_id``'s local head before its first round: what ``client_start`` draws
+    from the client's stream ``(seed, "gla-fr-local-head", client)``."""
+    return linear_init(ctx.num_classes, in_features, ctx.generator_for(LOCAL_HEAD_STREAM, per_round=False))
 
 
 def global_realign(aux_weight: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -123,9 +139,10 @@ class GLAFRParams(BaseModel):
     )
     mask: Literal["train", "test", "none"] = Field(
         "train",
-        description="Personalised evaluation: logit -1e9 for the classes the client has no training "
-        "samples of ('train'), or that are absent from its local test view ('test', the authors' "
-        "code), or no mask.",
+        description="The personalised mask GLA-FR asks the evaluator for (eval.personalized_mask = "
+        "'auto'): logit -1e9 for the classes the client has no training samples of ('train'), or that "
+        "are absent from its local test view ('test', the authors' code), or no mask. An explicit "
+        "eval.personalized_mask overrides it; every record states the mask used.",
     )
 
 
@@ -136,7 +153,13 @@ class GLAFR(Plugin):
     head and a per-client local head l_k (kept in the client's state, never sent). Evaluation:
     generic logits = W^G h + b^aux with w_c^G = gamma * w_c^aux / ||w_c^aux||; client k's logits =
     l_k(h) + W_k h + b^aux with w_{k,c} = w_c^aux * ||l_{k,c}|| (or the authors' l_k(h) + aux(h)),
-    absent classes masked. Both *replace* the model head's logits. FedLoGe = ``sse-c`` + ``gla-fr``.
+    absent classes masked (by the evaluator, which asks GLA-FR for its ``mask``). Both *replace*
+    the model head's logits. FedLoGe = ``sse-c`` + ``gla-fr``.
+
+    A client that has never trained has no local head yet: with ``personal_head = "local+aux"``
+    (the authors' code) its logits are those of its randomly initialised local head (the head it
+    would get at its first round) plus the raw auxiliary head; with ``"norm-transfer"`` the
+    generic (realigned) model.
 
     The authors' logged global accuracy is that of the frozen SSE-C head (the model's own head),
     not of the realigned one: with ``global_head = "both"`` every evaluation reports the realigned
@@ -169,7 +192,7 @@ class GLAFR(Plugin):
         if "local_weight" not in state:
             # The client's first round. A stream of its own (not ctx.generator) leaves the
             # client's sample order exactly as in a run without gla-fr.
-            g = ctx.generator_for("gla-fr-local-head", per_round=False)
+            g = ctx.generator_for(LOCAL_HEAD_STREAM, per_round=False)
             state["local_weight"], state["local_bias"] = linear_init(
                 int(ctx.num_classes), int(model.head.in_features), g
             )
@@ -214,23 +237,26 @@ class GLAFR(Plugin):
             if p.global_head == "sse-c":
                 return logits
             return F.linear(h, global_realign(aux.weight, p.gamma), aux.bias)
+        if p.personal_head == "local+aux":
+            # The authors' code: local head + raw aux head; a client that never trained keeps
+            # its random initial local head (the one its first round would start from).
+            if "local_weight" in state:
+                local_w, local_b = state["local_weight"], state["local_bias"]
+            else:
+                local_w, local_b = initial_local_head(ctx, h.shape[1])
+            local_w, local_b = local_w.to(h.device, h.dtype), local_b.to(h.device, h.dtype)
+            return F.linear(h, local_w, local_b) + aux(h)
         if "local_weight" in state:
             local_w = state["local_weight"].to(h.device)
             local_b = state["local_bias"].to(h.device)
-            if p.personal_head == "local+aux":
-                out = F.linear(h, local_w, local_b) + aux(h)
-            else:
-                out = F.linear(h, local_w, local_b) + F.linear(
-                    h, local_realign(aux.weight, local_w), aux.bias
-                )
-        else:
-            # Never trained, so no local head yet: fall back to the generic (realigned) model.
-            out = F.linear(h, global_realign(aux.weight, p.gamma), aux.bias)
-        if p.mask == "train" and ctx.local_class_counts is not None:
-            out = mask_absent_classes(out, ctx.local_class_counts)
-        elif p.mask == "test":
-            out = mask_absent_classes(out, ctx.test_class_counts)
-        return out
+            return F.linear(h, local_w, local_b) + F.linear(h, local_realign(aux.weight, local_w), aux.bias)
+        # Never trained, so no local head yet: fall back to the generic (realigned) model.
+        return F.linear(h, global_realign(aux.weight, p.gamma), aux.bias)
+
+    @hookimpl
+    def eval_personalized_mask(self) -> str:
+        """GLA-FR's personalised mask, applied and recorded by the evaluator."""
+        return MASKS[self.params.mask]
 
     @hookimpl
     def eval_metrics(

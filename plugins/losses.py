@@ -7,10 +7,13 @@ client instance, so the per-batch hooks only index them.
 Classes with a zero count are treated as having one sample (as FedETF and
 :func:`~fedlt_plugins.priors.log_prior_tensor` do), so every formula stays finite.
 
-Class weights (``class-balanced``, LDAM's DRW) come from ``client_class_weights``: the batch loss
-is ``sum_i w_{y_i} l_i / sum_i w_{y_i}``, as weighted cross-entropy (``F.cross_entropy(weight=)``)
-defines it, so re-weighting changes the balance between classes but not the effective learning
-rate.
+Class weights: ``class-balanced`` by default normalises as Cui et al.'s official code does (weights
+summing to the number of classes, batch loss ``sum_i w_{y_i} l_i / B``, through
+``client_sample_weights``); with ``normalize = "weighted-mean"`` (and LDAM's DRW, as the LDAM-DRW
+code) they come from ``client_class_weights``: the batch loss is ``sum_i w_{y_i} l_i / sum_i
+w_{y_i}``, as weighted cross-entropy (``F.cross_entropy(weight=)``) defines it, so re-weighting
+changes the balance between classes but not the effective learning rate, and the weights' scale
+does not matter.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from fedlt_plugins.priors import PRIOR_DOC, Prior, prior_counts
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
-from fedlt import ClientContext, Plugin, SetupContext, hookimpl, use_cosine_head
+from fedlt import ClientContext, CosineLinear, Plugin, SetupContext, hookimpl
 
 __all__ = [
     "LDAM",
     "ClassBalanced",
     "LogitAdjust",
+    "ScaledCosineLinear",
     "class_balanced_weights",
     "drw_start",
     "ldam_margins",
@@ -116,16 +120,27 @@ class ClassBalancedParams(BaseModel):
         description="Deferred re-weighting (DRW): weights are 1 before this round and class-balanced "
         "from it on; unset = class-balanced from the first round.",
     )
+    normalize: Literal["cui", "weighted-mean"] = Field(
+        "cui",
+        description="How the weighted loss is normalised. 'cui' (Cui et al.'s official code): weights "
+        "rescaled to sum to the number of classes (the client's own classes with prior 'local', all C "
+        "otherwise), batch loss sum_i w_{y_i} l_i / B, so the weights also scale the step; "
+        "'weighted-mean': batch loss sum_i w_{y_i} l_i / sum_i w_{y_i} (F.cross_entropy(weight=)), "
+        "where the weights' scale cancels.",
+    )
 
 
 class ClassBalanced(Plugin):
     """Class-balanced re-weighting (Cui et al., CVPR 2019), optionally deferred (DRW, Cao et al. 2019).
 
     Each sample's loss is weighted by its class weight ``w_y`` with
-    ``w_c = (1 - beta) / (1 - beta^{n_c})``, and the batch loss is the weighted mean
-    ``sum_i w_{y_i} l_i / sum_i w_{y_i}`` (weighted cross-entropy; the plugin declares
-    ``client_class_weights``). The weights multiply whatever ``client_loss`` is active: alone they
-    weight cross-entropy, together with ``focal`` they give class-balanced focal loss.
+    ``w_c = (1 - beta) / (1 - beta^{n_c})``, rescaled to sum to the number of classes. With
+    ``normalize = "cui"`` (default, Cui et al.'s official code) the batch loss is
+    ``sum_i w_{y_i} l_i / B`` (the weights are sample weights, ``client_sample_weights``); with
+    ``"weighted-mean"`` it is ``sum_i w_{y_i} l_i / sum_i w_{y_i}`` (weighted cross-entropy,
+    ``client_class_weights``), where the weights' scale cancels. The weights multiply whatever
+    ``client_loss`` is active: alone they weight cross-entropy, together with ``focal`` they give
+    class-balanced focal loss.
 
     With ``drw_start_round`` the weights are all 1 before that round (plain training learns the
     features) and class-balanced from it on, the DRW schedule of LDAM-DRW.
@@ -155,10 +170,48 @@ class ClassBalanced(Plugin):
 
     @hookimpl
     def client_class_weights(self, y: torch.Tensor) -> torch.Tensor | None:
-        return None if self.weights is None else self.weights[y]
+        if self.weights is None or self.params.normalize != "weighted-mean":
+            return None
+        return self.weights[y]
+
+    @hookimpl
+    def client_sample_weights(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Cui's normalisation: the weights scale each sample's loss and the batch mean divides by B."""
+        if self.weights is None or self.params.normalize != "cui":
+            return None
+        return self.weights[y]
 
 
 # --------------------------------------------------------------------------- LDAM
+
+
+class ScaledCosineLinear(CosineLinear):
+    """LDAM's cosine classifier with its logit scale: ``z_c = s <h / |h|, w_c / |w_c|>``.
+
+    The scale belongs to the head, not to the loss, so the logits every evaluation reads (accuracy,
+    calibration, post-hoc adjustment, diagnostics) are the ones training optimised: with cosines in
+    [-1, 1] a softmax is nearly uniform and its calibration meaningless. Same parameters, state-dict
+    keys and random draws as :class:`~fedlt.models.CosineLinear`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scale: float,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, generator, device=device, dtype=dtype)
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``s`` times the cosine logits, shape ``(B, out_features)``."""
+        return self.scale * super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale}"
 
 
 class LDAMParams(BaseModel):
@@ -171,8 +224,9 @@ class LDAMParams(BaseModel):
     head: Literal["cosine", "linear"] = Field(
         "cosine",
         description="The classifier LDAM trains: 'cosine' replaces the model's head by a cosine-normalised "
-        "one (logits in [-1, 1], no bias), as the official LDAM-DRW code does; 'linear' keeps the "
-        "model's linear head (margins on unbounded logits, which do little).",
+        "one times the scale s (logits s cos in [-s, s], no bias: the logits the loss trains are the "
+        "ones evaluation sees), as the official LDAM-DRW code does; 'linear' keeps the model's linear "
+        "head (margins on unbounded logits, which do little).",
     )
     scale: float | None = Field(
         None,
@@ -213,11 +267,17 @@ class LDAM(Plugin):
 
     ``L = CE(s * (z - Delta_y * onehot(y)), y)`` with ``Delta_c = K / n_c^{1/4}`` and ``K`` chosen so
     that ``max_c Delta_c = max_margin``: the true class must win by a margin that grows as its
-    class gets rarer. As in the official code, ``z`` are the logits of a cosine-normalised
-    classifier (``head = "cosine"``: ``configure_model`` installs it) and ``s = 30``; margins of
-    0.5 on bounded cosines are large, while on raw linear logits of size 10-30 they barely
-    matter (``head = "linear"`` keeps that variant, with ``s = 1``). Classes with ``n_c = 0`` are
-    treated as ``n_c = 1``.
+    class gets rarer. As in the official code, ``z`` are the cosines of a cosine-normalised
+    classifier (``head = "cosine"``) and ``s = 30``; margins of 0.5 on bounded cosines are large,
+    while on raw linear logits of size 10-30 they barely matter (``head = "linear"`` keeps that
+    variant, with ``s = 1``). Classes with ``n_c = 0`` are treated as ``n_c = 1``.
+
+    Evaluation sees the logits the model was trained with, ``s z`` without the margin: with the
+    cosine head ``configure_model`` installs :class:`ScaledCosineLinear`, whose forward is
+    ``s cos`` (so the loss is ``CE(z' - s Delta_y onehot(y))`` on its logits ``z' = s cos``), and
+    calibration, post-hoc adjustment and diagnostics all read ``s cos``; with the linear head and
+    ``s != 1``, ``eval_logits`` multiplies the evaluation logits by ``s`` (list ``ldam`` before
+    plugins that adjust logits after it, such as ``posthoc-adjust``).
 
     With ``drw = true`` (deferred re-weighting, the LDAM-DRW schedule), from ``drw_start_round``
     (default: the first round of the last 20%) each sample is weighted by the class-balanced
@@ -232,7 +292,15 @@ class LDAM(Plugin):
     @hookimpl
     def configure_model(self, model: nn.Module, ctx: SetupContext) -> None:
         if self.params.head == "cosine":
-            use_cosine_head(model, ctx.generator)
+            old = model.head
+            model.head = ScaledCosineLinear(
+                old.in_features,
+                old.out_features,
+                self.params.scale,
+                ctx.generator,
+                device=old.weight.device,
+                dtype=old.weight.dtype,
+            )
 
     @hookimpl
     def client_start(self, model: nn.Module, ctx: ClientContext) -> None:
@@ -250,13 +318,23 @@ class LDAM(Plugin):
 
     @hookimpl
     def client_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        s = self.params.scale
         margin = self.margins.to(logits.dtype)[y]
-        shifted = logits - F.one_hot(y, logits.shape[1]).to(logits.dtype) * margin[:, None]
-        return F.cross_entropy(self.params.scale * shifted, y, reduction="none")
+        onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+        if self.params.head == "cosine":
+            # The head already gives s cos: CE(s cos - s Delta_y e_y) = CE(s (cos - Delta_y e_y)).
+            return F.cross_entropy(logits - s * onehot * margin[:, None], y, reduction="none")
+        return F.cross_entropy(s * (logits - onehot * margin[:, None]), y, reduction="none")
 
     @hookimpl
     def client_class_weights(self, y: torch.Tensor) -> torch.Tensor | None:
         return None if self.weights is None else self.weights[y]
+
+    @hookimpl
+    def eval_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The linear head's trained logits are ``s z``; the cosine head already gives ``s cos``."""
+        s = self.params.scale
+        return logits * s if self.params.head == "linear" and s != 1.0 else logits
 
 
 # --------------------------------------------------------------------------- logit adjustment

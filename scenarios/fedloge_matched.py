@@ -14,6 +14,14 @@ points) for
 - global head / medium / tail accuracy (the authors' "global 3shot acc"; for FedLoGe the SSE-C
   head's, ``gla-fr.sse_c_{head,medium,tail}_accuracy``).
 
+Personalised masks: the authors' FedLoGe ``localtest`` masks the classes absent from a client's
+test view (logit -1e10); their FedAvg ``localtest_villina`` has that mask commented out. Each
+run's header states the mask fedlt used (``personalized_mask`` in its records:
+``eval.personalized_mask``), a note says where it differs from the authors' for that method, and
+when FedAvg and FedLoGe runs are given together a last table puts their personalised accuracy side
+by side by mask, with FedLoGe's gap over the FedAvg run of the *same* mask (run FedAvg with
+``--set eval.personalized_mask=test-classes`` for it).
+
 Rounds are matched by the number of rounds trained: the authors' loop logs ``round r`` after
 training round r + 1 (``for rnd in range(args.rounds)``: train, aggregate, test, print), so their
 row ``round = r`` is fedlt's round r + 1. Below each table: the run's wall time per round
@@ -46,7 +54,17 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 DEFAULT_CURVES = HERE.parents[1] / "shared" / "reference" / "fedloge-logs" / "curves.csv"
 DEFAULT_SETTING = "cifar10-lt IF100 dir0.5 N40 frac0.2 resnet18"
-PROTOCOL = {"fedavg": HERE / "fedloge_cifar10_lt.toml", "fedloge": HERE / "fedloge_cifar10_lt_fedloge.toml"}
+#: The protocol scenarios by dataset and method (what a run's departures are listed against).
+PROTOCOLS = {
+    "cifar10": {
+        "fedavg": HERE / "fedloge_cifar10_lt.toml",
+        "fedloge": HERE / "fedloge_cifar10_lt_fedloge.toml",
+    },
+    "cifar100": {
+        "fedavg": HERE / "fedloge_cifar100_lt.toml",
+        "fedloge": HERE / "fedloge_cifar100_lt_fedloge.toml",
+    },
+}
 #: Seconds per round in the authors' logs (tqdm: 190-194 s/it over the first rounds, b_fedavg.log).
 AUTHORS_SECONDS_PER_ROUND = 190.0
 DEFAULT_ROUNDS = (5, 10, 20, 30, 40, *range(50, 1001, 50))
@@ -61,6 +79,13 @@ class Column:
     ours: str
     theirs: str | None
 
+
+#: The personalised mask of the authors' code, by method: FedAvg's ``localtest_villina`` has the
+#: mask commented out; FedLoGe's ``localtest`` masks the classes absent from the client's test view.
+AUTHORS_MASK = {"fedavg": "none", "fedloge": "test-classes"}
+
+#: gla-fr's ``mask`` parameter as a personalised mask (runs made before the mask was recorded).
+GLA_FR_MASKS = {"train": "train-classes", "test": "test-classes", "none": "none"}
 
 #: Personalised head / medium / tail: each client split by its own view's counts, mean over clients.
 PERSONAL_SHOTS = [
@@ -152,6 +177,23 @@ def read_run(path: Path) -> RunData:
     return RunData(path, history, summary, scenario)
 
 
+def run_dataset(run: RunData) -> str:
+    """``cifar100`` or ``cifar10``: which of the authors' datasets the run's data is."""
+    data = run.scenario.get("data") or {}
+    text = f"{data.get('dataset', '')} {data.get('root', '')}".lower()
+    return "cifar100" if "cifar100" in text or "cifar-100" in text else "cifar10"
+
+
+def run_setting(run: RunData) -> str:
+    """The authors' curves.csv setting of the run's protocol: its dataset and imbalance factor,
+    with the authors' split, clients, participation and network (``cifar100-lt IF50 dir0.5 N20
+    frac0.2 resnet34``); a reduced run is compared with the full protocol's curves."""
+    factor = (run.scenario.get("long_tail") or {}).get("imbalance_factor", 100)
+    if run_dataset(run) == "cifar100":
+        return f"cifar100-lt IF{factor:g} dir0.5 N20 frac0.2 resnet34"
+    return f"cifar10-lt IF{factor:g} dir0.5 N40 frac0.2 resnet18"
+
+
 def detect_method(run: RunData) -> str:
     """``fedloge`` when the run has sse-c and gla-fr, ``fedavg`` when it has no plugin."""
     names = set(run.plugins)
@@ -162,18 +204,86 @@ def detect_method(run: RunData) -> str:
     raise SystemExit(f"{run.path}: plugins {sorted(names)} are neither FedAvg nor FedLoGe; pass --method")
 
 
+def personal_mask(run: RunData) -> tuple[str, str]:
+    """The run's personalised mask and where it came from: its records' ``personalized_mask``
+    (and ``personalized_mask_source``); for a run made before fedlt recorded it, the mask that
+    version applied (gla-fr's own ``mask``, default "train"; none without gla-fr), marked inferred."""
+    for record in run.history.values():
+        if record.get("personalized_mask"):
+            return str(record["personalized_mask"]), str(record.get("personalized_mask_source") or "recorded")
+    explicit = (run.scenario.get("eval") or {}).get("personalized_mask")
+    if explicit and explicit != "auto":
+        return str(explicit), "eval.personalized_mask"
+    for spec in run.scenario.get("plugins", []):
+        if isinstance(spec, Mapping) and spec.get("name") == "gla-fr":
+            mask = (spec.get("params") or spec).get("mask", "train")
+            return GLA_FR_MASKS.get(str(mask), str(mask)), "gla-fr, inferred (not recorded by the run)"
+    return "none", "inferred (not recorded by the run)"
+
+
+def mask_note(run: RunData, method: str) -> str:
+    """One line: the run's personalised mask next to the authors' for ``method``."""
+    mask, source = personal_mask(run)
+    theirs = AUTHORS_MASK[method]
+    code = "localtest_villina" if method == "fedavg" else "localtest"
+    line = f"Personalised mask: fedlt `{mask}` ({source}); the authors' {method} `{theirs}` (`{code}`)."
+    if mask != theirs:
+        line += " The masks differ, so the personalised gap to the authors is not like for like."
+    return line
+
+
+def mask_table(runs: Sequence[tuple[RunData, str]], rounds: Sequence[int] | None) -> list[str]:
+    """Personalised accuracy of every FedAvg and FedLoGe run side by side, each column headed by
+    its mask, and for each FedLoGe run its gap over the FedAvg run of the same mask (``[]``
+    unless both methods are given)."""
+    methods = {m for _, m in runs}
+    if not {"fedavg", "fedloge"} <= methods:
+        return []
+    masks = [personal_mask(run)[0] for run, _ in runs]
+    wanted = DEFAULT_ROUNDS if rounds is None else rounds
+    chosen = [r for r in wanted if any(r in run.history for run, _ in runs)]
+    head = ["round"] + [
+        f"{m} (mask {k}): `{'/'.join(run.path.parts[-2:])}`" for (run, m), k in zip(runs, masks, strict=True)
+    ]
+    kinds = [(m, k) for (_, m), k in zip(runs, masks, strict=True)]
+    pairs = []  # (FedLoGe column, FedAvg column of the same mask)
+    for i, (m, k) in enumerate(kinds):
+        if m == "fedloge" and ("fedavg", k) in kinds:
+            pairs.append((i, kinds.index(("fedavg", k))))
+            head.append(f"fedloge - fedavg, both mask {k}")
+    lines = [
+        "### Personalised accuracy by mask",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---:|" * len(head),
+    ]
+    for r in chosen:
+        values = [_num(run.history.get(r, {}).get("personalized_accuracy")) for run, _ in runs]
+        row = [str(r)] + [_pct(v) for v in values] + [_gap(values[i], values[j]) for i, j in pairs]
+        lines.append("| " + " | ".join(row) + " |")
+    missing = sorted({k for m, k in kinds if m == "fedloge"} - {k for m, k in kinds if m == "fedavg"})
+    for k in missing:
+        lines += [
+            "",
+            f"No FedAvg run with FedLoGe's mask `{k}` was given: the FedAvg / FedLoGe personalised "
+            f"comparison above mixes masks. Run FedAvg with `--set eval.personalized_mask={k}`.",
+        ]
+    return [*lines, ""]
+
+
 def protocol_departures(run: RunData, method: str) -> list[str]:
     """The settings in which the run differs from the protocol scenario of ``method``
     (``key=value`` in the run, as ``fedlt compare`` labels groups), or ``[]``."""
-    if not run.scenario or not PROTOCOL[method].is_file():
+    file = PROTOCOLS[run_dataset(run)][method]
+    if not run.scenario or not file.is_file():
         return []
     from fedlt.analysis.compare import RunRecord, compare, load_run
     from fedlt.hooks.dispatch import build_hooks_spelled_out
     from fedlt.scenario.config import load_scenario
 
-    resolved = load_scenario(PROTOCOL[method])
+    resolved = load_scenario(file)
     build_hooks_spelled_out(resolved.plugins)  # plugin defaults written out, as in a run's scenario.toml
-    protocol = RunRecord(PROTOCOL[method], scenario=resolved.model_dump(mode="json"))
+    protocol = RunRecord(file, scenario=resolved.model_dump(mode="json"))
     groups = compare([load_run(run.path, require_summary=False), protocol], metrics=[]).groups
     if len(groups) < 2:
         return []
@@ -257,17 +367,19 @@ def wall_line(run: RunData) -> str:
 
 
 def report(
-    run: RunData, curves_path: Path, setting: str, method: str | None, rounds: Sequence[int] | None
+    run: RunData, curves_path: Path, setting: str | None, method: str | None, rounds: Sequence[int] | None
 ) -> list[str]:
     """The Markdown section of one run."""
     method = method or detect_method(run)
+    setting = setting or run_setting(run)
     curves = read_curves(curves_path, setting, method)
     chosen = matched_rounds(run, curves, rounds)
-    lines = [f"### {method}: `{run.path}`", ""]
+    mask, source = personal_mask(run)
+    lines = [f"### {method}: `{run.path}` (personalised mask: {mask}, {source}) against {setting}", ""]
     if not chosen:
         return [*lines, "No evaluation of this run falls on a matched round.", ""]
     lines += matched_table(run, curves, method, chosen)
-    lines += ["", wall_line(run)]
+    lines += ["", mask_note(run, method), "", wall_line(run)]
     departures = protocol_departures(run, method)
     if departures:
         listed = ", ".join(f"`{d}`" for d in departures)
@@ -283,6 +395,129 @@ def report(
     return [*lines, ""]
 
 
+# --------------------------------------------------------------------------- several seeds
+
+
+def _stat_cell(values: Sequence[float]) -> str:
+    """Mean [95% t interval] in %, clipped to [0, 100] (``fedlt compare``'s interval), and n."""
+    from fedlt.analysis.compare import summarize
+
+    st = summarize(values, (0.0, 1.0))
+    if st.mean is None:
+        return "–"
+    if st.ci_low is None or st.ci_high is None:
+        return f"{100 * st.mean:.1f} (n={st.n})"
+    return f"{100 * st.mean:.1f} [{100 * st.ci_low:.1f}, {100 * st.ci_high:.1f}]"
+
+
+def aggregate(
+    runs: Sequence[RunData],
+    curves_path: Path,
+    setting: str | None,
+    method: str | None,
+    rounds: Sequence[int] | None,
+) -> list[str]:
+    """One table per (setting, method, personalised mask) over the runs (seeds) given: at each
+    matched round every run evaluated, the mean over runs with its 95% t interval, the authors'
+    value and the gap of the mean; then FedLoGe minus FedAvg of the same mask, paired by seed."""
+    groups: dict[tuple[str, str, str], list[RunData]] = {}
+    for run in runs:
+        key = (setting or run_setting(run), method or detect_method(run), personal_mask(run)[0])
+        groups.setdefault(key, []).append(run)
+    lines: list[str] = []
+    for (sett, meth, mask), members in groups.items():
+        curves = read_curves(curves_path, sett, meth)
+        wanted = DEFAULT_ROUNDS if rounds is None else rounds
+        chosen = [r for r in wanted if all(r in run.history for run in members)]
+        seeds = ", ".join(str(run.summary.get("seed", (run.scenario or {}).get("seed"))) for run in members)
+        lines += [f"### {meth}, personalised mask {mask} ({sett}): {len(members)} runs, seeds {seeds}", ""]
+        cols = columns(meth)
+        head = ["round"]
+        for c in cols:
+            head += [f"{c.label}: fedlt mean [95% CI]"] + (["authors", "gap"] if c.theirs else [])
+        lines += ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+        for r in chosen:
+            row = [str(r)]
+            for c in cols:
+                values = [v for run in members if (v := _num(run.history[r].get(c.ours))) is not None]
+                row.append(_stat_cell(values))
+                if c.theirs:
+                    theirs = curves.get(r, {}).get(c.theirs)
+                    mean = sum(values) / len(values) if values else None
+                    row += [_pct(theirs), _gap(mean, theirs)]
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", mask_note(members[0], meth)]
+        departures = sorted(
+            {d for run in members for d in protocol_departures(run, meth) if not d.startswith("seed=")}
+        )
+        if departures:
+            lines += [
+                "",
+                "Departs from the protocol scenario in: " + ", ".join(f"`{d}`" for d in departures) + ".",
+            ]
+        walls = [
+            run.summary["wall_seconds"] / run.summary["rounds_run"]
+            for run in members
+            if run.summary.get("rounds_run")
+        ]
+        if walls:
+            lines += ["", f"Wall time per round: {min(walls):.0f}-{max(walls):.0f} s over the runs."]
+        lines.append("")
+    lines += _paired_gaps(groups, rounds)
+    return lines
+
+
+def _paired_gaps(
+    groups: Mapping[tuple[str, str, str], Sequence[RunData]], rounds: Sequence[int] | None
+) -> list[str]:
+    """FedLoGe minus FedAvg of the same setting and mask, per seed, then mean [95% CI] (points)."""
+    from fedlt.analysis.compare import summarize
+
+    lines: list[str] = []
+    for (sett, meth, mask), fedloge in groups.items():
+        fedavg = groups.get((sett, "fedavg", mask))
+        if meth != "fedloge" or not fedavg:
+            continue
+        by_seed = {run.summary.get("seed"): run for run in fedavg}
+        pairs = [
+            (run, by_seed[run.summary.get("seed")]) for run in fedloge if run.summary.get("seed") in by_seed
+        ]
+        if not pairs:
+            continue
+        wanted = DEFAULT_ROUNDS if rounds is None else rounds
+        chosen = [r for r in wanted if all(r in a.history and r in b.history for a, b in pairs)]
+        metrics = [
+            ("global (SSE-C head vs FedAvg)", "gla-fr.sse_c_accuracy", "accuracy"),
+            ("personalised", "personalized_accuracy", "personalized_accuracy"),
+        ]
+        lines += [
+            f"### FedLoGe - FedAvg, both personalised mask {mask} ({sett}), paired by seed "
+            f"({len(pairs)} seeds)",
+            "",
+            "| round | " + " | ".join(f"{label}: mean [95% CI], points" for label, _, _ in metrics) + " |",
+            "|" + "---:|" * (1 + len(metrics)),
+        ]
+        for r in chosen:
+            row = [str(r)]
+            for _, ours, base in metrics:
+                diffs = [
+                    100 * (x - y)
+                    for a, b in pairs
+                    if (x := _num(a.history[r].get(ours))) is not None
+                    and (y := _num(b.history[r].get(base))) is not None
+                ]
+                st = summarize(diffs)
+                if st.mean is None:
+                    row.append("–")
+                elif st.ci_low is None or st.ci_high is None:
+                    row.append(f"{st.mean:+.1f}")
+                else:
+                    row.append(f"{st.mean:+.1f} [{st.ci_low:+.1f}, {st.ci_high:+.1f}]")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="fedlt run folders")
@@ -291,7 +526,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--curves", type=Path, default=DEFAULT_CURVES, help=f"default: {DEFAULT_CURVES}")
     p.add_argument(
-        "--setting", default=DEFAULT_SETTING, help=f"curves.csv setting (default: {DEFAULT_SETTING!r})"
+        "--setting",
+        default=None,
+        help="curves.csv setting (default: each run's protocol, e.g. "
+        f"{DEFAULT_SETTING!r}, from its dataset and imbalance factor)",
+    )
+    p.add_argument(
+        "--seeds",
+        action="store_true",
+        help="one table per method and mask over the runs given (several seeds): mean and 95%% interval",
     )
     p.add_argument("--rounds", type=int, nargs="+", default=None, help="fedlt rounds to show")
     p.add_argument("--out", type=Path, default=None, help="also write the Markdown here")
@@ -300,12 +543,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = [
         f"`python scenarios/fedloge_matched.py {shlex.join(argv)}`",
         "",
-        f"fedlt against the FedLoGe authors' curves ({args.setting}), at matched rounds (fedlt round n = "
-        "the authors' logged round n - 1). Accuracies in %; gap = fedlt - authors, in points.",
+        "fedlt against the FedLoGe authors' curves, at matched rounds (fedlt round n = the authors' "
+        "logged round n - 1). Accuracies in %; gap = fedlt - authors, in points.",
         "",
     ]
-    for path in args.runs:
-        lines += report(read_run(path), args.curves, args.setting, args.method, args.rounds)
+    runs = [read_run(path) for path in args.runs]
+    if args.seeds:
+        lines += aggregate(runs, args.curves, args.setting, args.method, args.rounds)
+    else:
+        for run in runs:
+            lines += report(run, args.curves, args.setting, args.method, args.rounds)
+        lines += mask_table([(run, args.method or detect_method(run)) for run in runs], args.rounds)
     text = "\n".join(lines)
     print(text)
     if args.out is not None:

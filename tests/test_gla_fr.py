@@ -5,16 +5,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from fedlt_plugins.gla_fr import MASK_VALUE
+from fedlt_plugins.gla_fr import MASK_VALUE, initial_local_head
 from support.contexts import eval_ctx
 
 import fedlt
+from fedlt.base.seeding import torch_generator
 from fedlt.data.federated import build_federated_data
 from fedlt.driver.runner import Run
+from fedlt.evaluation.evaluator import PERSONAL_MASKED, personal_mask
 from fedlt.hooks.context import EvalContext
 from fedlt.hooks.dispatch import build_hooks
 from fedlt.training.round import ClientTask
@@ -79,25 +82,69 @@ def test_local_realignment_matches_hand_computation(params, expected):
     # Sum: [36.6, 2.7]. The client has no training sample of class 2 (mask "train" sets it to
     # -1e9); its local test view [0, 3] has no sample of class 1 (mask "test" masks that one).
     # personal_head "local+aux": l_k(h) + aux(h) = [6.1, 1.2] + [3 + 12 + 0.5, 2 - 0.5] = [21.6, 2.7].
-    out = _plugin("gla-fr", gamma=2.0, **params).eval_logits(
-        logits=torch.zeros(1, 2),
-        features=H,
-        model=_hand_model(),
-        ctx=_eval_ctx(0, [5, 0], test_counts=[0, 3]),
-        state=dict(LOCAL),
+    # The mask is the evaluator's (gla-fr asks for it through eval_personalized_mask).
+    plugin = _plugin("gla-fr", gamma=2.0, **params)
+    ctx = _eval_ctx(0, [5, 0], test_counts=[0, 3])
+    out = plugin.eval_logits(
+        logits=torch.zeros(1, 2), features=H, model=_hand_model(), ctx=ctx, state=dict(LOCAL)
     )
+    out = personal_mask(out, plugin.eval_personalized_mask(), ctx)
     torch.testing.assert_close(out, torch.tensor([expected]))
+
+
+def test_gla_fr_asks_the_evaluator_for_its_mask():
+    assert MASK_VALUE == PERSONAL_MASKED
+    asked = {m: _plugin("gla-fr", mask=m).eval_personalized_mask() for m in ("train", "test", "none")}
+    assert asked == {"train": "train-classes", "test": "test-classes", "none": "none"}
 
 
 def test_untrained_client_falls_back_to_the_realigned_global_head_with_mask():
     plugin = _plugin("gla-fr", gamma=2.0, mask="train")
     model = _hand_model()
-    present = plugin.eval_logits(
-        logits=torch.zeros(1, 2), features=H, model=model, ctx=_eval_ctx(3, [0, 7]), state={}
-    )
+    ctx = _eval_ctx(3, [0, 7])
+    present = plugin.eval_logits(logits=torch.zeros(1, 2), features=H, model=model, ctx=ctx, state={})
+    present = personal_mask(present, plugin.eval_personalized_mask(), ctx)
     torch.testing.assert_close(
         present, torch.tensor([[MASK_VALUE, 3.5]])
     )  # global [6.5, 3.5], class 1 absent
+
+
+def test_untrained_client_in_local_aux_mode_uses_its_random_initial_local_head_plus_raw_aux():
+    """The authors' code: a client that never trained still has its randomly initialised local
+    head, added to the raw (not realigned) auxiliary head."""
+    plugin = _plugin("gla-fr", gamma=2.0, personal_head="local+aux", mask="none")
+    ctx = _eval_ctx(3, [0, 7])
+    out = plugin.eval_logits(logits=torch.zeros(1, 2), features=H, model=_hand_model(), ctx=ctx, state={})
+    # nn.Linear's init from the stream (seed, "gla-fr-local-head", client 3), by hand:
+    g = torch_generator(ctx.seed, "gla-fr-local-head", 3)
+    bound = 1.0 / math.sqrt(3)
+    w = (torch.rand(2, 3, generator=g) * 2 - 1) * bound
+    b = (torch.rand(2, generator=g) * 2 - 1) * bound
+    aux = torch.tensor([3 + 12 + 0.5, 2 - 0.5])  # the raw aux head, [15.5, 1.5]
+    torch.testing.assert_close(out, (H @ w.t() + b + aux).reshape(1, 2))
+    # Not the realigned generic model's [6.5, 3.5].
+    assert not torch.allclose(out, torch.tensor([[6.5, 3.5]]))
+
+
+def test_initial_local_head_is_the_one_client_start_draws(tiny):
+    """The head evaluation assumes for a never-trained client is exactly what its first round
+    starts from."""
+    trainer, _ = _trainer(tiny, personal_head="local+aux")
+    scenario = trainer.scenario
+    plugin = trainer.hooks.plugins[0]
+    # ClientContext.generator_for(purpose, per_round=False) is the stream (seed, purpose, client).
+    ctx = SimpleNamespace(
+        num_classes=10,
+        device=torch.device("cpu"),
+        generator_for=lambda purpose, per_round=True: torch_generator(scenario.seed, purpose, 4),
+    )
+    state: dict = {}
+    model = torch.nn.Module()
+    model.head = torch.nn.Linear(32, 10)
+    plugin.client_start(model=model, ctx=ctx, state=state)
+    view = dataclasses.replace(_eval_ctx(4), seed=scenario.seed, num_classes=10, round=7)
+    w, b = initial_local_head(view, 32)
+    assert torch.equal(state["local_weight"], w) and torch.equal(state["local_bias"], b)
 
 
 # --------------------------------------------------------------------------- training side
@@ -218,23 +265,25 @@ def test_fedloge_runs_and_only_the_frozen_sse_c_head_drives_the_backbone(tiny, t
             continue
         with torch.no_grad():
             h = run.model.features(data.x_test[view])
+            ctx = EvalContext(
+                round=2,
+                n_rounds=2,
+                num_classes=data.num_classes,
+                client_id=k,
+                local_class_counts=counts,
+                global_class_counts=data.train_class_counts,
+                test_class_counts=np.bincount(data.y_test[view].cpu().numpy(), minlength=data.num_classes),
+            )
             z = plugin.eval_logits(
                 logits=run.model.head(h),
                 features=h,
                 model=run.model,
-                ctx=EvalContext(
-                    round=2,
-                    n_rounds=2,
-                    num_classes=data.num_classes,
-                    client_id=k,
-                    local_class_counts=counts,
-                    global_class_counts=data.train_class_counts,
-                    test_class_counts=np.bincount(
-                        data.y_test[view].cpu().numpy(), minlength=data.num_classes
-                    ),
-                ),
+                ctx=ctx,
                 state=run.client_states.get(k, {}).get("gla-fr", {}),
             )
+            z = personal_mask(z, run.evaluator.personalized_mask, ctx)
+        assert run.evaluator.personalized_mask == "train-classes"
+        assert final["personalized_mask"] == "train-classes" and final["personalized_mask_source"] == "gla-fr"
         assert bool((z[:, counts == 0] == MASK_VALUE).all())
         assert not bool(np.isin(z.argmax(1).numpy(), np.flatnonzero(counts == 0)).any())
         break

@@ -67,7 +67,7 @@ class _Identity(nn.Module):
 def test_class_balanced_weights_match_formula_and_sum_to_c():
     # Prepare: counts [3, 1], beta 0.9 (see CB_3_1).
     ctx = _ctx([3, 1])
-    spec = {"name": "class-balanced", "beta": 0.9}
+    spec = {"name": "class-balanced", "beta": 0.9, "normalize": "weighted-mean"}
     # Execute
     w = _weights(ctx, torch.tensor([0, 1, 1]), spec)
     per_class = _weights(ctx, torch.tensor([0, 1]), spec)
@@ -94,13 +94,14 @@ def test_class_balanced_present_only_weights_sum_to_the_present_classes():
     assert w[[0, 2]].sum() == pytest.approx(2.0)
     # The plugin with prior "local" normalises over the client's own classes.
     ctx = _ctx([10, 0, 1])
-    got = _weights(ctx, torch.tensor([0, 2, 1]), {"name": "class-balanced", "beta": 0.9})
+    spec = {"name": "class-balanced", "beta": 0.9, "normalize": "weighted-mean"}
+    got = _weights(ctx, torch.tensor([0, 2, 1]), spec)
     torch.testing.assert_close(got, torch.tensor(expected[[0, 2, 1]], dtype=torch.float32))
     assert float(got[:2].sum()) == pytest.approx(2.0)
 
 
 def test_class_balanced_global_prior_ignores_local_counts():
-    spec = {"name": "class-balanced", "beta": 0.9, "prior": "global"}
+    spec = {"name": "class-balanced", "beta": 0.9, "normalize": "weighted-mean", "prior": "global"}
     ctx = _ctx([1, 1], global_=[3, 1])
     torch.testing.assert_close(_weights(ctx, torch.tensor([0, 1]), spec), CB_3_1)
     # Global counts [3, 1, 0]: raw [0.369004, 1, 1] normalised over all C = 3 classes (even the
@@ -112,7 +113,7 @@ def test_class_balanced_global_prior_ignores_local_counts():
 
 
 def test_class_balanced_drw_switches_on_at_its_round():
-    spec = {"name": "class-balanced", "beta": 0.9, "drw_start_round": 3}
+    spec = {"name": "class-balanced", "beta": 0.9, "normalize": "weighted-mean", "drw_start_round": 3}
     y = torch.tensor([0, 1])
     assert _weights(_ctx([3, 1], round=2), y, spec) is None  # weights all 1
     for r in (3, 4):
@@ -121,13 +122,15 @@ def test_class_balanced_drw_switches_on_at_its_round():
 
 def test_class_balanced_composes_with_focal():
     # class-balanced focal: the focal per-sample loss, with the class weights as class weights.
-    hooks = hook_set({"name": "focal", "gamma": 2.0}, {"name": "class-balanced", "beta": 0.9})
+    cb = {"name": "class-balanced", "beta": 0.9, "normalize": "weighted-mean"}
+    hooks = hook_set({"name": "focal", "gamma": 2.0}, cb)
     ctx = _ctx([3, 1])
     logits, y = torch.tensor([[2.0, 0.0], [0.0, 0.0]]), torch.tensor([0, 1])
     ch = client_hooks(hooks)
     ch.client_start(model=None, ctx=ctx)
     loss = ch.client_loss(**per_batch(ctx, logits, y))
-    assert not ch.client_sample_weights  # class-balanced's weights are class weights, not sample weights
+    # weighted-mean: class-balanced's weights are class weights, not sample weights
+    assert ch.client_sample_weights(**per_batch(ctx, logits, y)) is None
     c = ch.client_class_weights(**per_batch(ctx, logits, y))
     p0 = math.exp(2) / (math.exp(2) + 1)
     focal = torch.tensor([-((1 - p0) ** 2) * math.log(p0), -(0.5**2) * math.log(0.5)])
@@ -145,13 +148,67 @@ def test_class_balanced_batch_loss_is_weighted_cross_entropy():
         model.head.bias.zero_()
     ctx = client_ctx(y, x=z, local_counts=[3, 1], batch_size=3)
     recipe = LocalTraining(1, None, 3, "sgd", 0.0, 0.0, 0.0, None, "none")
-    hooks = client_hooks({"name": "class-balanced", "beta": 0.9})
+    hooks = client_hooks({"name": "class-balanced", "beta": 0.9, "normalize": "weighted-mean"})
     total, n_steps, _ = train_client(model, ctx, hooks, recipe, list(model.parameters()))
     assert n_steps == 1
     expected = F.cross_entropy(z, y, weight=CB_3_1)
     torch.testing.assert_close(total, expected)
     w = CB_3_1[y]
     assert not torch.allclose(expected, (w * F.cross_entropy(z, y, reduction="none")).mean())
+
+
+def _one_step(normalize: str, lr: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """One engine SGD step of class-balanced (beta 0.9, counts [3, 1]) on a 3-sample batch."""
+    x, y = torch.tensor([[1.0, 0.0], [0.5, 2.0], [-1.0, 1.0]]), torch.tensor([0, 0, 1])
+    model = _Identity(2, 2)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.tensor([[0.3, -0.2], [0.1, 0.4]]))
+        model.head.bias.copy_(torch.tensor([0.05, -0.05]))
+    start = _Identity(2, 2)
+    start.load_state_dict(model.state_dict())
+    ctx = client_ctx(y, x=x, local_counts=[3, 1], batch_size=3)
+    recipe = LocalTraining(1, None, 3, "sgd", lr, 0.0, 0.0, None, "none")
+    hooks = client_hooks({"name": "class-balanced", "beta": 0.9, "normalize": normalize})
+    train_client(model, ctx, hooks, recipe, list(model.parameters()))
+    return x, y, start, model
+
+
+@pytest.mark.parametrize("normalize", ["cui", "weighted-mean"])
+def test_class_balanced_step_follows_its_normalisation(normalize):
+    # Formula, by hand: w = CB_3_1 (raw (1-b)/(1-b^n) rescaled to sum to C = 2), l_i = CE_i.
+    #   cui:           L = sum_i w_{y_i} l_i / B              (Cui et al.'s code: weights sum to C, / batch)
+    #   weighted-mean: L = sum_i w_{y_i} l_i / sum_i w_{y_i}  (F.cross_entropy(weight=w))
+    # The engine's step must be W - lr * dL/dW of that L (autograd on the formula, not on the engine).
+    lr = 0.5
+    x, y, start, after = _one_step(normalize, lr)
+    w = CB_3_1[y]
+    params = [p.detach().clone().requires_grad_(True) for p in start.head.parameters()]
+    per_sample = F.cross_entropy(F.linear(x, *params), y, reduction="none")
+    loss = (w * per_sample).sum() / (len(y) if normalize == "cui" else w.sum())
+    grads = torch.autograd.grad(loss, params)
+    for p, g, new in zip(params, grads, after.head.parameters(), strict=True):
+        torch.testing.assert_close(new.detach(), p.detach() - lr * g)
+
+
+def test_class_balanced_normalisations_differ_by_the_weight_sum_over_batch_size():
+    # Same direction, step sizes in ratio sum_i w_{y_i} / B = (2 * 0.539084 + 1.460916) / 3.
+    _, _, start, cui = _one_step("cui")
+    _, _, _, mean = _one_step("weighted-mean")
+    ratio = float((2 * CB_3_1[0] + CB_3_1[1]) / 3)
+    assert ratio == pytest.approx(0.846361, abs=1e-6)
+    heads = (start.head.parameters(), cui.head.parameters(), mean.head.parameters())
+    for p0, pc, pm in zip(*heads, strict=True):
+        torch.testing.assert_close((pc - p0).detach(), ratio * (pm - p0).detach())
+
+
+def test_class_balanced_defaults_to_cuis_normalisation():
+    plugin = _plugin("class-balanced")
+    assert plugin.params.normalize == "cui"
+    ctx = _ctx([3, 1])
+    batch = per_batch(ctx, torch.zeros(2, 2), torch.tensor([0, 1]))
+    hooks = _round(ctx, {"name": "class-balanced", "beta": 0.9})
+    assert hooks.client_class_weights(**batch) is None  # the weights are sample weights here
+    torch.testing.assert_close(hooks.client_sample_weights(**batch), CB_3_1)
 
 
 # --------------------------------------------------------------------------- LDAM
@@ -174,11 +231,15 @@ def test_ldam_matches_formula():
 
 
 def test_ldam_paper_scale_on_nonzero_logits():
-    # s = 30, logits [1, 0.5], y = 0, counts [1, 16]: Delta = [0.5, 0.25] (16^(1/4) = 2).
-    # s*(z - Delta_0 e_0) = [15, 15] -> CE = log 2.
+    # s = 30, raw logits [1, 0.5], y = 0, counts [1, 16]: Delta = [0.5, 0.25] (16^(1/4) = 2).
+    # s*(z - Delta_0 e_0) = [15, 15] -> CE = log 2. The linear head's logits are the raw z; the
+    # cosine head's are already s z (here 30 * [1, 0.5] = [30, 15]), the loss the same.
     ctx = _ctx([1, 16])
-    out = _loss(ctx, torch.tensor([[1.0, 0.5]]), torch.tensor([0]), {"name": "ldam", "scale": 30.0})
+    linear = {"name": "ldam", "scale": 30.0, "head": "linear"}
+    out = _loss(ctx, torch.tensor([[1.0, 0.5]]), torch.tensor([0]), linear)
     torch.testing.assert_close(out, torch.tensor([math.log(2)]))
+    cosine = _loss(ctx, torch.tensor([[30.0, 15.0]]), torch.tensor([0]), {"name": "ldam", "scale": 30.0})
+    torch.testing.assert_close(cosine, torch.tensor([math.log(2)]))
 
 
 def test_ldam_cosine_head_margins_on_cosines_times_thirty():
@@ -190,14 +251,15 @@ def test_ldam_cosine_head_margins_on_cosines_times_thirty():
         model=model, ctx=setup_ctx(2, generator=torch.Generator().manual_seed(0))
     )
     assert isinstance(model.head, CosineLinear) and model.head.bias is None
+    assert set(model.head.state_dict()) == {"weight"}
     # Class rows [2, 0] and [0, 3] (norms are ignored); h = [sqrt3, 1] and twice that: the
-    # cosines are [sqrt3/2, 1/2] for both samples.
+    # cosines are [sqrt3/2, 1/2] for both samples, and the head's logits 30 times them.
     with torch.no_grad():
         model.head.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
     h = torch.tensor([[math.sqrt(3), 1.0], [2 * math.sqrt(3), 2.0]])
     z = model.head(h)
     c0, c1 = math.sqrt(3) / 2, 0.5
-    torch.testing.assert_close(z, torch.tensor([[c0, c1], [c0, c1]]))
+    torch.testing.assert_close(z, 30 * torch.tensor([[c0, c1], [c0, c1]]))
     # counts [1, 16]: Delta = [0.5, 0.25]. Two classes: CE(30 (z - Delta_y e_y), y) =
     # log(1 + exp(30 (z_other - z_y + Delta_y))):
     #   y = 0: log(1 + e^{30 (1/2 - sqrt3/2 + 0.5)})  = 4.037045

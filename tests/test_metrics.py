@@ -476,3 +476,85 @@ def test_personalized_shot_accuracy_hand_worked() -> None:
     assert got["personalized_tail_accuracy"] == pytest.approx(1.0)  # only C has a tail sample
     only_a = personalized_shot_accuracy(preds[:1], labels[:1], 10)
     assert only_a["personalized_tail_accuracy"] is None
+
+
+# --------------------------------------------------------------------------- AUPRC and disparity
+
+
+def _sklearn_macro_auprc(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean of sklearn's ``average_precision_score`` per class present, one-vs-rest, on softmax
+    probabilities (masked ``-inf`` logits become probability 0: below every finite one, tied)."""
+    from sklearn.metrics import average_precision_score
+
+    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    present = np.unique(labels)
+    return float(np.mean([average_precision_score(labels == c, probs[:, c]) for c in present]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auprc_matches_sklearn_on_random_data_with_ties(seed: int) -> None:
+    # Prepare: 6 classes, class 5 never a label; rows 10-19 repeat row 0 (exact ties across
+    # labels), and class 3 masked with -inf on some rows (probability 0: tied at the bottom).
+    rng = np.random.default_rng(seed)
+    n, c = 200, 6
+    labels = rng.choice(5, size=n, p=[0.45, 0.25, 0.15, 0.1, 0.05])
+    logits = rng.normal(scale=2.0, size=(n, c))
+    logits[10:20] = logits[0]
+    logits[rng.random(n) < 0.2, 3] = -np.inf
+
+    # Execute
+    result = classification_metrics(logits, labels, c, [100] * c)
+
+    # Assert
+    assert result["auprc_macro"] == pytest.approx(_sklearn_macro_auprc(logits, labels), abs=1e-12)
+
+
+def test_auprc_hand_worked() -> None:
+    # Prepare: the hand example. AP of a class = mean over its positives i of (positives scoring
+    # >= s_i) / (samples scoring >= s_i), ties entering together (sklearn's thresholds).
+    # Class 0 (p_0 = .70 .40 .20 | .10 .40 .30): .70 -> 1/1; .40 -> samples 0, 1, 4: 2/3;
+    # .20 -> samples 0, 1, 2, 4, 5: 3/5. Class 1 (p_1 = .20 .35 .60 | .80 .35 | .30): .80 -> 1/1;
+    # .35 -> samples 3, 2, 1, 4: 2/4. Class 2: its one positive scores highest (.40): 1.
+    logits, labels = _hand_example()
+
+    # Execute
+    result = classification_metrics(logits, labels, 3, [100, 100, 100])
+
+    # Assert
+    ap0 = (1 / 1 + 2 / 3 + 3 / 5) / 3
+    ap1 = (1 / 1 + 2 / 4) / 2
+    ap2 = 1.0
+    assert result["auprc_macro"] == pytest.approx((ap0 + ap1 + ap2) / 3)
+
+
+def test_auprc_one_class_and_no_samples() -> None:
+    # One class present: every sample is a positive, so average precision is 1 (sklearn too).
+    one = classification_metrics(np.array([[0.0, 1.0], [2.0, 0.0]]), np.array([1, 1]), 2, [5, 5])
+    empty = classification_metrics(np.zeros((0, 2)), np.array([], dtype=int), 2, [5, 5])
+    assert one["auprc_macro"] == pytest.approx(1.0)
+    assert empty["auprc_macro"] is None
+
+
+def test_disparity_hand_worked() -> None:
+    # Prepare: 4 classes, count rule [60, 20]: head = {0} (100), medium = {1, 2}, tail = {3} (5).
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    predictions = np.array([0, 0, 1, 0, 2, 2, 0, 3])  # recalls 1, 0.5, 1, 0.5
+    logits = np.eye(4)[predictions] * 5.0
+
+    # Execute
+    result = classification_metrics(logits, labels, 4, [100, 40, 30, 5], thresholds=[60, 20])
+
+    # Assert: head - tail = 1 - 0.5; population std of [1, 0.5, 1, 0.5] = 0.25.
+    assert result["accuracy_disparity"] == pytest.approx(0.5)
+    assert result["per_class_accuracy_std"] == pytest.approx(0.25)
+
+
+def test_disparity_none_without_a_group_or_samples() -> None:
+    # Tail class 3 absent from the labels: no tail accuracy, so no disparity; std over present ones.
+    labels = np.array([0, 1, 2])
+    result = classification_metrics(np.eye(4)[[0, 1, 1]], labels, 4, [100, 40, 30, 5], thresholds=[60, 20])
+    assert result["tail_accuracy"] is None
+    assert result["accuracy_disparity"] is None
+    assert result["per_class_accuracy_std"] == pytest.approx(float(np.std([1.0, 1.0, 0.0])))
+    empty = classification_metrics(np.zeros((0, 4)), np.array([], dtype=int), 4, [100, 40, 30, 5])
+    assert empty["accuracy_disparity"] is None and empty["per_class_accuracy_std"] is None

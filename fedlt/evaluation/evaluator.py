@@ -3,12 +3,18 @@ anytime evaluation of continual runs (test samples of the classes exposed so far
 
 One forward pass over the test set serves every measurement of a round; personalised evaluation
 reuses it unless a plugin personalises the model itself (``client_personalize``). Plugins add
-their own metrics through ``eval_metrics``.
+their own metrics through ``eval_metrics``, which also sees the evaluated inputs and the
+evaluated classifier as a function of them (to attack or re-score them). With ``[eval.attack]``
+the evaluator attacks the global model (and optionally each personalised one) itself and reports
+``robust_*`` metrics (:mod:`fedlt.evaluation.attacks`). With ``[eval.ood]`` it scores the test set
+and the out-of-distribution set (``eval_ood_score``, else MSP) and reports ``ood_*`` metrics
+(:mod:`fedlt.evaluation.ood`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from numbers import Real
 from typing import Any, NamedTuple
@@ -19,7 +25,9 @@ from torch import nn
 
 from fedlt.data.federated import FederatedData
 from fedlt.data.views import ClientViews
-from fedlt.errors import NonFiniteLossError
+from fedlt.errors import NonFiniteLossError, PluginError
+from fedlt.evaluation.attacks import AttackSpec, Score, attack, robust_metrics, score_batched
+from fedlt.evaluation.ood import DEFAULT_SCORE, check_scores, msp_score
 from fedlt.hooks.context import EvalContext, frozen_config
 from fedlt.hooks.dispatch import HookSet
 from fedlt.hooks.recipe import LocalTraining
@@ -29,10 +37,12 @@ from fedlt.metrics.classification import (
     personalized_shot_accuracy,
     shot_groups,
 )
+from fedlt.metrics.noise import memorisation_metrics
+from fedlt.metrics.ood import ood_metrics
 from fedlt.training.context import client_context
 from fedlt.training.round import ClientTask
 
-__all__ = ["Configs", "Evaluator"]
+__all__ = ["PERSONALIZED_MASKS", "Configs", "Evaluator", "personal_mask"]
 
 
 class Configs(NamedTuple):
@@ -49,6 +59,27 @@ class Configs(NamedTuple):
 
 #: Logit given to classes a continual evaluation masks out (not yet exposed / not seen).
 MASKED = float("-inf")
+
+#: The personalised masks (``eval.personalized_mask`` other than "auto").
+PERSONALIZED_MASKS = ("none", "test-classes", "train-classes")
+
+#: Logit given to the classes a personalised mask hides: finite (FedLoGe's code uses -1e10), so
+#: probabilities and calibration stay finite.
+PERSONAL_MASKED = -1e9
+
+
+def personal_mask(logits: torch.Tensor, mask: str, ctx: EvalContext) -> torch.Tensor:
+    """``logits`` of a client's local view with the classes ``mask`` hides set to
+    :data:`PERSONAL_MASKED`: ``"test-classes"`` those absent from the view
+    (``ctx.test_class_counts == 0``), ``"train-classes"`` those the client has no training sample
+    of (``ctx.local_class_counts == 0``), ``"none"`` none."""
+    if mask == "none":
+        return logits
+    counts = ctx.test_class_counts if mask == "test-classes" else ctx.local_class_counts
+    if counts is None:
+        return logits
+    hidden = torch.as_tensor(np.asarray(counts) == 0, device=logits.device)
+    return logits.masked_fill(hidden, PERSONAL_MASKED)
 
 
 @torch.no_grad()
@@ -82,6 +113,32 @@ class Evaluator:
         self._scratch: nn.Module | None = None
         ev = scenario.eval
         self.shot_groups = shot_groups(data.train_class_counts, ev.shot_rule, ev.shot_thresholds)
+        #: Which classifier the evaluation scores with (and diagnostics describe): the model's head,
+        #: then each plugin's ``eval_logits`` in order.
+        self.evaluated_head = " -> ".join(["model.head", *hooks.eval_logits.plugin_names])
+        #: The personalised mask and who chose it ("eval.personalized_mask", a plugin, "default").
+        self.personalized_mask, self.personalized_mask_source = self._resolve_mask(ev.personalized_mask)
+        #: The attack of ``[eval.attack]``, or None.
+        self.attack = AttackSpec.from_config(ev.attack)
+
+    def _resolve_mask(self, setting: str) -> tuple[str, str]:
+        """The personalised mask: the scenario's, or with ``"auto"`` the one a plugin's
+        ``eval_personalized_mask`` asks for (checked here, before any round), else ``"none"``."""
+        if setting != "auto":
+            return setting, "eval.personalized_mask"
+        hook = self.hooks.eval_personalized_mask
+        if not hook:
+            return "none", "default"
+        mask = hook()
+        if mask is None:
+            return "none", "default"
+        if mask not in PERSONALIZED_MASKS:
+            raise PluginError(
+                str(hook.winner),
+                "eval_personalized_mask",
+                f"returned {mask!r}; must be one of {', '.join(map(repr, PERSONALIZED_MASKS))} or None",
+            )
+        return mask, str(hook.winner)
 
     def _ctx(self, round: int, client_id: int | None, labels: torch.Tensor) -> EvalContext:
         d = self.data
@@ -102,11 +159,54 @@ class Evaluator:
             return logits
         return self.hooks.eval_logits(logits=logits, features=features, model=model, ctx=ctx, state=states)
 
-    def _plugin_metrics(self, model, features, logits, labels, ctx: EvalContext, states) -> dict[str, Any]:
+    def _scorer(self, model: nn.Module, ctx: EvalContext, states, mask: bool = False) -> Score:
+        """The evaluated classifier as a function of inputs: features, head, every ``eval_logits``
+        (then the personalised mask when ``mask``), differentiable in the inputs."""
+
+        def score(x: torch.Tensor) -> torch.Tensor:
+            h = model.features(x)
+            z = self._adjust(model.head(h), h, model, ctx, states)
+            return personal_mask(z, self.personalized_mask, ctx) if mask else z
+
+        return score
+
+    def _robust(self, model, x, labels, ctx: EvalContext, states, mask: bool = False) -> dict[str, Any]:
+        """Classification metrics of the evaluated logits of ``x`` attacked by ``self.attack``
+        (random start from ``(seed, "attack", round[, client])``)."""
+        ev, d = self.scenario.eval, self.data
+        score = self._scorer(model, ctx, states, mask)
+        x_adv = attack(score, x, labels, self.attack, ctx.generator_for("attack"), ev.batch_size)
+        logits = score_batched(score, x_adv, ev.batch_size)
+        return classification_metrics(
+            logits, labels, d.num_classes, d.train_class_counts, ev.shot_rule, ev.shot_thresholds
+        )
+
+    def _evaluated_head(self, model, features, ctx: EvalContext, states) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight (C, d), bias (C,))`` of the affine map from features to the evaluated logits
+        (``model.head`` then every ``eval_logits``): the chain evaluated at ``h = 0`` (the bias) and
+        at each unit vector ``e_j`` (``b + W e_j``). Exact when the chain is affine in ``h``."""
+        d = features.shape[1]
+        probe = torch.cat([torch.zeros(1, d), torch.eye(d)]).to(features.device, features.dtype)
+        z = self._adjust(model.head(probe), probe, model, ctx, states)
+        bias = z[0]
+        return (z[1:] - bias).t().contiguous(), bias
+
+    def _plugin_metrics(
+        self, model, features, logits, labels, ctx: EvalContext, states, inputs: torch.Tensor
+    ) -> dict[str, Any]:
         if not self.hooks.eval_metrics:
             return {}
+        head = self._evaluated_head(model, features, ctx, states)
         found = self.hooks.eval_metrics(
-            model=model, features=features, logits=logits, labels=labels, ctx=ctx, state=states
+            model=model,
+            features=features,
+            logits=logits,
+            labels=labels,
+            ctx=ctx,
+            state=states,
+            head=head,
+            inputs=inputs,
+            score=self._scorer(model, ctx, states),
         )
         return {
             f"{plugin}.{name}": value for plugin, values in found.items() for name, value in values.items()
@@ -148,10 +248,21 @@ class Evaluator:
                     logits, d.y_test, d.num_classes, d.train_class_counts, ev.shot_rule, ev.shot_thresholds
                 )
             )
-            out.update(self._plugin_metrics(model, feats, logits, d.y_test, gctx, {}))
+            out.update(self._plugin_metrics(model, feats, logits, d.y_test, gctx, {}, d.x_test))
+            out["evaluated_head"] = self.evaluated_head
+            if self.attack is not None:
+                out["attack"] = self.attack.describe()
+                out.update(robust_metrics(self._robust(model, d.x_test, d.y_test, gctx, {})))
+            out.update(memorisation_metrics(model, d, ev.batch_size))  # [noise] only
+            if d.x_ood is not None:
+                out.update(self._ood(model, feats, logits, gctx))
         configs = configs if configs is not None else Configs({"round": round}, {})
+        # Each client's accuracy under attack, filled by _personal when the attack covers them.
+        robust_personal: list[float] | None = (
+            [] if full and self.attack is not None and self.attack.personalized else None
+        )
         personal = (
-            self._personal(model, feats, raw, round, client_states, full, configs)
+            self._personal(model, feats, raw, round, client_states, full, configs, robust_personal)
             if ev.personalized
             else None
         )
@@ -164,6 +275,8 @@ class Evaluator:
                 correct = [int((p == y).sum()) for p, y in zip(preds, labels, strict=True)]
                 total = [y.size for y in labels]
                 out["personalized_accuracy"] = personalized_accuracy(correct, total)
+                out["personalized_mask"] = self.personalized_mask
+                out["personalized_mask_source"] = self.personalized_mask_source
                 out["personalized_client_accuracy"] = [
                     c / t if t else None for c, t in zip(correct, total, strict=True)
                 ]
@@ -171,6 +284,11 @@ class Evaluator:
                 # Each client split by its own view's counts, as FedLoGe's code does.
                 out.update(personalized_shot_accuracy(preds, labels, d.num_classes, cumulative))
                 out.update(self._client_metric_summary(personal))
+                if robust_personal is not None:
+                    # Unweighted mean over clients, as personalized_accuracy.
+                    out["robust_personalized_accuracy"] = (
+                        float(np.mean(robust_personal)) if robust_personal else None
+                    )
         if anytime:
             exposed = self.views.exposed_classes()
             out.update(self._anytime(logits, exposed))
@@ -184,6 +302,41 @@ class Evaluator:
                     }
         model.train(was_training)
         return out
+
+    def _ood_scores(self, model, features, logits, inputs, ctx: EvalContext) -> tuple[torch.Tensor, str]:
+        """The OOD score of each sample (higher: in-distribution) and its name: the first
+        ``eval_ood_score``, else MSP."""
+        hook = self.hooks.eval_ood_score
+        if hook:
+            found = hook(
+                model=model,
+                features=features,
+                logits=logits,
+                inputs=inputs,
+                score=self._scorer(model, ctx, {}),
+                ctx=ctx,
+            )
+            if found is not None:
+                return check_scores(found, inputs.shape[0], str(hook.winner)), str(hook.winner)
+        return msp_score(logits).cpu(), DEFAULT_SCORE
+
+    def _ood(self, model, feats, logits, gctx: EvalContext) -> dict[str, Any]:
+        """``ood_*`` metrics of the global model: the in-distribution test set against ``x_ood``
+        (docs/ood.md)."""
+        d = self.data
+        o_feats, o_raw = _forward(model, d.x_ood, self.scenario.eval.batch_size)
+        octx = dataclasses.replace(gctx, test_class_counts=np.zeros(d.num_classes, dtype=np.int64))
+        o_logits = self._adjust(o_raw, o_feats, model, octx, {})
+        s_in, name = self._ood_scores(model, feats, logits, d.x_test, gctx)
+        s_out, out_name = self._ood_scores(model, o_feats, o_logits, d.x_ood, octx)
+        if out_name != name:  # two different scores cannot be compared
+            raise PluginError(
+                name if name != DEFAULT_SCORE else out_name,
+                "eval_ood_score",
+                f"scored the in-distribution set with {name!r} but the OOD set with {out_name!r}; "
+                "return a score (or None) for both",
+            )
+        return {**ood_metrics(s_in.numpy(), s_out.numpy()), "ood_score": name, "ood_kind": d.ood["kind"]}
 
     def _anytime(self, logits: torch.Tensor, exposed: np.ndarray) -> dict[str, Any]:
         d = self.data
@@ -229,9 +382,20 @@ class Evaluator:
         return out
 
     def _personal(
-        self, model, feats, raw, round, client_states, full: bool, configs: Configs
+        self,
+        model,
+        feats,
+        raw,
+        round,
+        client_states,
+        full: bool,
+        configs: Configs,
+        robust: list[float] | None = None,
     ) -> list[tuple[int, torch.Tensor, dict[str, Any]]]:
-        """(client, logits on its local view, its plugin metrics) for every client with a view."""
+        """(client, logits on its local view, its plugin metrics) for every client with a view.
+
+        ``robust``: when a list, each client's accuracy on its view under ``self.attack`` (its
+        personalised model, masked logits) is appended to it."""
         d = self.data
         personalize = self.hooks.implements("client_personalize")
         out = []
@@ -243,13 +407,17 @@ class Evaluator:
             ctx = self._ctx(round, k, labels)
             # Plugins may read but not change a client's state during evaluation.
             states = copy.deepcopy(client_states.get(k, {}))
+            needs_x = personalize or robust is not None or (full and bool(self.hooks.eval_metrics))
+            x = d.x_test.index_select(0, idx) if needs_x else None
             if personalize:
                 local = self._personal_model(model, k, round, states, configs.of(k))
-                h, z = _forward(local, d.x_test.index_select(0, idx), self.scenario.eval.batch_size)
+                h, z = _forward(local, x, self.scenario.eval.batch_size)
             else:
                 local, h, z = model, feats.index_select(0, idx), raw.index_select(0, idx)
-            z = self._adjust(z, h, local, ctx, states)
-            metrics = self._plugin_metrics(local, h, z, labels, ctx, states) if full else {}
+            z = personal_mask(self._adjust(z, h, local, ctx, states), self.personalized_mask, ctx)
+            metrics = self._plugin_metrics(local, h, z, labels, ctx, states, x) if full else {}
+            if robust is not None:
+                robust.append(self._robust(local, x, labels, ctx, states, mask=True)["accuracy"])
             out.append((k, z, metrics))
         return out
 

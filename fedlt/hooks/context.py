@@ -354,10 +354,14 @@ class EvalContext:
     shot_groups: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
 
-    def generator_for(self, purpose: str) -> torch.Generator:
+    def generator_for(self, purpose: str, per_round: bool = True) -> torch.Generator:
         """A CPU generator of the stream ``(seed, purpose, round)``, or ``(seed, purpose, round,
         client)`` on a client's view: evaluation randomness (an attack's random start) that is the
-        same on every engine and after a resume."""
+        same on every engine and after a resume. On a client's view ``per_round=False`` gives
+        ``(seed, purpose, client)``, the stream of ``ClientContext.generator_for(purpose,
+        per_round=False)``: what the client's own training draws from it (an initial local head)."""
+        if self.client_id is not None and not per_round:
+            return torch_generator(self.seed, purpose, self.client_id)
         parts = (purpose, self.round) if self.client_id is None else (purpose, self.round, self.client_id)
         return torch_generator(self.seed, *parts)
 

@@ -1,15 +1,17 @@
 """Evaluation metrics for long-tailed classification, as pure functions of logits and labels.
 
 Top-1 accuracy hides how a model does on rare classes, so every evaluation also reports balanced
-accuracy, per-class accuracy, head / medium / tail accuracy under a named split rule, macro
-one-vs-rest ROC AUC and the confusion matrix. Results are plain Python (floats, lists, None) so they
-go straight to JSON. Nothing here knows about engines, clients or rounds.
+accuracy, per-class accuracy, head / medium / tail accuracy under a named split rule, the accuracy
+disparity between head and tail, macro one-vs-rest ROC AUC and average precision (AUPRC) and the
+confusion matrix. Results are plain Python (floats, lists, None) so they go straight to JSON.
+Nothing here knows about engines, clients or rounds.
 
-The confusion matrix (and from it per-class and balanced accuracy) and the ROC AUC are computed
-here and tested equal to scikit-learn's ``confusion_matrix``, ``balanced_accuracy_score`` and
-``roc_auc_score``. Why not call sklearn: importing ``sklearn.metrics`` costs 1.7 s of every run's
-start-up (a fifth of the quickstart) for what is one ``np.bincount``; and sklearn's AUC re-validates
-and re-sorts each class separately, about ten times slower at CIFAR-100 scale (10,000 samples, 100
+The confusion matrix (and from it per-class and balanced accuracy), the ROC AUC and the average
+precision are computed here and tested equal to scikit-learn's ``confusion_matrix``,
+``balanced_accuracy_score``, ``roc_auc_score`` and ``average_precision_score``. Why not call
+sklearn: importing ``sklearn.metrics`` costs 1.7 s of every run's start-up (a fifth of the
+quickstart) for what is one ``np.bincount``; and sklearn's AUC re-validates and re-sorts each
+class separately, about ten times slower at CIFAR-100 scale (10,000 samples, 100
 classes, evaluated every few rounds and per client view), and rejects the ``-inf`` logits of masked
 classes.
 
@@ -33,6 +35,7 @@ __all__ = [
     "SHOT_RULES",
     "SHOT_THRESHOLDS",
     "classification_metrics",
+    "disparity_metrics",
     "personalized_accuracy",
     "shot_groups",
     "shot_thresholds",
@@ -147,34 +150,66 @@ def shot_groups(
     }
 
 
-def _macro_auroc(logits: np.ndarray, labels: np.ndarray, present: np.ndarray) -> float | None:
-    """Macro one-vs-rest ROC AUC over the classes that have positives and negatives.
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax, each row normalised in sorted order.
 
-    Ranks log-softmax scores: their order is that of the softmax probabilities, but they do not
-    underflow to 0, so confident predictions are not turned into spurious ties. Tied scores
-    count one half (the Mann-Whitney form of the AUC, as sklearn's ``roc_auc_score`` computes it).
-    A masked class (``-inf`` logit) has log-probability ``-inf``: below every finite score and
-    tied with the other masked samples, as a sorted array holds it, so no special case is needed.
+    Log-probabilities order samples as the softmax probabilities do, but do not underflow to 0, so
+    confident predictions are not turned into spurious ties. Summing each row in sorted order makes
+    the normaliser independent of the class order, so rows whose logits are permutations of each
+    other give exactly tied probabilities. A masked class (``-inf`` logit) keeps ``-inf``.
     """
-    n = labels.size
-    if int(present.sum()) < 2:
-        return None
     shifted = logits - logits.max(axis=1, keepdims=True)
-    # Summing each row in sorted order makes the normaliser independent of the class order, so
-    # rows whose logits are permutations of each other give exactly tied probabilities.
-    log_probs = shifted - np.log(np.exp(np.sort(shifted, axis=1)).sum(axis=1, keepdims=True))
+    return shifted - np.log(np.exp(np.sort(shifted, axis=1)).sum(axis=1, keepdims=True))
+
+
+def _auroc(ordered: np.ndarray, pos: np.ndarray) -> float:
+    """One class's ROC AUC: the Mann-Whitney form (tied scores count one half), as sklearn's
+    ``roc_auc_score``. ``ordered``: all N scores sorted ascending; ``pos``: the positives' scores;
+    needs positives and negatives."""
+    # Average rank (1-based) of each positive among all N scores, ties sharing their mean rank.
+    ranks = (np.searchsorted(ordered, pos, "left") + np.searchsorted(ordered, pos, "right") + 1) / 2
+    n_pos = pos.size
+    return float((ranks.sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (ordered.size - n_pos)))
+
+
+def _average_precision(ordered: np.ndarray, pos: np.ndarray) -> float:
+    """One class's average precision, as sklearn's ``average_precision_score``.
+
+    sklearn sums ``(R_n - R_{n-1}) P_n`` over the distinct thresholds (tied scores enter
+    together); recall steps by ``1/P`` at each positive, so this is the mean over positives ``i``
+    of the precision at threshold ``s_i``: positives scoring ``>= s_i`` over all samples scoring
+    ``>= s_i``. ``ordered``: all N scores sorted ascending; ``pos``: the positives' scores (at
+    least one).
+    """
+    pos_sorted = np.sort(pos)
+    at_least = ordered.size - np.searchsorted(ordered, pos, "left")
+    pos_at_least = pos.size - np.searchsorted(pos_sorted, pos, "left")
+    return float(np.mean(pos_at_least / at_least))
+
+
+def _macro_ranking(logits: np.ndarray, labels: np.ndarray, present: np.ndarray) -> tuple[float | None, ...]:
+    """``(auroc_macro, auprc_macro)``: one-vs-rest ROC AUC and average precision of the
+    log-softmax scores, each averaged over classes.
+
+    ROC AUC: over the classes present in ``labels`` (positives and negatives), ``None`` with fewer
+    than two. Average precision: over the classes present (a class with no negatives scores 1),
+    ``None`` with none. A masked class (``-inf`` logit) has log-probability ``-inf``: below every
+    finite score and tied with the other masked samples, as a sorted array holds it, so no special
+    case is needed.
+    """
     classes = np.flatnonzero(present)
+    if classes.size == 0:
+        return None, None
+    log_probs = _log_softmax(logits)
     by_class = np.ascontiguousarray(log_probs[:, classes].T)  # (K, N): one sort per class row
-    aucs = np.empty(classes.size)
+    aucs, aps = np.empty(classes.size), np.empty(classes.size)
     for k, c in enumerate(classes):
         scores = by_class[k]
-        ordered = np.sort(scores)
-        pos = scores[labels == c]
-        # Average rank (1-based) of each positive among all N scores, ties sharing their mean rank.
-        ranks = (np.searchsorted(ordered, pos, "left") + np.searchsorted(ordered, pos, "right") + 1) / 2
-        n_pos = pos.size
-        aucs[k] = (ranks.sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos))
-    return float(aucs.mean())
+        ordered, pos = np.sort(scores), scores[labels == c]
+        aps[k] = _average_precision(ordered, pos)
+        if classes.size >= 2:
+            aucs[k] = _auroc(ordered, pos)
+    return (float(aucs.mean()) if classes.size >= 2 else None), float(aps.mean())
 
 
 def _confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -224,7 +259,10 @@ def classification_metrics(
         ``shot_rule`` (the rule, its thresholds and the three class lists); ``auroc_macro``
         (macro one-vs-rest ROC AUC of the softmax probabilities over classes with positives
         and negatives, ``None`` if fewer than two classes are present; ``-inf`` logits of
-        masked classes rank below every finite score); ``confusion_matrix`` (C lists of C ints,
+        masked classes rank below every finite score); ``auprc_macro`` (macro one-vs-rest
+        average precision, sklearn's ``average_precision_score``, of the same scores over the
+        classes present, ``None`` without samples); ``accuracy_disparity`` and
+        ``per_class_accuracy_std`` (:func:`disparity_metrics`); ``confusion_matrix`` (C lists of C ints,
         row = true class, column = predicted class, every class included, all zeros when there
         are no samples). Accuracy-type values are ``None`` when there are no samples.
     """
@@ -268,9 +306,27 @@ def classification_metrics(
         ids_present = [c for c in ids if present[c]]
         result[f"{name}_accuracy"] = _mean_or_none(recall[ids_present])
     result["shot_rule"] = {"rule": rule, "thresholds": [first, second], **groups}
-    result["auroc_macro"] = _macro_auroc(scores, y, present)
+    result.update(disparity_metrics(result))
+    result["auroc_macro"], result["auprc_macro"] = _macro_ranking(scores, y, present)
     result["confusion_matrix"] = confusion.tolist()
     return result
+
+
+def disparity_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float | None]:
+    """How unequal accuracy is across classes, from a :func:`classification_metrics` result.
+
+    ``{prefix}accuracy_disparity``: ``head_accuracy - tail_accuracy`` (percentage points as a
+    fraction; positive when the head is better; ``None`` when either group has no present class).
+    ``{prefix}per_class_accuracy_std``: the population standard deviation (ddof 0) of the
+    per-class accuracies of the classes present (``None`` when none is). ``prefix`` reads and
+    writes prefixed keys (``"robust_"`` for the attacked metrics).
+    """
+    head, tail = metrics.get(f"{prefix}head_accuracy"), metrics.get(f"{prefix}tail_accuracy")
+    per_class = [a for a in metrics.get(f"{prefix}per_class_accuracy") or [] if a is not None]
+    return {
+        f"{prefix}accuracy_disparity": None if head is None or tail is None else float(head - tail),
+        f"{prefix}per_class_accuracy_std": float(np.std(per_class)) if per_class else None,
+    }
 
 
 def personalized_accuracy(correct: Sequence[int], total: Sequence[int]) -> float | None:
