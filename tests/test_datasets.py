@@ -61,6 +61,8 @@ def test_registry_declares_each_datasets_parameters() -> None:
             "max_image_bytes",
             "max_total_bytes",
             "max_decoded_bytes",
+            "max_members",
+            "max_expansion",
         ),
     }
     caps = DATASETS["imagefolder"].defaults()

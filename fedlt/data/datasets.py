@@ -27,6 +27,7 @@ from fedlt.data.raw import RawDataset, RawSplit, n_test_samples, stratified_spli
 
 __all__ = [
     "DATASETS",
+    "DATASET_GROUP",
     "DATASET_NAMES",
     "RawDataset",
     "RawSplit",
@@ -113,6 +114,16 @@ class ImageFolderParams(Params):
     )
     max_decoded_bytes: PositiveInt = Field(
         16 * _GIB, description="Decoded pixels in all (width x height x 3 per image, bytes)."
+    )
+    max_members: PositiveInt = Field(
+        10**6,
+        description="Archives: members of any kind, counted from their headers before any is read; a "
+        "compressed archive also holds at most one per 20 bytes on disk (at least 10,000).",
+    )
+    max_expansion: PositiveInt = Field(
+        100,
+        description="Compressed archives: image members may total at most this many times the archive's "
+        "size on disk (at least 64 MiB); images are compressed already, so more is a decompression bomb.",
     )
 
 
@@ -241,7 +252,11 @@ def _load_imagefolder(seed: int, root: str, **params: Any) -> RawDataset:
     return load_imagefolder(root, seed=seed, **params)
 
 
-#: Every dataset a scenario can name; ``build(seed, **params) -> RawDataset``.
+#: The entry-point group where other packages register datasets (docs/extending.md).
+DATASET_GROUP = "fedlt.datasets"
+
+#: Every dataset a scenario can name; ``build(seed, **params) -> RawDataset``. Other installed
+#: packages add theirs in :data:`DATASET_GROUP` (:meth:`~fedlt.base.registry.Registry.outside`).
 DATASETS = Registry(
     "dataset",
     [
@@ -265,6 +280,7 @@ DATASETS = Registry(
             _load_imagefolder,
         ),
     ],
+    group=DATASET_GROUP,
 )
 
 #: The registry's names, in declaration order (derived from :data:`DATASETS`).
@@ -289,12 +305,23 @@ def load_dataset(name: str, *, seed: int = 0, **params: Any) -> RawDataset:
         An unknown name, or parameters the dataset does not take or out of range (a
         ``pydantic.ValidationError``).
     ParameterError
-        ``root`` does not hold the torchvision dataset.
+        ``root`` does not hold the torchvision dataset; ``dataset`` for an outside builder that returns
+        no :class:`RawDataset`.
+    OutsideEntryError
+        ``name`` is an outside dataset that cannot be used (its package fails to import, ...).
     ImageFolderError
         imagefolder: missing, broken or unsafe input, a cap exceeded, an unwritable cache.
     """
     entry = DATASETS[name]
-    return entry.build(seed, **dict(entry.params.model_validate(params)))
+    raw = entry.build(seed, **dict(entry.params.model_validate(params)))
+    if not isinstance(raw, RawDataset):  # only an outside dataset can get here
+        raise ParameterError(
+            "dataset",
+            name,
+            "a dataset whose builder returns a fedlt.data.raw.RawDataset",
+            hint=f"The builder of {DATASETS.outside()[name].origin} returned a {type(raw).__name__}.",
+        )
+    return raw
 
 
 def _settings(name: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -50,6 +50,7 @@ __all__ = [
     "CNN",
     "MLP",
     "MODELS",
+    "MODEL_GROUP",
     "MODEL_NAMES",
     "BasicBlock",
     "CosineLinear",
@@ -748,7 +749,11 @@ def _four_stage(blocks: tuple[int, int, int, int]) -> Any:
 #: What every model offers plugins: ``features(x)`` and a linear ``head``.
 _HEAD = frozenset({"head"})
 
-#: Every model a scenario can name; ``build(input_shape, num_classes, **params) -> FedModel``.
+#: The entry-point group where other packages register models (docs/extending.md).
+MODEL_GROUP = "fedlt.models"
+
+#: Every model a scenario can name; ``build(input_shape, num_classes, **params) -> FedModel``. Other
+#: installed packages add theirs in :data:`MODEL_GROUP` (:meth:`~fedlt.base.registry.Registry.outside`).
 MODELS = Registry(
     "model",
     [
@@ -781,6 +786,7 @@ MODELS = Registry(
             frozenset({"head", "prompts"}),
         ),
     ],
+    group=MODEL_GROUP,
 )
 
 #: The registry's names, in registration order (derived from :data:`MODELS`).
@@ -799,7 +805,10 @@ def model_params(name: str) -> dict[str, object]:
 
 
 def _check_sample_shape(name: str, input_shape: Any) -> None:
-    """Image models need ``(C, H, W)`` samples (the ViT also takes flat square ones)."""
+    """Image models need ``(C, H, W)`` samples (the ViT also takes flat square ones); an outside
+    model's builder checks its own."""
+    if not MODELS.is_builtin(name):
+        return
     flat_square = name == "vit" and _square_side(input_shape) is not None
     if name != "mlp" and isinstance(input_shape, Sequence) and len(input_shape) != 3 and not flat_square:
         needs = "image-shaped (channels, height, width) samples"
@@ -819,7 +828,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **par
     Parameters
     ----------
     name : str
-        One of :data:`MODELS`.
+        One of :data:`MODELS`, built in or registered by an installed package.
     input_shape : tuple of int
         Shape of one sample, e.g. ``(3, 32, 32)``.
     num_classes : int
@@ -834,12 +843,23 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **par
         ``pydantic.ValidationError``).
     ParameterError
         A parameter that does not fit the data (``name`` for an image model on flat samples,
-        ``widths``, ``patch_size``, ``pretrained``).
+        ``widths``, ``patch_size``, ``pretrained``); ``name`` for an outside builder that returns no
+        :class:`FedModel`.
+    OutsideEntryError
+        ``name`` is an outside model that cannot be used (its package fails to import, ...).
     """
     entry = MODELS[name]
     checked = entry.params.model_validate(params)
     _check_sample_shape(name, input_shape)
-    return entry.build(input_shape, num_classes, **dict(checked))
+    model = entry.build(input_shape, num_classes, **dict(checked))
+    if not isinstance(model, FedModel):  # only an outside model can get here
+        raise ParameterError(
+            "name",
+            name,
+            "a model whose builder returns a fedlt.models.FedModel (features(x) and a linear head)",
+            hint=f"The builder of {MODELS.outside()[name].origin} returned a {type(model).__name__}.",
+        )
+    return model
 
 
 def check_model(name: str, input_shape: tuple[int, ...], num_classes: int, **params: Any) -> None:
