@@ -12,6 +12,7 @@ turned into a :class:`~fedlt.errors.ScenarioError` here, by :func:`_boundary`, a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,11 +29,19 @@ from fedlt.data.clients import class_counts, client_class_counts, local_test_vie
 from fedlt.data.datasets import RawDataset, estimate_bytes, known_train_size, load_dataset, to_tensor
 from fedlt.data.imagefolder import ImageFolderError
 from fedlt.data.longtail import long_tail_counts, subsample_long_tail
+from fedlt.data.noise import apply_noise, class_rates, noise_summary, noisy_class_counts, transition_matrix
+from fedlt.data.ood import hold_out_classes, ood_dataset_tensor
 from fedlt.data.partition import partition
 from fedlt.data.stream import ClientStream, TaskSchedule, build_stream, check_task_count, shared_schedule
 from fedlt.errors import ScenarioError
 
-__all__ = ["FederatedData", "available_memory", "build_federated_data", "check_data_feasible"]
+__all__ = [
+    "FederatedData",
+    "available_memory",
+    "build_federated_data",
+    "check_data_feasible",
+    "with_client_samples",
+]
 
 _GIB = 2**30
 
@@ -59,6 +68,15 @@ class FederatedData:
     schedule: TaskSchedule | None = None
     #: The scenario's ``[stream]`` settings the streams were built with (``None`` offline).
     stream_settings: dict[str, Any] | None = None
+    #: With ``[noise]``: the clean training labels (``y_train`` holds the noisy ones), else None.
+    y_train_clean: torch.Tensor | None = None
+    #: With ``[noise]``: :func:`fedlt.data.noise.noise_summary` plus ``per_client`` (K, C) noisy counts.
+    noise: dict[str, Any] | None = None
+    #: With ``[eval.ood]``: the out-of-distribution test inputs (normalised as ``x_test``), else None.
+    x_ood: torch.Tensor | None = None
+    #: With ``[eval.ood]``: ``kind``, ``n_ood`` and (held-out classes) ``held_out`` and ``class_ids``
+    #: (the dataset's original id of each class the run uses) or (dataset) ``dataset``.
+    ood: dict[str, Any] | None = None
 
     @property
     def n_clients(self) -> int:
@@ -137,7 +155,10 @@ class FederatedData:
             ``n_test`` and one row per client (``id``, ``n_samples``, ``class_counts``,
             ``test_view_size``; continual scenarios add ``tasks``, one row per task as
             :meth:`ClientStream.describe` gives it with class counts). Continual scenarios add
-            ``stream`` (the settings) and, with a shared schedule, ``schedule``.
+            ``stream`` (the settings) and, with a shared schedule, ``schedule``. With ``[noise]``:
+            ``noise`` (:func:`fedlt.data.noise.noise_summary`) and per client ``n_noisy`` and
+            ``noisy_class_counts`` (its noisy samples per clean class); ``class_counts`` are then
+            of the noisy labels, as the client sees them.
         """
         labels = self.y_train_np
         clients = []
@@ -152,6 +173,9 @@ class FederatedData:
                 row["indices"] = [int(i) for i in self.client_indices[k]]
             if self.streams is not None:
                 row["tasks"] = self.streams[k].describe(labels, self.num_classes, with_indices=with_indices)
+            if self.noise is not None:  # class_counts are of the noisy labels, as the client sees them
+                row["noisy_class_counts"] = self.noise["per_client"][k].tolist()
+                row["n_noisy"] = int(self.noise["per_client"][k].sum())
             clients.append(row)
         out: dict[str, Any] = {
             "dataset": self.name,
@@ -166,6 +190,10 @@ class FederatedData:
             out["stream"] = dict(self.stream_settings)
         if self.schedule is not None:
             out["schedule"] = self.schedule.describe()
+        if self.noise is not None:
+            out["noise"] = {k: v for k, v in self.noise.items() if k != "per_client"}
+        if self.ood is not None:
+            out["ood"] = dict(self.ood)
         return out
 
 
@@ -274,8 +302,12 @@ def build_federated_data(
     """
     check_data_feasible(scenario)
     seed, lt, part, st = scenario.seed, scenario.long_tail, scenario.partition, scenario.stream
+    if st.kind != "none" and st.seed is not None:  # what clients read has its own seed (stream.seed)
+        seed = st.seed
     with _boundary(scenario, "data"):
         raw: RawDataset = load_dataset(scenario.data.dataset, seed=seed, **scenario.data.params())
+    with _boundary(scenario, "eval"):  # before anything is built: held-out classes reach no client
+        raw, x_ood, ood = _ood_set(scenario.eval.ood, raw, seed)
     if check_raw is not None:
         with _boundary(scenario, "model"):
             check_raw(raw)
@@ -326,6 +358,10 @@ def build_federated_data(
             for k, idx in enumerate(clients)
         ]
         settings = st.model_dump(mode="json")
+    y_clean, noise = y_lt, None
+    if scenario.noise.kind != "none":  # after the views and streams: they follow the clean classes
+        y_lt, noise = _noisy_labels(scenario, y_clean, clients, raw.num_classes, seed)
+        per_client = client_class_counts(y_lt, clients, raw.num_classes)
     device = torch.device(device)
     return FederatedData(
         name=raw.name,
@@ -336,11 +372,84 @@ def build_federated_data(
         y_train=torch.as_tensor(y_lt, dtype=torch.long, device=device),
         x_test=to_tensor(raw, raw.test).to(device),
         y_test=torch.as_tensor(raw.test.y, dtype=torch.long, device=device),
-        train_class_counts=class_counts(y_lt, raw.num_classes),
+        train_class_counts=class_counts(y_clean, raw.num_classes),  # the long tail as built (clean)
         client_indices=clients,
         client_counts=per_client,
         test_views=views,
         streams=streams,
         schedule=schedule,
         stream_settings=settings,
+        y_train_clean=None if noise is None else torch.as_tensor(y_clean, dtype=torch.long, device=device),
+        noise=noise,
+        x_ood=None if x_ood is None else x_ood.to(device),
+        ood=ood,
     )
+
+
+def _ood_set(
+    spec: Any, raw: RawDataset, seed: int
+) -> tuple[RawDataset, torch.Tensor | None, dict[str, Any] | None]:
+    """The dataset the run trains and tests on, the OOD inputs and their description
+    (``[eval.ood]``, :mod:`fedlt.data.ood`)."""
+    if spec.kind == "none":
+        return raw, None, None
+    if spec.kind == "held-out-classes":
+        inside, held, class_ids = hold_out_classes(raw, spec.classes)
+        info = {"held_out": sorted(spec.classes), "class_ids": class_ids.tolist()}
+        x_ood = to_tensor(raw, raw.test, held)
+    else:
+        inside, info = raw, {"dataset": spec.dataset}
+        x_ood = ood_dataset_tensor(raw, spec.dataset, spec.params or {}, seed)
+    return inside, x_ood, {"kind": spec.kind, "n_ood": int(x_ood.shape[0]), **info}
+
+
+def with_client_samples(
+    data: FederatedData, added: dict[int, tuple[torch.Tensor, torch.Tensor]]
+) -> FederatedData:
+    """``data`` with each client's added samples (``client -> (x, y)``) appended to the training set
+    and to that client's indices (``data_client_samples``, docs/plugins.md).
+
+    Appended in client order after the real samples, so the real ones keep their indices. The
+    clients' class counts grow by what they got; the global counts (the long tail as built, from
+    which shot groups come) and the local test views stay those of the real data. With
+    ``[noise]`` an added sample's clean label is its label. Returns ``data`` itself when nothing
+    is added.
+    """
+    added = {k: v for k, v in sorted(added.items()) if v[1].numel()}
+    if not added:
+        return data
+    device, n = data.x_train.device, data.y_train.numel()
+    xs, ys, indices = [data.x_train], [data.y_train], list(data.client_indices)
+    counts = data.client_counts.copy()
+    for k, (x, y) in added.items():
+        m = y.numel()
+        xs.append(x.to(device=device, dtype=data.x_train.dtype))
+        ys.append(y.to(device=device, dtype=torch.long))
+        indices[k] = np.concatenate([indices[k], np.arange(n, n + m, dtype=np.int64)])
+        counts[k] += np.bincount(y.cpu().numpy(), minlength=data.num_classes)
+        n += m
+    new_y = torch.cat(ys[1:])
+    clean = data.y_train_clean
+    return dataclasses.replace(
+        data,
+        x_train=torch.cat(xs),
+        y_train=torch.cat(ys),
+        client_indices=indices,
+        client_counts=counts,
+        y_train_clean=None if clean is None else torch.cat([clean, new_y]),
+    )
+
+
+def _noisy_labels(
+    scenario: Any, clean: np.ndarray, clients: list[np.ndarray], num_classes: int, data_seed: int
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The clients' noisy training labels and the noise's summary (``[noise]``, docs/noise.md)."""
+    nz = scenario.noise
+    with _boundary(scenario, "noise"):
+        rates = class_rates(nz.kind, nz.rate, nz.rates, class_counts(clean, num_classes))
+    t = transition_matrix(nz.kind, rates)
+    seed = nz.seed if nz.seed is not None else data_seed
+    noisy = apply_noise(clean, clients, t, seed)
+    per_client = noisy_class_counts(clean, noisy, clients, num_classes)
+    summary = noise_summary(nz.model_dump(mode="json") | {"seed": seed}, rates, t, per_client, len(clean))
+    return noisy, {**summary, "per_client": per_client}

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlt.data.federated import FederatedData, build_federated_data
+from fedlt.base.seeding import torch_generator
+from fedlt.data.federated import FederatedData, build_federated_data, with_client_samples
 from fedlt.data.raw import RawDataset
 from fedlt.errors import ScenarioError
 from fedlt.hooks.dispatch import HookSet, spelled_out
@@ -19,9 +20,10 @@ from fedlt.hooks.lifetimes import warn_static_problems
 from fedlt.models import check_model
 from fedlt.prepare.checks import checked_plugins, raise_problems, resolve_device
 from fedlt.system.devices import Devices, tail_shares
+from fedlt.training.context import setup_context
 from fedlt.training.worker import aggregated_keys, build_run_model
 
-__all__ = ["Prepared", "build_data", "build_devices", "planned_samples", "prepare"]
+__all__ = ["Prepared", "build_data", "build_devices", "planned_samples", "prepare", "with_plugin_samples"]
 
 
 def build_data(scenario: Any, device: torch.device | str = "cpu") -> FederatedData:
@@ -99,11 +101,33 @@ def prepare(
     hooks = spelled_out(scenario.plugins, plugins)  # scenario.toml then says every parameter
     if not checked:
         warn_static_problems(hooks.plugins)  # state on self that cannot reach where it is read
-    data = build_data(scenario, device) if data is None else data
+    data = with_plugin_samples(scenario, build_data(scenario, device), hooks) if data is None else data
     model = build_run_model(scenario, data, hooks, device)
     keys = aggregated_keys(model)
     devices = None if checked else build_devices(scenario, data, model, keys)
     return Prepared(scenario, device, hooks, data, model, keys, devices)
+
+
+def with_plugin_samples(scenario: Any, data: FederatedData, hooks: HookSet) -> FederatedData:
+    """``data`` with the samples ``data_client_samples`` adds to each client (none: ``data`` itself).
+
+    Runs wherever the data is built (the driver, Flower nodes), deterministically from the seed,
+    so every process that builds the data gets the same samples; Ray workers get the driver's.
+    A stream scenario with such a plugin was refused by the preflight checks.
+    """
+    if not hooks.implements("data_client_samples"):
+        return data
+    hook = hooks.data_client_samples
+    ctx = setup_context(scenario, data, data.x_train.device)
+    added: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for k, idx in enumerate(data.client_indices):
+        rows = torch.as_tensor(idx, dtype=torch.long, device=data.x_train.device)
+        x, y = data.x_train[rows].cpu(), data.y_train[rows].cpu()
+        g = torch_generator(scenario.seed, "client-samples", k)
+        parts = list(hook(x=x, y=y, client_id=k, generator=g, ctx=ctx).values())
+        if parts:
+            added[k] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    return with_client_samples(data, added)
 
 
 def build_devices(scenario: Any, data: FederatedData, model: nn.Module, keys: list[str]) -> Devices:

@@ -18,6 +18,7 @@ import torch
 from fedlt.data.federated import check_data_feasible
 from fedlt.errors import FedltError, PluginError, ScenarioError
 from fedlt.hooks.discovery import instantiate_plugins
+from fedlt.hooks.plugin import implementations
 from fedlt.models import MODELS
 from fedlt.system.traces import read_availability_trace, read_speed_trace
 
@@ -157,12 +158,31 @@ def checked_plugins(scenario: Any) -> tuple[list[FedltError], list[Any]]:
         problems.append(exc)
     else:
         problems += check_requirements(scenario, plugins)
+        problems += _samples_in_stream(scenario, plugins)
     try:
         check_data_feasible(scenario)
     except ScenarioError as exc:
         problems.append(exc)
     problems += _trace_problems(scenario)
     return problems, plugins
+
+
+def _samples_in_stream(scenario: Any, plugins: Sequence[Any]) -> list[FedltError]:
+    """A plugin adding samples to clients' data (``data_client_samples``) in a stream scenario,
+    whose stream fixes what a client reads."""
+    if scenario.stream.kind == "none":
+        return []
+    return [
+        ScenarioError(
+            f"plugins[{i}].name",
+            p.name,
+            "used offline (no [stream]): it adds samples to clients' data (data_client_samples)",
+            hint=f"A stream fixes what a client reads, so added samples have no place in it "
+            f"(stream.kind = {scenario.stream.kind!r}).",
+        )
+        for i, p in enumerate(plugins)
+        if "data_client_samples" in implementations(type(p), p.name)
+    ]
 
 
 def _trace_problems(scenario: Any) -> list[FedltError]:

@@ -39,6 +39,7 @@ from torch import nn
 
 from fedlt.errors import FedltError, PluginError
 from fedlt.hooks.dispatch import HookSet
+from fedlt.hooks.hookspecs import SPECS
 from fedlt.hooks.plugin import implementations
 from fedlt.hooks.recipe import LocalTraining
 from fedlt.training.augment import crop_flip_drawn, draw_crop_flip
@@ -59,6 +60,9 @@ _RANDOM_MODULES = (
     nn.FeatureAlphaDropout,
 )
 
+#: Hooks whose implementation keeps a plugin's clients off the vectorized step, with the reason.
+_SERIAL_HOOKS = {name: spec.serial for name, spec in SPECS.items() if spec.serial}
+
 # clip_grad_norm_'s guard against a zero norm.
 _CLIP_EPS = 1e-6
 
@@ -66,18 +70,17 @@ _CLIP_EPS = 1e-6
 def vectorize_blockers(hooks: HookSet, model: nn.Module, streaming: bool, keys: Sequence[str]) -> list[str]:
     """Why this run's clients cannot train vectorized (empty: they can).
 
-    A plugin implementing a per-batch hook without declaring ``vectorized = True``, or
-    ``client_after_backward`` (it needs one model's ``.grad``), or in a stream
+    A plugin implementing a per-batch hook without declaring ``vectorized = True``, or a hook
+    whose declaration says it trains serially (``HookSpec.serial``: ``client_after_backward``
+    needs one model's ``.grad``, ``client_step_gradients`` re-evaluates gradients), or in a stream
     ``client_replay_indices`` (per-step batches of another size); a model that draws random
     numbers in training (dropout); model entries that are neither parameters nor buffers.
     """
     reasons = []
     for p in hooks.plugins:
         impls = implementations(type(p), p.name)
-        if "client_after_backward" in impls:
-            reasons.append(
-                f"plugin {p.name!r} implements client_after_backward (it needs one model's gradients)"
-            )
+        serial = [(h, why) for h, why in _SERIAL_HOOKS.items() if h in impls]
+        reasons += [f"plugin {p.name!r} implements {h} ({why})" for h, why in serial]
         if streaming and "client_replay_indices" in impls:
             reasons.append(f"plugin {p.name!r} implements client_replay_indices (per-step replayed samples)")
         if not getattr(p, "vectorized", False):
