@@ -233,7 +233,8 @@ def fedloge_seconds(cifar: Path | None, device: str, smoke: bool) -> dict[str, f
         "name": "fedloge-protocol",
         "seed": 3407,
         "data": data,
-        "long_tail": {"profile": "exponential", "imbalance_factor": 100}
+        # IF 10 at smoke size: 40 samples a class cannot hold a 100:1 tail (a class would be empty).
+        "long_tail": {"profile": "exponential", "imbalance_factor": 10 if smoke else 100}
         | ({"n_max": n_max} if n_max else {}),
         "partition": {"kind": "dirichlet", "n_clients": 40, "alpha": 0.5},
         "model": model,

@@ -13,6 +13,8 @@ Usage (from the repository root)::
                                      # docs/plugins.md (hooks, contexts) and docs/architecture.md
                                      # (module tables, round protocol)
     python docs/docgen.py --check    # exit 1 if any of them is stale
+    python docs/docgen.py --outside  # the reference of the models and datasets installed packages
+                                     # register (docs/extending.md); never written to a file
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ __all__ = [
     "generated_files",
     "hook_table",
     "main",
+    "outside_reference",
     "plugin_modules",
     "round_protocol",
     "scenario_reference",
@@ -184,9 +187,19 @@ def _top_level() -> list[str]:
 
 
 def _section(key: str, model: type[BaseModel]) -> list[str]:
+    """A section's keys, then each of its nested tables (``[eval.attack]``) as a section of its own."""
     if issubclass(model, RegistrySection):
         return _registry_section(key, model)
-    return [f"## `[{key}]`", "", _summary(model), "", *_field_rows(list(model.model_fields.items())), ""]
+    fields = list(model.model_fields.items())
+    rows = _field_rows(fields)
+    for i, (sub, field) in enumerate(fields, start=2):  # a nested table's row points to its section
+        if _is_section(field):
+            rows[i] = f"| `{sub}` | table | see `[{key}.{sub}]` |  | {_cell(field.description or '')} |"
+    out = [f"## `[{key}]`", "", _summary(model), "", *rows, ""]
+    for sub, field in fields:
+        if _is_section(field):
+            out += _section(f"{key}.{sub}", field.annotation)
+    return out
 
 
 def _registry_section(key: str, model: type[RegistrySection]) -> list[str]:
@@ -200,10 +213,42 @@ def _registry_section(key: str, model: type[RegistrySection]) -> list[str]:
         "",
     ]
     for entry in registry.entries():
-        out += [f"### `{selector} = {_literal(entry.name)}`", "", entry.summary, ""]
-        fields = list(entry.params.model_fields.items())
-        out += [*_field_rows(fields), ""] if fields else ["No parameters.", ""]
+        out += _entry_rows(selector, entry)
     return out
+
+
+def _entry_rows(selector: str, entry: Any, origin: str | None = None) -> list[str]:
+    """One entry's heading, summary (and where it comes from) and parameter table."""
+    out = [f"### `{selector} = {_literal(entry.name)}`", "", entry.summary, ""]
+    if origin:
+        out += [f"From {origin}.", ""]
+    fields = list(entry.params.model_fields.items())
+    return out + ([*_field_rows(fields), ""] if fields else ["No parameters.", ""])
+
+
+def outside_reference() -> str:
+    """The models and datasets installed packages register, as the scenario reference lists the
+    built-in ones; an entry that cannot be used is listed with the reason.
+
+    Not part of docs/scenarios.md, which must not depend on what is installed.
+    """
+    lines = ["# Installed outside entries", ""]
+    for key, field in Scenario.model_fields.items():
+        model = field.annotation
+        if not (_is_section(field) and issubclass(model, RegistrySection) and model.__registry__.group):
+            continue
+        registry, selector = model.__registry__, model.__selector__
+        lines += [f"## `[{key}]` (entry-point group `{registry.group}`)", ""]
+        outside = registry.outside()
+        if not outside:
+            lines += [f"No installed package registers a {registry.kind}.", ""]
+        for name, item in outside.items():
+            if item.error is not None:
+                reason = f"From {item.origin}: {_cell(item.error)}."
+                lines += [f"### `{selector} = {_literal(name)}`: unusable", "", reason, ""]
+            else:
+                lines += _entry_rows(selector, item.load(), item.origin)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _plugins_section() -> list[str]:
@@ -390,6 +435,8 @@ def _spec_notes(spec: Any) -> str:
         notes.append("streams only")
     if spec.vmap:
         notes.append("vectorized")
+    if spec.serial:
+        notes.append("trains clients one by one")
     if spec.by_plugin:
         notes.append("own " + ", ".join(f"`{a}`" for a in spec.by_plugin))
     return "; ".join(notes)
@@ -583,8 +630,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="rewrite docs/scenarios.md and the generated blocks of other pages",
     )
     group.add_argument("--check", action="store_true", help="exit 1 if a generated file or block is stale")
+    group.add_argument(
+        "--outside",
+        action="store_true",
+        help="print the reference of the models and datasets installed packages register",
+    )
     parser.add_argument("--docs", type=Path, default=DOCS, help="docs folder (default: the repository's)")
     args = parser.parse_args(argv)
+
+    if args.outside:
+        sys.stdout.write(outside_reference())
+        return 0
 
     if not (args.write or args.check):
         sys.stdout.write(scenario_reference())

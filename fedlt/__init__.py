@@ -43,6 +43,8 @@ _EXPORTS: dict[str, str] = {
     "use_cosine_head": "fedlt.models",
     "hookimpl": "fedlt.hooks.plugin",
     "LocalTraining": "fedlt.hooks.recipe",
+    "fgsm": "fedlt.evaluation.attacks",
+    "pgd": "fedlt.evaluation.attacks",
 }
 
 __all__ = [
@@ -70,18 +72,23 @@ __all__ = [
     "SetupContext",
     "__version__",
     "contract_problem",
+    "fgsm",
     "history",
     "hookimpl",
     "load_scenario",
+    "pgd",
     "resume",
     "run",
     "staleness_weight",
+    "state",
     "use_cosine_head",
 ]
 
 if TYPE_CHECKING:
     from fedlt.api import history, resume, run
     from fedlt.errors import FedltError, NonFiniteLossError, PluginError, ScenarioError
+    from fedlt.evaluation.attacks import fgsm, pgd
+    from fedlt.hooks import state
     from fedlt.hooks.context import (
         Arrival,
         ClientContext,
@@ -101,7 +108,15 @@ if TYPE_CHECKING:
     from fedlt.server.staleness import staleness_weight
 
 
+#: Public modules reached as attributes (``from fedlt import state``).
+_MODULES = {"state": "fedlt.hooks.state"}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+        globals()[name] = value
+        return value
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'fedlt' has no attribute {name!r}")
@@ -111,4 +126,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted([*globals(), *_EXPORTS, *_MODULES])

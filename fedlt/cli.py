@@ -9,7 +9,10 @@ it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shlex
 import sys
 import textwrap
 import warnings
@@ -47,6 +50,17 @@ def _add_set(p: argparse.ArgumentParser, help: str | None = None) -> None:
     )
 
 
+def _dpi(text: str) -> int:
+    """``--dpi``: a whole number of dots per inch, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlt", description="Federated learning under class imbalance.")
     parser.add_argument("--version", action="version", version=f"fedlt {__version__}")
@@ -58,12 +72,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("resume", help="continue a run folder from its last checkpoint")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run folder to continue")
     _add_set(p, "change a setting that keeps the checkpoint valid (learning rate, rounds, engine...)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("validate", help="check a scenario without running it")
     _add_scenario(p)
+
+    p = sub.add_parser(
+        "config", help="print the fully resolved scenario, every default spelled out (builds nothing)"
+    )
+    _add_scenario(p)
+    p.add_argument("--json", action="store_true", help="JSON instead of TOML")
 
     p = sub.add_parser("inspect", help="show the data as the scenario will use it")
     _add_scenario(p)
@@ -75,16 +95,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--names", action="store_true", help="only the names (fast: loads no plugin)")
 
-    p = sub.add_parser("plot", help="draw the curves of one or more runs (overlaid)")
-    p.add_argument("runs", nargs="+", type=Path, help="run folders")
-    p.add_argument("--out", type=Path, help="folder for the PNGs (default: the run folder, or ./plots)")
+    p = sub.add_parser("plot", help="draw the curves of runs (overlaid) or of groups of runs (mean, band)")
+    p.add_argument(
+        "runs", nargs="+", type=Path, help="run folders, or folders of run folders (a sweep: drawn by group)"
+    )
+    p.add_argument(
+        "--out", type=Path, help="folder for the figures (default: the run or sweep folder's, or ./plots)"
+    )
     p.add_argument("--labels", help="comma-separated labels, one per run (default: folder names)")
+    p.add_argument(
+        "--group",
+        action="store_true",
+        help="group runs as `fedlt compare` does: per group the mean over seeds and its 95%% band "
+        "(implied when a folder holds run folders)",
+    )
+    p.add_argument("--format", dest="fmt", choices=("png", "pdf", "svg"), default="png", help="file format")
+    p.add_argument("--dpi", type=_dpi, default=100, help="resolution of PNGs (default 100)")
 
     p = sub.add_parser("compare", help="a table of runs grouped by setting: mean, std, 95%% CI, paired diffs")
     p.add_argument("runs", nargs="+", type=Path, help="run folders, or folders of run folders")
     p.add_argument("--baseline", help="the group the others are compared with (its label, or part of it)")
     p.add_argument("--metrics", help="comma-separated metrics (default: the standard ones present)")
-    p.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
+    p.add_argument(
+        "--format",
+        choices=("markdown", "csv", "json", "latex"),
+        default="markdown",
+        help="markdown (default), csv, json, or latex (a booktabs table for a paper)",
+    )
     p.add_argument("--out", type=Path, help="write the table to this file instead of stdout")
 
     p = sub.add_parser("sweep", help="run a grid of settings x seeds as independent runs (locally or on Ray)")
@@ -132,7 +169,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fedlt.scenario.config import load_scenario
 
     scenario = load_scenario(args.scenario, args.overrides)
-    run = Run.create(scenario, args.out, progress=not args.quiet)
+    run = Run.create(scenario, args.out, progress=not args.quiet, command=_command(args))
     print(f"run folder: {run.run_dir}", file=sys.stderr)
     _print_final(_execute(run))
     return 0
@@ -146,9 +183,14 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         print(f"{args.run_dir}: this run has finished; nothing to resume.", file=sys.stderr)
         _print_final(done)
         return 0
-    run = Run.open(args.run_dir, progress=not args.quiet, overrides=args.overrides)
+    run = Run.open(args.run_dir, progress=not args.quiet, overrides=args.overrides, command=_command(args))
     _print_final(_execute(run))
     return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that started this, as a run's starts.json records it."""
+    return shlex.join(["fedlt", *getattr(args, "argv", [])])
 
 
 def _print_final(summary: dict[str, Any]) -> None:
@@ -179,10 +221,31 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     # What `fedlt run` checks and builds, on the CPU: every problem a run would stop for.
     prepared = prepare(scenario, "cpu")
     data, hooks = prepared.data, prepared.hooks
+    outside = [
+        f"{key} {getattr(section, section.__selector__)} from {origin}"
+        for key, section in (("data", scenario.data), ("model", scenario.model))
+        if (origin := section.origin()) is not None
+    ]
     print(
         f"{args.scenario}: valid ({data.n_clients} clients, {int(data.train_class_counts.sum())} training "
-        f"samples, {data.num_classes} classes, plugins: {', '.join(hooks.names) or 'none'})"
+        f"samples, {data.num_classes} classes, plugins: {', '.join(hooks.names) or 'none'}"
+        + "".join(f", {o}" for o in outside)
+        + ")"
     )
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    """The scenario as a run's scenario.toml would hold it; validated, but no data is read."""
+    from fedlt.scenario.config import load_scenario, scenario_to_toml
+
+    scenario = load_scenario(args.scenario, args.overrides)
+    text = scenario_to_toml(scenario)
+    if args.json:
+        import tomllib
+
+        text = json.dumps(tomllib.loads(text), indent=2) + "\n"
+    sys.stdout.write(text)
     return 0
 
 
@@ -192,8 +255,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     if args.plot is not None:
         from fedlt.analysis.plotting import require_matplotlib
+        from fedlt.store.rundir import check_output_folder
 
         require_matplotlib()
+        check_output_folder(args.plot, "--plot", "the figures")  # before the data is built
     scenario = load_scenario(args.scenario, args.overrides)
     raise_problems(preflight(scenario))  # what validate and run refuse, inspect refuses too
     data = build_data(scenario, "cpu")
@@ -208,6 +273,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         f"after the long-tail profile, {info['n_test']} test samples"
     )
     print("train class counts: " + " ".join(str(c) for c in info["train_class_counts"]))
+    if "noise" in info:  # clients' class counts below are of their noisy labels
+        nz = info["noise"]
+        print(
+            f"label noise {nz['kind']}: {nz['n_noisy']} noisy training labels ({nz['realised_rate']:.1%}); "
+            "per clean class: " + " ".join(str(c) for c in nz["noisy_class_counts"])
+        )
     width = max(len(str(c)) for cl in info["clients"] for c in cl["class_counts"]) if info["clients"] else 1
     print(f"{'client':>6} {'n':>7} {'view':>5}  class counts")
     for cl in info["clients"]:
@@ -279,17 +350,35 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from fedlt.analysis.plotting import plot_runs, require_matplotlib
+    from fedlt.analysis.compare import check_out_path
+    from fedlt.analysis.plotting import plot_groups, plot_runs, require_matplotlib
 
     require_matplotlib()
-    for run in args.runs:
-        if not (run / "metrics.jsonl").is_file():
-            raise FedltError(f"{run} is not a run folder (it holds no metrics.jsonl)")
+    folders = [run for run in args.runs if not (run / "metrics.jsonl").is_file()]
+    for run in folders:
+        if not (run.is_dir() and next(run.rglob("metrics.jsonl"), None) is not None):
+            raise FedltError(f"{run} is not a run folder (it holds no metrics.jsonl) nor a folder of runs")
+    grouped = args.group or bool(folders)
     labels = args.labels.split(",") if args.labels else None
+    if grouped and labels is not None:
+        raise FedltError(
+            "--labels names runs, but these runs are drawn by group (a folder of runs or --group); "
+            "groups are labelled by the settings in which they differ"
+        )
     if labels is not None and len(labels) != len(args.runs):
         raise FedltError(f"--labels gives {len(labels)} labels for {len(args.runs)} runs")
-    out = args.out or (args.runs[0] if len(args.runs) == 1 else Path("plots"))
-    files = plot_runs(args.runs, out, labels)
+    if grouped:
+        out = args.out or (args.runs[0] / "plots" if len(args.runs) == 1 else Path("plots"))
+    else:
+        out = args.out or (args.runs[0] if len(args.runs) == 1 else Path("plots"))
+    check_out_path(out, "--out", folder=True)  # before anything is read or drawn
+    if grouped:
+        try:
+            files = plot_groups(args.runs, out, args.fmt, args.dpi)
+        except FileNotFoundError as exc:
+            raise FedltError(str(exc)) from None
+    else:
+        files = plot_runs(args.runs, out, labels, args.dpi, args.fmt)
     for path in files:
         print(f"wrote {path}")
     for note in files.notes:
@@ -298,22 +387,28 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from fedlt.analysis.compare import collect_runs, compare
+    from fedlt.analysis.compare import check_metrics, check_out_path, collect_runs, compare
 
+    if args.out is not None:
+        check_out_path(args.out, "--out", folder=False)
     try:
         runs = collect_runs(args.runs)
     except FileNotFoundError as exc:
         raise FedltError(str(exc)) from None
     if not runs:
         raise FedltError(f"no finished runs found under {', '.join(map(str, args.runs))}")
-    metrics = args.metrics.split(",") if args.metrics else None
+    metrics = check_metrics(runs, args.metrics.split(","), "--metrics") if args.metrics is not None else None
     try:
         table = compare(runs, metrics=metrics, baseline=args.baseline)
     except ValueError as exc:
         raise FedltError(str(exc)) from None
-    text = {"markdown": table.to_markdown, "csv": table.to_csv, "json": table.to_json}[args.format]()
+    text = getattr(table, f"to_{args.format}")()  # to_markdown, to_csv, to_json, to_latex
     if args.out is not None:
-        args.out.write_text(text)
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text)
+        except OSError as exc:
+            raise FedltError(f"cannot write --out {args.out}: {exc.strerror or exc}") from None
         print(f"wrote {args.out}", file=sys.stderr)
     else:
         print(text)
@@ -330,12 +425,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         seeds=parse_seeds(args.seeds),
         fixed=args.overrides,
     )
-    if args.ray is not None:
-        done = sweep.run_ray(args.ray, args.cpus_per_run, args.gpus_per_run)
-    else:
-        done = sweep.run_local(args.jobs)
-    for line in done:
-        print(line, file=sys.stderr)
+
+    def progress(line: str) -> None:  # one line per job as it finishes
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        if args.ray is not None:
+            done = sweep.run_ray(args.ray, args.cpus_per_run, args.gpus_per_run, progress=progress)
+        else:
+            done = sweep.run_local(args.jobs, progress=progress)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every process the sweep started is stopped
+        print(f"interrupted; run the same command again to continue the sweep in {args.out}", file=sys.stderr)
+        return 130
     failed = sum(line.startswith("failed ") for line in done)
     if failed < len(done):
         print(sweep.table(args.baseline).to_markdown())
@@ -356,6 +457,7 @@ COMMANDS = {
     "run": _cmd_run,
     "resume": _cmd_resume,
     "validate": _cmd_validate,
+    "config": _cmd_config,
     "inspect": _cmd_inspect,
     "plugins": _cmd_plugins,
     "plot": _cmd_plot,
@@ -375,9 +477,18 @@ def _warning(
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedlt`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the run's record of its command
     previous, warnings.formatwarning = warnings.formatwarning, _warning  # type: ignore[assignment]
     try:
-        return _dispatch(args)
+        status = _dispatch(args)
+        sys.stdout.flush()  # a pipe's buffered tail: a closed reader shows here, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`fedlt plugins | head`): stop quietly, as a Unix tool does, and point
+        # stdout at /dev/null so the interpreter's final flush does not complain either.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool the signal stopped
     finally:
         warnings.formatwarning = previous
 

@@ -71,6 +71,7 @@ VECTORIZED_TOL = {"rtol": 1e-4, "atol": 5e-5}
 #: Hooks through which a plugin changes training (the weights the run ends with).
 _TRAINING_HOOKS = frozenset(
     {
+        "data_client_samples",
         "configure_model",
         "server_make_aggregator",
         "server_after_aggregate",

@@ -78,7 +78,7 @@ def test_every_hook_is_declared_once_with_its_rules():
     assert list(hookspecs.SPECS) == [n for n, v in vars(hookspecs).items() if isinstance(v, HookSpec)]
     for name, spec in hookspecs.SPECS.items():
         assert spec.name == name and spec.combine in COMBINE_RULES
-        assert spec.side in ("model", "server", "client", "eval") and spec.when and spec.since
+        assert spec.side in ("model", "data", "server", "client", "eval") and spec.when and spec.since
         assert spec.summary, name
         if spec.combine == "chain":
             assert spec.chain_arg == spec.params[0]

@@ -205,6 +205,26 @@ def _metrics(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
     return None
 
 
+def _samples(result: Any, kw: Mapping[str, Any], hook: str) -> str | None:
+    x_in, n_classes = kw["x"], kw["ctx"].num_classes
+    if not (isinstance(result, tuple | list) and len(result) == 2):
+        return f"returned {describe_type(result)}; expected a pair (x, y) of new samples and their labels"
+    x, y = result
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        return "returned a pair that holds something other than tensors"
+    if x.dtype != x_in.dtype or tuple(x.shape[1:]) != tuple(x_in.shape[1:]):
+        return (
+            f"returned x of shape {tuple(x.shape)} and dtype {x.dtype}; expected (n, "
+            f"{', '.join(map(str, x_in.shape[1:]))}) and dtype {x_in.dtype}, like the client's inputs"
+        )
+    if y.ndim != 1 or y.shape[0] != x.shape[0] or y.dtype.is_floating_point or y.dtype == torch.bool:
+        shape = tuple(y.shape)
+        return f"returned y of shape {shape} and dtype {y.dtype}; expected ({x.shape[0]},) integer labels"
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        return f"returned labels in [{int(y.min())}, {int(y.max())}]; expected labels in [0, {n_classes})"
+    return None
+
+
 #: The implementation of each check rule a hook declares (``HookSpec.check``).
 CHECKS: dict[str, Callable[[Any, Mapping[str, Any], str], str | None]] = {
     "config": _config,
@@ -220,6 +240,7 @@ CHECKS: dict[str, Callable[[Any, Mapping[str, Any], str], str | None]] = {
     "scalar": _scalar,
     "payload": _payload,
     "metrics": _metrics,
+    "samples": _samples,
 }
 
 # --------------------------------------------------------------------------- one hook

@@ -7,7 +7,9 @@ live under ``TYPE_CHECKING`` so the contract imports no part of the engine.
 
 The protocol of one run
 -----------------------
-1. ``configure_model`` — once wherever a model is built (the driver and every worker).
+1. ``data_client_samples`` — offline, once per client wherever the data is built (synthetic samples
+   join the client's data); ``configure_model`` — once wherever a model is built (the driver and
+   every worker).
 2. ``server_setup`` — once when a run starts (on resume, before checkpointed state is restored).
 3. Per round ``r`` (a server update: in ``async`` and ``buffered`` modes clients start one at a
    time as slots free up, and steps a-b run per start; docs/async.md):
@@ -21,15 +23,18 @@ The protocol of one run
       new batch arrives) → ``client_replay_indices`` (streams) → ``client_forward`` →
       ``client_transform_logits`` → ``client_loss`` × ``client_sample_weights`` ×
       ``client_class_weights`` + ``client_extra_losses`` → backward →
-      ``client_after_backward`` → optimizer step] → ``client_update_memory`` after each stream
-      batch's steps (streams) → ``client_end`` (payload for the server);
+      ``client_after_backward`` → ``client_step_gradients`` → optimizer step] →
+      ``client_update_memory`` after each stream batch's steps (streams) → ``client_end``
+      (payload for the server);
    c. updates arrive in virtual-time order; a stale one may be rewritten by
       ``server_refresh_update``; ``server_make_aggregator`` (or the mode's default: FedAvg,
       FedAsync, FedBuff) combines them; the new global weights are loaded;
       ``server_after_aggregate``;
-   d. evaluation rounds: ``eval_logits`` and ``eval_metrics`` on the global test set; per client
+   d. evaluation rounds: ``eval_logits`` and ``eval_metrics`` on the global test set (with
+      ``[eval.ood]``: ``eval_logits`` on the OOD set, ``eval_ood_score`` on both); per client
       ``client_personalize`` (if implemented, on a fresh instance) then ``eval_logits`` and
-      ``eval_metrics`` on its local view; ``server_log_metrics`` with the round's record;
+      ``eval_metrics`` on its local view; in a stream ``eval_client_memory`` per client;
+      ``server_log_metrics`` with the round's record;
    e. checkpoint (every plugin's ``state_dict`` and each client's per-plugin ``state``).
 4. ``server_end`` with the run's summary.
 
@@ -55,7 +60,10 @@ data), and a mistake raises :class:`fedlt.PluginError` naming plugin, hook, clie
 ``state`` is special: it is the calling plugin's own per-client state, a ``dict`` for this
 client that fedlt keeps between rounds, checkpoints and ships with the task to whichever worker
 trains the client. It must hold only plain data (tensors, numbers, strings, bytes, None, and
-lists / tuples / dicts of them): it is checked at the end of every client-round.
+lists / tuples / dicts of them): it is checked at the end of every client-round. A plugin may
+declare its shape (``Plugin.client_state``, rules of :mod:`fedlt.hooks.state`); a resume then
+checks the checkpointed state against it before training (docs/plugins.md, "Declaring the shape
+of your state").
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ from typing import TYPE_CHECKING, Any
 from fedlt.hooks.spec import HookSpec, hookspec
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
     import torch
     from torch import nn
@@ -81,6 +89,48 @@ if TYPE_CHECKING:
     )
     from fedlt.hooks.recipe import LocalTraining
     from fedlt.server.aggregation import Aggregator
+
+# =========================================================================== data
+
+
+@hookspec(
+    combine="per-plugin",
+    side="data",
+    when="once per client, where the run's data is built, before the model; offline scenarios only",
+    since="0.3",
+    check="samples",
+)
+def data_client_samples(
+    x: torch.Tensor, y: torch.Tensor, client_id: int, generator: torch.Generator, ctx: SetupContext
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """New training samples for one client: input-space over-sampling such as SMOTE.
+
+    Called once per client when the run's data is built, before the first round and before the
+    model: in the driver, and again wherever the data is rebuilt (every Flower node), so it must
+    be deterministic: draw only from ``generator``. Ray workers receive the driver's data,
+    synthetic samples included. What it returns is appended to the training set and to this
+    client's indices, so every engine, sampler and hook then sees it as the client's own data:
+    ``ctx.indices``, ``ctx.labels`` and ``ctx.local_class_counts`` include it, and a checkpoint
+    need not hold it (a resume rebuilds it). Left alone: the global class counts and shot groups
+    (``ctx.global_class_counts``: the real long tail), the local test views (built from the real
+    counts) and ``fedlt inspect``, which builds the data without plugins. Each plugin sees the
+    client's real data only, not what an earlier plugin added; additions join in scenario order.
+    A continual (stream) scenario with a plugin implementing this hook is refused before the data
+    is built: what a client reads is fixed by its stream.
+
+    :param x: ``(n, *input_shape)`` the client's training inputs (a copy on the CPU; with
+        ``[noise]``, under the labels it sees).
+    :param y: ``(n,)`` their labels (the noisy ones with ``[noise]``).
+    :param client_id: the client.
+    :param generator: a CPU generator seeded from ``(seed, "client-samples", client_id)``: the only
+        randomness to use (shared by the plugins implementing this hook, in scenario order).
+    :param ctx: run-level facts (seed, classes, input shape, rounds, real global class counts).
+    :return: ``(x_new, y_new)``: ``(m, *input_shape)`` inputs of ``x``'s dtype and ``(m,)``
+        integer labels in ``[0, C)``, or ``None`` to add nothing.
+
+    .. versionadded:: 0.3
+    """
+
 
 # =========================================================================== model
 
@@ -507,13 +557,60 @@ def client_extra_losses(
     """
 
 
-@hookspec(combine="all", side="client", when="per batch, after backward(), before clipping and the step")
+@hookspec(
+    combine="all",
+    side="client",
+    when="per batch, after backward(), before clipping and the step",
+    serial="it needs one model's gradients",
+)
 def client_after_backward(model: nn.Module, ctx: ClientContext, state: dict[str, Any]) -> None:
     """Gradients are computed and not yet applied (gradient surgery, statistics).
 
     :return: ignored.
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec(
+    combine="chain",
+    side="client",
+    when="per batch, after client_after_backward, before clipping and the optimizer step",
+    since="0.3",
+    chain_arg="grads",
+    check="update",
+    serial="it evaluates gradients again at weights it chooses, one model at a time",
+)
+def client_step_gradients(
+    grads: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    regrad: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]],
+    model: nn.Module,
+    ctx: ClientContext,
+    state: dict[str, Any],
+) -> Mapping[str, torch.Tensor]:
+    """The gradients the local optimizer steps with (sharpness-aware steps, correction terms).
+
+    Around the optimizer step: a plugin may take an ascent step and re-evaluate the gradient
+    there (SAM, FedSAM, FedSpeed's perturbed gradient) and add terms to it (FedSpeed's
+    prox-correction). Clipping (``train.max_grad_norm``) and the optimizer (momentum, weight decay)
+    then apply to what the chain returns. The step's loss stays the one at ``weights``.
+
+    :param grads: the gradients so far (autograd's, then earlier plugins'), by parameter name:
+        the model's trainable parameters that received a gradient at this step (tensors from
+        ``client_trainable_parameters`` are not included and keep theirs).
+    :param weights: those parameters' current values (read-only), same names.
+    :param regrad: ``regrad(offsets)`` returns the gradients of this step's batch loss (same
+        samples, same augmentation, every loss hook) at ``weights + offsets`` (``offsets`` by
+        name, missing names unchanged), by the names of ``weights``; the model's weights and
+        buffers (BatchNorm statistics) are restored afterwards, so only the returned tensors
+        change. Each call is one more forward and backward pass.
+    :return: the gradients to step with: the same names and shapes as ``weights``, finite.
+
+    A plugin implementing this hook trains its clients one by one on every engine (the
+    vectorized step is not used; the training log records why).
+
+    .. versionadded:: 0.3
     """
 
 
@@ -597,6 +694,27 @@ def eval_logits(
 
 
 @hookspec(
+    combine="first",
+    side="eval",
+    when="once per run, when the evaluator is built, only with eval.personalized_mask = 'auto'",
+    since="0.3",
+)
+def eval_personalized_mask() -> str | None:
+    """The personalised-evaluation mask the method asks for (``eval.personalized_mask = "auto"``).
+
+    The evaluator, not the plugin, applies the mask to every client's local-view logits after
+    ``eval_logits`` (logit -1e9 for the hidden classes) and records the mask in every evaluation
+    record (``personalized_mask``), so methods are compared under a stated mask.
+
+    :return: ``"none"``, ``"test-classes"`` (hide the classes absent from the client's local
+        test view, FedLoGe's ``localtest``) or ``"train-classes"`` (hide the classes the client
+        has no training samples of), or ``None`` to leave it to the next plugin (none: no mask).
+
+    .. versionadded:: 0.3
+    """
+
+
+@hookspec(
     combine="per-plugin",
     side="eval",
     when="per evaluation: the global test set, then each client's local view",
@@ -611,20 +729,96 @@ def eval_metrics(
     labels: torch.Tensor,
     ctx: EvalContext,
     state: dict[str, Any],
+    head: tuple[torch.Tensor, torch.Tensor],
+    inputs: torch.Tensor,
+    score: Callable[[torch.Tensor], torch.Tensor],
 ) -> Mapping[str, Any] | None:
-    """Named metrics of the evaluated model (neural collapse, calibration, ...).
+    """Named metrics of the evaluated model (neural collapse, calibration, robustness, ...).
 
     :param features: the evaluated model's features of the evaluated samples.
     :param logits: its logits after every ``eval_logits`` adjustment.
     :param labels: the true classes.
     :param ctx: which evaluation: the global test set (``ctx.client_id is None``) or a client's
         local view.
+    :param head: ``(weight (C, d), bias (C,))``, the classifier the evaluation scores with: the
+        affine map from features to the evaluated logits (``model.head`` then every
+        ``eval_logits`` adjustment, before a personalised mask), read by evaluating that chain at
+        ``h = 0`` and at each unit vector. Exact for affine heads and adjustments (a linear head,
+        post-hoc adjustment, realigned heads); for a cosine head, its row-normalised weight times
+        its scale. Metrics of "the head" read this one, so they describe the classifier the
+        accuracy and calibration were measured with; the record names it (``evaluated_head``).
+    :param inputs: the evaluated samples' inputs, as the model reads them (the dataset's
+        normalised tensors), in the order of ``labels``: the whole test set, or the client's view.
+        Read-only; a plugin that perturbs them works on a copy.
+    :param score: ``score(x) -> logits``: the evaluated classifier as a function of inputs (the
+        model's features, its head, then every ``eval_logits``, before a personalised mask), with
+        gradients enabled and the model in eval mode, so a plugin can attack, perturb or re-score
+        the inputs within the same evaluation pass. Take gradients with ``torch.autograd.grad``
+        (not ``.backward()``), so the model's ``.grad`` stay untouched; batch large inputs.
     :return: ``{name: value}`` with JSON-ready values (numbers, strings, None, lists of them), or
         ``None``. Global-view metrics appear in metrics.jsonl and summary.json as
         ``"<plugin>.<name>"``; client-view metrics as ``"<plugin>.<name>"`` lists by client under
         ``"client_metrics"``, with the mean of numeric ones as ``"personalized.<plugin>.<name>"``.
 
     .. versionadded:: 0.2
+    .. versionchanged:: 0.3 ``inputs`` and ``score`` (implementations that do not name them are
+        unaffected).
+    """
+
+
+@hookspec(
+    combine="first",
+    side="eval",
+    when="per full evaluation with eval.ood set: the in-distribution test set, then the OOD set",
+    since="0.3",
+)
+def eval_ood_score(
+    model: nn.Module,
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    inputs: torch.Tensor,
+    score: Callable[[torch.Tensor], torch.Tensor],
+    ctx: EvalContext,
+) -> torch.Tensor | None:
+    """An out-of-distribution detector's score of each evaluated sample (Mahalanobis, energy, ...).
+
+    Called twice per full evaluation of the global model when ``[eval.ood]`` is set: on the
+    in-distribution test set, then on the OOD set (``ctx.test_class_counts`` all zero there). The
+    evaluator turns the two score sets into ``ood_auroc``, ``ood_auprc`` (in-distribution positive)
+    and ``ood_fpr_at_95_tpr``, and records the winning plugin's name as ``ood_score``.
+
+    :param model: the evaluated global model (eval mode).
+    :param features: ``(N, d)`` its features of the samples.
+    :param logits: ``(N, C)`` the evaluated logits (after every ``eval_logits``).
+    :param inputs: the samples' inputs as the model reads them (read-only; perturb a copy).
+    :param score: ``score(x) -> logits``, as in ``eval_metrics``; take input gradients under
+        ``torch.enable_grad()`` with ``torch.autograd.grad``.
+    :param ctx: the evaluation (``ctx.client_id is None``).
+    :return: a ``(N,)`` tensor of finite scores, **higher for in-distribution**, or ``None`` to
+        leave it to the next plugin (none: the maximum softmax probability, ``"msp"``).
+
+    .. versionadded:: 0.3
+    """
+
+
+@hookspec(
+    combine="per-plugin",
+    side="eval",
+    when="per evaluation of a stream scenario, once per client that has trained",
+    since="0.3",
+    check="metrics",
+    by_plugin=("state",),
+)
+def eval_client_memory(state: dict[str, Any], num_classes: int) -> Mapping[str, Any] | None:
+    """What a client's replay memory holds, recorded with every evaluation of a continual run.
+
+    :param state: the plugin's per-client state of this client (read-only here).
+    :param num_classes: ``C``, the number of classes.
+    :return: ``{"class_counts": [n_0, ..., n_{C-1}]}``, the items of each class in the client's
+        memory, or ``None`` (no memory). The driver writes them to metrics.jsonl as
+        ``memory_class_counts``: ``{plugin: {client: counts}}``; ``fedlt plot`` draws them.
+
+    .. versionadded:: 0.3
     """
 
 
@@ -691,6 +885,14 @@ CONTRACT_CHANGES: dict[str, tuple[bool, tuple[str, ...]]] = {
             "server_select_clients chooses the clients to start and server_refresh_update may rewrite a "
             "stale update; RoundContext gains mode, virtual_time, arrivals (staleness and base weights "
             "of the updates being aggregated) and system (the simulated devices)",
+            "eval_personalized_mask: the personalised-evaluation mask a method's protocol asks for, "
+            "applied by the evaluator (eval.personalized_mask)",
+            "eval_metrics may take inputs (the evaluated samples' inputs) and score (inputs to the "
+            "evaluated logits, differentiable) to attack, perturb or re-score them in the same pass",
+            "client_step_gradients rewrites the gradients of each local step before clipping and the "
+            "optimizer step, with regrad for a second gradient at perturbed weights (SAM, FedSpeed)",
+            "data_client_samples adds synthetic training samples to a client's data once, where the "
+            "data is built (input-space SMOTE); offline scenarios only",
         ),
     ),
 }

@@ -51,13 +51,17 @@ CHECK_RULES: dict[str, str] = {
     "scalar": "a 0-dimensional tensor",
     "payload": "plain data (tensors, numbers, strings, lists, dicts)",
     "metrics": "a mapping of names to JSON-ready values",
+    "samples": "a pair `(x, y)`: `x` of the client inputs' dtype and sample shape, `y` `(n,)` labels "
+    "in `[0, C)`",
 }
 
 #: Where a hook runs and on which instance of the plugin.
-Side = Literal["model", "server", "client", "eval"]
+Side = Literal["model", "data", "server", "client", "eval"]
 
 SIDES: dict[str, str] = {
     "model": "wherever a model is built (driver and every worker), on that process's plugin instance",
+    "data": "wherever the run's data is built (the driver; Flower nodes rebuild it), on that process's "
+    "plugin instance (Ray workers receive the driver's data)",
     "server": "in the driver, on the plugin's one server-side instance (kept for the whole run)",
     "client": "where the client is trained, on a fresh instance made for this client-round",
     "eval": "in the driver, on the server-side instance, during evaluation",
@@ -96,6 +100,9 @@ class HookSpec:
     by_plugin : tuple of str
         Arguments whose value differs by plugin: the caller passes ``{plugin name: value}`` and
         each implementation receives its own (an empty dict when absent).
+    serial : str or None
+        Why a plugin implementing this hook makes the run train its clients one by one, never
+        vectorized (the reason the training log records); None: the hook does not.
     """
 
     name: str
@@ -110,6 +117,7 @@ class HookSpec:
     stream_only: bool = False
     vmap: bool = False
     by_plugin: tuple[str, ...] = ()
+    serial: str | None = None
 
     @property
     def summary(self) -> str:
@@ -128,6 +136,7 @@ def hookspec(
     stream_only: bool = False,
     vmap: bool = False,
     by_plugin: tuple[str, ...] = (),
+    serial: str | None = None,
 ) -> Callable[[Callable[..., Any]], HookSpec]:
     """Declare a hook from a function whose signature and docstring are the contract.
 
@@ -141,8 +150,10 @@ def hookspec(
         raise ValueError(f"unknown side {side!r}; known: {sorted(SIDES)}")
     if check is not None and check not in CHECK_RULES:
         raise ValueError(f"unknown check rule {check!r}; known: {sorted(CHECK_RULES)}")
-    if (vmap or stream_only) and side != "client":
-        raise ValueError("only client-side hooks can be stream-only or run vectorized")
+    if (vmap or stream_only or serial) and side != "client":
+        raise ValueError("only client-side hooks can be stream-only, run vectorized or force serial training")
+    if vmap and serial:
+        raise ValueError("a hook cannot both run vectorized and force serial training")
 
     def declare(fn: Callable[..., Any]) -> HookSpec:
         params = tuple(inspect.signature(fn).parameters)
@@ -164,6 +175,7 @@ def hookspec(
             stream_only,
             vmap,
             tuple(by_plugin),
+            serial,
         )
 
     return declare

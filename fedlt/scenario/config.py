@@ -20,13 +20,15 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
     StrictFloat,
+    StrictInt,
     ValidationError,
     create_model,
     field_validator,
@@ -34,16 +36,24 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from fedlt.base.registry import Entry, ParameterError, Registry
+from fedlt.base.registry import Entry, OutsideEntryError, ParameterError, Registry
 from fedlt.data.datasets import DATASETS
 from fedlt.data.longtail import PROFILES
+from fedlt.data.noise import NOISE_KINDS
+from fedlt.data.ood import OOD_KINDS
 from fedlt.data.partition import PARTITIONS
-from fedlt.data.stream import SCHEDULES, STREAM_KINDS
+from fedlt.data.stream import PACINGS, SCHEDULES, STREAM_KINDS
 from fedlt.errors import ScenarioError, readable_constraint
 from fedlt.metrics.classification import SHOT_RULES, shot_thresholds
 from fedlt.models import MODELS
 
+#: ``eval.attack.kind``: "none" turns robustness evaluation off (the attacks: fedlt.evaluation.attacks).
+ATTACK_KINDS = ("none", "fgsm", "pgd")
+#: ``eval.attack.norm``: the perturbation budget's norm.
+ATTACK_NORMS = ("linf", "l2")
+
 __all__ = [
+    "AttackConfig",
     "CheckpointConfig",
     "DataConfig",
     "EngineConfig",
@@ -52,6 +62,7 @@ __all__ = [
     "LogConfig",
     "LongTailConfig",
     "ModelConfig",
+    "NoiseConfig",
     "PartitionConfig",
     "PluginSpec",
     "RegistrySection",
@@ -96,7 +107,16 @@ def _dotted(loc: Iterable[Any]) -> str:
 
 
 class RegistrySection(_Section):
-    """Base of the sections :func:`registry_section` derives from a registry."""
+    """Base of the sections :func:`registry_section` derives from a registry.
+
+    An entry an outside package registers (docs/extending.md) is validated like a built-in one:
+    its parameters by its own model, errors keyed ``section.param``. Its parameters are stored
+    whatever their names (a key no built-in entry takes is an extra attribute), so the resolved
+    ``scenario.toml`` spells them out too.
+    """
+
+    # Extra keys hold only an outside entry's own parameters: _chosen_entry refuses every other.
+    model_config = ConfigDict(extra="allow")
 
     __registry__: ClassVar[Registry]
     __selector__: ClassVar[str]
@@ -105,33 +125,45 @@ class RegistrySection(_Section):
     @model_validator(mode="before")
     @classmethod
     def _chosen_entry(cls, data: Any) -> Any:
-        """Only the chosen entry's parameters may be set; check them and fill in its defaults."""
+        """Only the chosen entry's parameters may be set; check them and fill in its defaults.
+
+        Runs on every table and on every assignment to a field (``validate_assignment``); a table
+        choosing an outside entry reaches it already checked (:meth:`_outside_entry`).
+        """
         if not isinstance(data, Mapping):
             return data  # field validation says "a table"
         name = data.get(cls.__selector__, cls.model_fields[cls.__selector__].default)
-        if name not in cls.__registry__:
-            return data  # field validation says which names are allowed
-        entry = cls.__registry__[name]
-        union = cls.__registry__.parameters()
-        given = {k: v for k, v in data.items() if k in union and v is not None}
-        section, kind = cls.__section__, cls.__registry__.kind
-        stray = [
-            ScenarioError(
-                f"{section}.{k}",
-                v,
-                f"unset for {kind} {name!r}",
-                hint=f"{name!r} takes: {', '.join(entry.takes) or 'no parameters'}.",
+        if name in cls.__registry__ and not cls.__registry__.is_builtin(name):
+            raise ScenarioError(
+                f"{cls.__section__}.{cls.__selector__}",
+                name,
+                f"a built-in {cls.__registry__.kind} for a section changed by assignment",
+                hint="Build a new scenario with the new values instead (scenario_from_dict, --set).",
             )
-            for k, v in given.items()
-            if k not in entry.takes
-        ]
-        if stray:
-            raise _combine(stray)
-        try:
-            checked = entry.params.model_validate(given)
-        except ValidationError as exc:
-            raise _params_error(section, kind, entry, exc) from None
-        return {**{k: v for k, v in data.items() if k not in union}, **dict(checked)}
+        entry, checked, rest = _checked_table(cls, data)
+        return data if entry is None else {**rest, **checked}
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _outside_entry(cls, data: Any, handler: Any) -> Any:
+        """A table choosing an outside entry: checked like any other, its values stored as checked.
+
+        The fields are typed for the built-in entries, so the table is validated with the default
+        entry chosen and no parameters, then the name and the outside entry's parameters (checked
+        by its own model) are put in place: fields it shares with built-in entries hold its values
+        (None where it does not take them), the rest are extra attributes.
+        """
+        registry, selector = cls.__registry__, cls.__selector__
+        name = data.get(selector) if isinstance(data, Mapping) else None
+        if name not in registry or registry.is_builtin(name):
+            return handler(data)
+        _, checked, rest = _checked_table(cls, data)
+        validated = handler({**rest, selector: cls.model_fields[selector].default})
+        for key in registry.parameters():
+            validated.__dict__[key] = checked.pop(key, None)
+        validated.__pydantic_extra__.update(checked)
+        validated.__dict__[selector] = name
+        return validated
 
     def entry(self) -> Entry:
         """The registry entry the selector names."""
@@ -140,6 +172,83 @@ class RegistrySection(_Section):
     def params(self) -> dict[str, Any]:
         """The chosen entry's parameters, validated and with its defaults filled in."""
         return {k: getattr(self, k) for k in self.entry().takes}
+
+    def origin(self) -> str | None:
+        """The package the chosen entry comes from; None for a built-in one."""
+        name = getattr(self, self.__selector__)
+        return None if self.__registry__.is_builtin(name) else self.__registry__.outside()[name].distribution
+
+
+def _checked_table(
+    cls: type[RegistrySection], data: Mapping[str, Any]
+) -> tuple[Entry | None, dict[str, Any], dict[str, Any]]:
+    """The chosen entry (None for an unknown name), its parameters checked with its defaults filled
+    in, and the table's other keys; a :class:`ScenarioError` for a key the entry does not take."""
+    registry, selector = cls.__registry__, cls.__selector__
+    name = data.get(selector, cls.model_fields[selector].default)
+    entry = _chosen(cls, name)
+    takes = entry.takes if entry is not None else ()
+    if unknown := [k for k in data if k not in cls.model_fields and k not in takes]:
+        raise _combine([_unknown_key(cls, k, data[k], entry) for k in unknown])
+    if entry is None:
+        return None, {}, dict(data)
+    union = registry.parameters()
+    given = {k: v for k, v in data.items() if (k in union or k in takes) and v is not None}
+    section, kind = cls.__section__, registry.kind
+    stray = [
+        ScenarioError(
+            f"{section}.{k}",
+            v,
+            f"unset for {kind} {name!r}",
+            hint=f"{name!r} takes: {', '.join(entry.takes) or 'no parameters'}.",
+        )
+        for k, v in given.items()
+        if k not in entry.takes
+    ]
+    if stray:
+        raise _combine(stray)
+    try:
+        checked = dict(entry.params.model_validate(given))
+    except ValidationError as exc:
+        raise _params_error(section, kind, entry, exc) from None
+    return entry, checked, {k: v for k, v in data.items() if k not in union and k not in takes}
+
+
+def _chosen(cls: type[RegistrySection], name: Any) -> Entry | None:
+    """The entry the selector names; None for an unknown name (the field's validation says which
+    names are allowed, or this does when installed packages add some)."""
+    registry, selector = cls.__registry__, cls.__selector__
+    key = f"{cls.__section__}.{selector}"
+    if name not in registry:
+        if isinstance(name, str) and len(registry.known()) > len(registry.names):
+            allowed = ", ".join(repr(n) for n in registry.known())
+            raise ScenarioError(key, name, f"one of {allowed}")
+        return None
+    try:
+        entry = registry[name]
+    except OutsideEntryError as exc:
+        raise ScenarioError(key, name, f"a {registry.kind} that can be used", hint=f"{exc}.") from None
+    if clash := [k for k in entry.takes if k in cls.model_fields and k not in registry.parameters()]:
+        raise ScenarioError(
+            key,
+            name,
+            f"a {registry.kind} whose parameters are not keys of [{cls.__section__}] itself",
+            hint=f"Its parameter {clash[0]!r} is one; rename it in {registry.outside()[name].origin}.",
+        )
+    return entry
+
+
+def _unknown_key(cls: type[RegistrySection], key: str, value: Any, entry: Entry | None) -> ScenarioError:
+    """The error for a key neither the section nor the chosen entry has, worded as for any section."""
+    if entry is None or cls.__registry__.is_builtin(entry.name):
+        keys = sorted(cls.model_fields)
+    else:
+        union = cls.__registry__.parameters()
+        keys = sorted({*(k for k in cls.model_fields if k not in union), *entry.takes})
+    dotted, allowed = f"{cls.__section__}.{key}", ", ".join(keys)
+    error = ScenarioError(dotted, value, f"a known key; [{cls.__section__}] takes: {allowed}")
+    error.args = (f"Unknown key {dotted!r} (value {value!r}). Keys allowed in {cls.__section__}: {allowed}.",)
+    return error
 
 
 def _params_error(section: str, kind: str, entry: Entry, exc: ValidationError) -> ScenarioError:
@@ -169,6 +278,10 @@ def _describe(key: str, entries: list[Entry]) -> str:
         text = entry.params.model_fields[key].description or ""
         by_text.setdefault(text, []).append(entry.name)
     return " ".join(f"{', '.join(names)}: {text}" for text, names in by_text.items())
+
+
+def _as_held(value: Any) -> Any:
+    return value
 
 
 def registry_section(
@@ -214,7 +327,9 @@ def registry_section(
     }
     for key, entries in registry.parameters().items():
         annotation = entries[0].params.model_fields[key].annotation
-        fields[key] = (annotation | None, Field(None, description=_describe(key, entries)))
+        # Written as held: an outside entry's parameter of the same name may have another type.
+        held = Annotated[annotation | None, PlainSerializer(_as_held)]
+        fields[key] = (held, Field(None, description=_describe(key, entries)))
     model_name = "".join(part.title() for part in name.split("_")) + "Config"
     cls = create_model(model_name, __base__=RegistrySection, __doc__=doc, __module__=__name__, **fields)
     cls.__registry__ = registry
@@ -304,13 +419,84 @@ class StreamConfig(_Section):
         64, ge=1, description="Stream samples a selected client consumes per round."
     )
     online_iter: int = Field(1, ge=1, description="Gradient steps on each incoming batch.")
-    eval_period: int | None = Field(
-        None,
-        ge=1,
-        description="Anytime evaluation each time the federation has read this many more stream samples "
-        "(CLIB/MVP's eval period, counted over all clients); unset: after every round that read samples. "
-        "Rounds that read nothing are never evaluated, so they cannot change A_auc.",
+    eval_period: int | Literal["auto"] = Field(
+        "auto",
+        description="P: an A_auc point at every multiple of P stream samples read by the federation "
+        "(CLIB/MVP's eval period, counted over all clients), none skipped; auto: ceil(total stream "
+        "samples / 50), 50 points over the whole stream as MVP's 1,000 of CIFAR-100's 50,000.",
     )
+    pacing: Literal[PACINGS] = Field(  # type: ignore[valid-type]
+        "constant",
+        description="constant: every selected client reads samples_per_round a round; proportional: task t "
+        "lasts ceil(largest client's task t / samples_per_round) rounds and each client reads its task t "
+        "evenly over them, so every client ends each task in the same round (synchronous modes).",
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        description="Seed of the data each client reads (dataset split, long-tail subsample, partition, "
+        "local test views, task schedule, streams); unset: the scenario's seed. Training draws keep "
+        "the scenario's.",
+    )
+
+    @field_validator("eval_period")
+    @classmethod
+    def _period(cls, value: int | str) -> int | str:
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError('an int >= 1 (stream samples read by the federation) or "auto"')
+        return value
+
+    @model_validator(mode="after")
+    def _kind_keys(self) -> StreamConfig:
+        """Stream keys without a stream would be ignored: refused (:func:`_refuse_inapplicable`)."""
+        _refuse_inapplicable(self, "stream", *_KIND_KEYS["stream"])
+        return self
+
+
+class NoiseConfig(_Section):
+    """Label noise on each client's training labels (docs/noise.md); test labels stay clean."""
+
+    kind: Literal[NOISE_KINDS] = Field(  # type: ignore[valid-type]
+        "none",
+        description="none: clean labels; symmetric: each label flipped with probability rate to one of "
+        "the other classes, uniformly; pair: flipped to class (c + 1) mod C; class-dependent: class c "
+        "flipped with probability rates[c], uniformly; tail: class c flipped with probability "
+        "rate * N / (C * n_c) (n_c its training count, N their sum), so every class carries the same "
+        "number of noisy labels and the tail the highest rates; the overall share is rate.",
+    )
+    rate: float = Field(
+        0.0, ge=0, le=1, description="symmetric, pair, tail: the share of training labels flipped."
+    )
+    rates: list[float] | None = Field(None, description="class-dependent: one flip rate in [0, 1] per class.")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        description="Seed of the flips (client k draws from (seed, 'noise', k)); unset: the seed of "
+        "the data (stream.seed if set, else the scenario's).",
+    )
+
+    @field_validator("rates")
+    @classmethod
+    def _rates(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or not all(0 <= r <= 1 for r in value)):
+            raise ValueError("a non-empty list of rates in [0, 1], one per class")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_fit_kind(self) -> NoiseConfig:
+        if self.kind == "class-dependent":
+            if self.rates is None:
+                raise ScenarioError("noise.rates", None, "per-class rates with kind 'class-dependent'")
+            if self.rate:
+                raise ScenarioError("noise.rate", self.rate, "unset with kind 'class-dependent' (use rates)")
+        elif self.rates is not None:
+            raise ScenarioError("noise.rates", self.rates, f"unset with kind {self.kind!r}")
+        if self.kind in ("symmetric", "pair", "tail") and self.rate == 0:
+            raise ScenarioError("noise.rate", self.rate, f"in (0, 1] with kind {self.kind!r}")
+        if self.kind == "none" and (self.rate or self.seed is not None):
+            key, value = ("noise.rate", self.rate) if self.rate else ("noise.seed", self.seed)
+            raise ScenarioError(key, value, "unset with kind 'none' (no noise)")
+        return self
 
 
 class TrainConfig(_Section):
@@ -343,6 +529,59 @@ _MODE_KEYS: dict[str, tuple[tuple[str, ...], Any]] = {
     "staleness": (("async", "buffered"), "polynomial"),
     "staleness_a": (("async", "buffered"), 0.5),
     "staleness_b": (("async", "buffered"), 4.0),
+}
+
+
+def _refuse_inapplicable(
+    config: BaseModel, section: str, selector: str, kinds: dict[str, tuple[str, ...]]
+) -> None:
+    """One rule for every section with a kind: a key that the chosen kind does not use must keep its
+    default (unset), or it is refused naming it: a value that would be silently ignored is a mistake.
+
+    ``kinds`` maps each such key to the kinds that use it; the defaults are the fields'.
+    """
+    chosen = getattr(config, selector)
+    for key, users in kinds.items():
+        value, default = getattr(config, key), type(config).model_fields[key].default
+        if chosen not in users and value != default:
+            raise ScenarioError(
+                f"{section}.{key}",
+                value,
+                f"unset with {section}.{selector} = {chosen!r}",
+                hint=f"It applies to {section}.{selector} {' or '.join(repr(k) for k in users)}.",
+            )
+
+
+#: Per section with a kind: the selector and the keys only some kinds use (see
+#: :func:`_refuse_inapplicable`; an override switching the kind drops the others' keys).
+_KIND_KEYS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
+    "federation": ("mode", {k: modes for k, (modes, _) in _MODE_KEYS.items()}),
+    "stream": (
+        "kind",
+        {
+            k: STREAM_KINDS
+            for k in (
+                "schedule",
+                "n_tasks",
+                "disjoint_percent",
+                "blurry_percent",
+                "samples_per_round",
+                "online_iter",
+                "eval_period",
+                "pacing",
+                "seed",
+            )
+        },
+    ),
+    "engine": (
+        "kind",
+        {
+            "vectorize": ("serial",),
+            "group_size": ("serial",),
+            **{k: ("ray", "flower") for k in ("num_workers", "num_cpus", "num_gpus", "address")},
+            "max_retries": ("ray", "flower"),
+        },
+    ),
 }
 
 
@@ -396,15 +635,7 @@ class FederationConfig(_Section):
 
     @model_validator(mode="after")
     def _mode_keys(self) -> FederationConfig:
-        for key, (modes, default) in _MODE_KEYS.items():
-            value = getattr(self, key)
-            if self.mode not in modes and value != default:
-                raise ScenarioError(
-                    f"federation.{key}",
-                    value,
-                    f"unset with federation.mode = {self.mode!r}",
-                    hint=f"It applies to mode {' or '.join(repr(m) for m in modes)}.",
-                )
+        _refuse_inapplicable(self, "federation", *_KIND_KEYS["federation"])
         if self.mode == "deadline" and self.deadline is None:
             raise ScenarioError(
                 "federation.deadline", None, "set with federation.mode = 'deadline'", hint="Virtual seconds."
@@ -517,6 +748,119 @@ class SystemConfig(_Section):
         return self
 
 
+class AttackConfig(_Section):
+    """Adversarial robustness evaluation (docs/robustness.md): an attack on the evaluated model's
+    inputs at every full evaluation, reported as robust_* metrics."""
+
+    kind: Literal[ATTACK_KINDS] = Field(  # type: ignore[valid-type]
+        "none",
+        description="none: no attack; fgsm: one step of length eps along the loss gradient's sign (linf) "
+        "or direction (l2); pgd: projected gradient descent, steps steps of step_size from a random start.",
+    )
+    norm: Literal[ATTACK_NORMS] = Field(  # type: ignore[valid-type]
+        "linf", description="The perturbation budget's norm: linf or l2 (over each whole input)."
+    )
+    eps: float | None = Field(
+        None,
+        gt=0,
+        description="Budget radius, in the model's normalised input space ((x - mean) / std; a pixel "
+        "budget e is e / std there). Required with fgsm and pgd.",
+    )
+    steps: int | None = Field(None, ge=1, description="pgd: ascent steps; unset: 10.")
+    step_size: float | None = Field(None, gt=0, description="pgd: step length; unset: 2.5 * eps / steps.")
+    random_start: bool | None = Field(
+        None,
+        description="pgd: start from a uniform point of the eps ball, drawn from (seed, 'attack', round[, "
+        "client]); unset: true.",
+    )
+    personalized: bool = Field(
+        False,
+        description="Also attack each client's personalised model on its local view "
+        "(robust_personalized_accuracy); needs eval.personalized.",
+    )
+
+    @model_validator(mode="after")
+    def _keys_fit_kind(self) -> AttackConfig:
+        if self.kind == "none":
+            defaults = {"norm": "linf", "eps": None, "steps": None, "step_size": None}
+            defaults.update(random_start=None, personalized=False)
+            for key, default in defaults.items():
+                if getattr(self, key) != default:
+                    raise ScenarioError(
+                        f"eval.attack.{key}", getattr(self, key), "unset with kind 'none' (no attack)"
+                    )
+            return self
+        if self.eps is None:
+            raise ScenarioError("eval.attack.eps", None, f"a float > 0 with kind {self.kind!r}")
+        if self.kind == "fgsm":
+            for key in ("steps", "step_size", "random_start"):
+                if getattr(self, key) is not None:
+                    raise ScenarioError(
+                        f"eval.attack.{key}",
+                        getattr(self, key),
+                        "unset with kind 'fgsm' (one step of length eps from the clean input; use pgd)",
+                    )
+        return self
+
+
+class OodConfig(_Section):
+    """Open-set evaluation (docs/ood.md): an out-of-distribution test set scored at every full
+    evaluation, reported as ood_* metrics."""
+
+    kind: Literal[OOD_KINDS] = Field(  # type: ignore[valid-type]
+        "none",
+        description="none: no OOD set; held-out-classes: the classes listed in classes are removed from "
+        "training and from the test set and their test samples form the OOD set (the other classes are "
+        "renumbered 0..C'-1 in order); dataset: the test split of another dataset (dataset, params), "
+        "with the same input shape, normalised as the scenario's own data.",
+    )
+    classes: list[StrictInt] | None = Field(
+        None, description="held-out-classes: the class ids (of the dataset as loaded) held out."
+    )
+    dataset: str | None = Field(
+        None, description="dataset: the OOD dataset's registry name (as data.dataset, e.g. synthetic)."
+    )
+    params: dict[str, Any] | None = Field(
+        None, description="dataset: that dataset's parameters (as under [data]); unset: its defaults."
+    )
+
+    @model_validator(mode="after")
+    def _keys_fit_kind(self) -> OodConfig:
+        need = {"held-out-classes": ("classes",), "dataset": ("dataset",)}.get(self.kind, ())
+        for key in ("classes", "dataset", "params"):
+            value = getattr(self, key)
+            if key in need and value is None:
+                raise ScenarioError(f"eval.ood.{key}", None, f"set with kind {self.kind!r}")
+            allowed_here = key in need or (key == "params" and self.kind == "dataset")
+            if value is not None and not allowed_here:
+                raise ScenarioError(f"eval.ood.{key}", value, f"unset with kind {self.kind!r}")
+        if self.classes is not None and (not self.classes or len(set(self.classes)) != len(self.classes)):
+            raise ScenarioError("eval.ood.classes", self.classes, "a non-empty list of distinct class ids")
+        if self.classes is not None and min(self.classes) < 0:
+            raise ScenarioError("eval.ood.classes", self.classes, "class ids >= 0")
+        if self.dataset is not None:
+            self._check_dataset(self.dataset, self.params or {})
+        return self
+
+    @staticmethod
+    def _check_dataset(name: str, params: dict[str, Any]) -> None:
+        """The OOD dataset is a known registry entry and takes these parameters."""
+        if name not in DATASETS:
+            raise ScenarioError("eval.ood.dataset", name, f"one of {', '.join(DATASETS.known())}")
+        try:
+            DATASETS[name].params.model_validate(params)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise ScenarioError(
+                f"eval.ood.params.{key}", params.get(key), f"a valid {name} parameter: {err['msg']}"
+            ) from None
+        except ValueError as exc:  # an outside dataset that cannot be used
+            raise ScenarioError(
+                "eval.ood.dataset", name, "a dataset that can be loaded", hint=str(exc)
+            ) from None
+
+
 class EvalConfig(_Section):
     """What evaluation measures."""
 
@@ -531,12 +875,28 @@ class EvalConfig(_Section):
         description="Override the rule's two thresholds ([100, 20] or [0.75, 0.95]).",
     )
     personalized: bool = Field(True, description="Also measure accuracy on each client's local test view.")
+    personalized_mask: Literal["auto", "none", "test-classes", "train-classes"] = Field(
+        "auto",
+        description="Classes hidden (logit -1e9) in each client's local-view logits, for every method: "
+        "'none'; 'test-classes': those absent from the client's local test view (FedLoGe's localtest); "
+        "'train-classes': those the client has no training samples of; 'auto': the mask the method's "
+        "plugin asks for (eval_personalized_mask; gla-fr's `mask`), else 'none'. Every record states the "
+        "mask used (personalized_mask).",
+    )
     batch_size: int = Field(1024, ge=1, description="Evaluation batch size.")
     time_to_accuracy: list[StrictFloat] | None = Field(
         None,
         description="Accuracy targets in (0, 1]: summary.json gives the virtual seconds (and the round) at "
         "which "
         "the test accuracy first reached each (None: never).",
+    )
+    attack: AttackConfig = Field(
+        default_factory=AttackConfig,
+        description="Adversarial robustness evaluation ([eval.attack], below).",
+    )
+    ood: OodConfig = Field(
+        default_factory=OodConfig,
+        description="Open-set (out-of-distribution) evaluation ([eval.ood], below).",
     )
 
     @field_validator("time_to_accuracy")
@@ -556,6 +916,14 @@ class EvalConfig(_Section):
                 self.shot_thresholds,
                 f"{exc.allowed} for shot_rule {self.shot_rule!r}",
             ) from None
+        return self
+
+    @model_validator(mode="after")
+    def _attack_needs_personalized(self) -> EvalConfig:
+        if self.attack.personalized and not self.personalized:
+            raise ScenarioError(
+                "eval.attack.personalized", True, "false with eval.personalized = false (no local views)"
+            )
         return self
 
 
@@ -630,6 +998,7 @@ class EngineConfig(_Section):
         """``vectorize`` and ``group_size`` are the serial engine's: Ray and Flower train one client
         per task, so setting them there would be silently ignored; refuse it instead."""
         if self.kind == "serial":
+            _refuse_inapplicable(self, "engine", *_KIND_KEYS["engine"])  # ray/flower's keys
             return self
         if self.vectorize != "auto":
             raise ScenarioError(
@@ -713,6 +1082,7 @@ class Scenario(_Section):
     long_tail: LongTailConfig = Field(default_factory=LongTailConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
@@ -748,6 +1118,21 @@ class Scenario(_Section):
                 f"set with system.availability = 'bernoulli' and federation.mode = {mode!r}",
                 hint="Asynchronous clients start at any moment, so availability is drawn per window of "
                 "virtual seconds, not per round.",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _stream_keys_fit(self) -> Scenario:
+        st = self.stream
+        if st.kind == "none" and st.seed is not None:
+            raise ScenarioError("stream.seed", st.seed, "unset without a stream (stream.kind = 'none')")
+        if st.pacing == "proportional" and self.federation.mode in ("async", "buffered"):
+            raise ScenarioError(
+                "stream.pacing",
+                st.pacing,
+                f"'constant' with federation.mode = {self.federation.mode!r}",
+                hint="Proportional pacing ends every client's task in the same round; asynchronous "
+                "clients share no round.",
             )
         return self
 
@@ -926,21 +1311,41 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str] | Mapping[str,
 
 
 def _drop_stale_parameters(raw: dict[str, Any], items: list[tuple[str, Any]]) -> None:
-    """Remove parameters a switched registry choice does not take (see :func:`apply_overrides`)."""
+    """Remove parameters a switched registry choice (or kind: ``engine.kind``, ``stream.kind``,
+    ``federation.mode``) does not take (see :func:`apply_overrides`)."""
     set_keys = {key for key, _ in items}
+    for section, (selector, kinds) in _KIND_KEYS.items():
+        chosen = [v for k, v in items if k == f"{section}.{selector}"]
+        table = raw.get(section)
+        if chosen and isinstance(table, dict):
+            for key, users in kinds.items():
+                if chosen[-1] not in users and f"{section}.{key}" not in set_keys:
+                    table.pop(key, None)
     for section, cls in _registry_sections().items():
         chosen = [v for k, v in items if k == f"{section}.{cls.__selector__}"]
         table = raw.get(section)
         if not chosen or not isinstance(table, dict) or chosen[-1] not in cls.__registry__:
             continue
-        takes = cls.__registry__[chosen[-1]].takes
+        try:
+            takes = cls.__registry__[chosen[-1]].takes
+        except OutsideEntryError:
+            continue  # validation reports it, naming the key
+        stale = set(cls.__registry__.parameters()) | set(_outside_takes(cls, table.get(cls.__selector__)))
         for key in list(table):
-            if (
-                key in cls.__registry__.parameters()
-                and key not in takes
-                and f"{section}.{key}" not in set_keys
-            ):
+            if key in stale and key not in takes and f"{section}.{key}" not in set_keys:
                 del table[key]
+
+
+def _outside_takes(cls: type[RegistrySection], name: Any) -> tuple[str, ...]:
+    """The parameters of the outside entry a table chose before an override switched it (none for a
+    built-in or an unusable one)."""
+    registry = cls.__registry__
+    if name not in registry or registry.is_builtin(name):
+        return ()
+    try:
+        return registry[name].takes
+    except OutsideEntryError:
+        return ()
 
 
 def _field_of(path: list[str]) -> FieldInfo | None:
