@@ -237,6 +237,7 @@ def check_existing(results: Sequence[MethodRuns]) -> None:
     evaluation cadence aside).
     """
     from fedlt.analysis.compare import RunRecord, compare, load_run
+    from fedlt.hooks.dispatch import build_hooks_spelled_out
     from fedlt.scenario.config import load_scenario
 
     for r in results:
@@ -246,7 +247,9 @@ def check_existing(results: Sequence[MethodRuns]) -> None:
             if not (job.run_dir / "scenario.toml").is_file():
                 continue
             found = load_run(job.run_dir, require_summary=False)
-            wanted = load_scenario(r.sweep.scenario, job.overrides).model_dump(mode="json")
+            resolved = load_scenario(r.sweep.scenario, job.overrides)
+            build_hooks_spelled_out(resolved.plugins)  # plugin defaults written out, as in scenario.toml
+            wanted = resolved.model_dump(mode="json")
             groups = compare([found, RunRecord(job.run_dir, scenario=wanted)], metrics=[]).groups
             if len(groups) > 1:
                 raise SystemExit(

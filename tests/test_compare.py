@@ -21,6 +21,7 @@ import tomli_w
 from fedlt.analysis.compare import (
     DEFAULT_METRICS,
     ComparisonTable,
+    RunRecord,
     collect_runs,
     compare,
     load_run,
@@ -645,3 +646,16 @@ def test_a_real_resume_with_new_settings_is_flagged(tmp_path: Path) -> None:
     change = "round 2: federation.rounds=3, train.lr=0.5"
     assert [g.label for g in table.groups] == ["changed_mid_run=never", f"changed_mid_run=[{change}]"]
     assert [[r.name for r in g.runs] for g in table.groups] == [["steady"], ["switched"]]
+
+
+def test_an_unset_plugin_parameter_is_the_same_as_a_missing_one() -> None:
+    """scenario.toml cannot hold None, so a run's file omits unset parameters that a resolved
+    scenario lists as None: both describe one experiment."""
+
+    def run(name: str, **params: Any) -> RunRecord:
+        plugins = [{"name": "focal", "params": params}]
+        return RunRecord(Path(name), scenario={"seed": 0, "train": {"lr": 0.1}, "plugins": plugins})
+
+    written, resolved, other = run("a", gamma=2.0), run("b", gamma=2.0, alpha=None), run("c", gamma=1.0)
+    assert len(compare([written, resolved], metrics=[]).groups) == 1
+    assert len(compare([written, resolved, other], metrics=[]).groups) == 2

@@ -555,6 +555,13 @@ def _spec_name(spec: Any) -> Any:
     return spec.get("name") if isinstance(spec, Mapping) else spec
 
 
+def _without_unset(spec: Any) -> Any:
+    """A plugin spec without its unset (None) parameters, which scenario.toml cannot hold."""
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("params"), Mapping):
+        return spec
+    return {**spec, "params": {k: v for k, v in spec["params"].items() if v is not None}}
+
+
 #: The pseudo setting that separates runs whose settings changed mid-run (label ``changed_mid_run=...``).
 CHANGED = "changed_mid_run"
 
@@ -566,9 +573,10 @@ def _setting_key(run: RunRecord, ignore: Sequence[str], observers: Collection[st
         # No scenario.toml: all that is known is in summary.json.
         "scenario": run.summary.get("scenario"),
     }
-    scenario["plugins"] = [p for p in _plugin_specs(run) if _spec_name(p) not in observers]
+    scenario["plugins"] = [_without_unset(p) for p in _plugin_specs(run) if _spec_name(p) not in observers]
     flat = _flatten(scenario)
-    key = {k: v for k, v in flat.items() if not _ignored(k, ignore)}
+    # None is "unset": scenario.toml cannot hold it, so an unset key and a missing one are the same.
+    key = {k: v for k, v in flat.items() if v is not None and not _ignored(k, ignore)}
     changes = run.changes(ignore)
     if changes:
         key[CHANGED] = changes
