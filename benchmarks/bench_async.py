@@ -129,12 +129,9 @@ def child_mode(workload: str, name: str, out: Path) -> None:
 
 
 def child_scale(n: int, out: Path) -> None:
-    import fedlt
-    import fedlt.api
-    from fedlt.driver.runner import Run
+    from docsection import timed_rounds
 
-    t0 = time.perf_counter()
-    scenario = fedlt.load_scenario(
+    build, times = timed_rounds(
         {
             "name": f"async-{n}",
             "data": {"dataset": "synthetic", "n_train": 2 * n + 10_000, "n_test": 2000, "shape": [20]},
@@ -146,20 +143,9 @@ def child_scale(n: int, out: Path) -> None:
             "checkpoint": {"every": 100},
             "eval": {"personalized": False},
             "engine": {"threads": 1},
-        }
+        },
+        out,
     )
-    run = Run.create(scenario, out)
-    build = time.perf_counter() - t0
-    times: list[float] = []
-    last = [time.perf_counter()]
-
-    def on_round(r: int, record: object) -> None:
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
-
-    run.on_round = on_round
-    run.execute()
     print(json.dumps({"n": n, "build_s": build, "updates_s": times}))
 
 
@@ -266,12 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{'pass' if ratio <= 1.2 else 'FAIL'}).",
         END,
     ]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if not args.no_doc:
-        from docsection import write_section
+    from docsection import publish
 
-        write_section(BEGIN, END, section)
+    publish(lines, write=not args.no_doc)
     return 0
 
 

@@ -36,11 +36,9 @@ PER_ROUND = 100
 
 
 def child(n: int, out: Path) -> None:
-    import fedlt
-    from fedlt.driver.runner import Run
+    from docsection import timed_rounds
 
-    t0 = time.perf_counter()
-    scenario = fedlt.load_scenario(
+    build, times = timed_rounds(
         {
             "name": f"clients-{n}",
             "data": {"dataset": "synthetic", "n_train": 2 * n + 10_000, "n_test": 2000, "shape": [20]},
@@ -50,20 +48,9 @@ def child(n: int, out: Path) -> None:
             "federation": {"rounds": ROUNDS, "fraction_clients": PER_ROUND / n, "eval_every": 0},
             "eval": {"personalized": False},
             "engine": {"threads": 1},
-        }
+        },
+        out,
     )
-    run = Run.create(scenario, out)
-    build = time.perf_counter() - t0
-    times: list[float] = []
-    last = [time.perf_counter()]
-
-    def on_round(r: int, record: object) -> None:
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
-
-    run.on_round = on_round
-    run.execute()
     ckpt = (out / "checkpoint.pt").stat().st_size
     print(
         json.dumps(
@@ -135,12 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         "have any, and no per-client model is ever kept.",
         END,
     ]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if not args.no_doc:
-        from docsection import write_section
+    from docsection import publish
 
-        write_section(BEGIN, END, section)
+    publish(lines, write=not args.no_doc)
     return 0
 
 

@@ -112,12 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         "`np.bincount` and the digits are read from sklearn's bundled file.",
         END,
     ]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if not args.no_doc:
-        from docsection import write_section
+    from docsection import publish
 
-        write_section(BEGIN, END, section)
+    publish(lines, write=not args.no_doc)
     return 0
 
 

@@ -135,12 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             + "; ".join(f"{s}: {[round(x, 2) for x in r[s]['runs']]}" for s in settings)
         )
     lines.append(END)
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if not args.no_doc:
-        from docsection import write_section
+    from docsection import publish
 
-        write_section(BEGIN, END, section)
+    publish(lines, write=not args.no_doc)
     return 0
 
 
