@@ -25,6 +25,7 @@ A plugin that declares nothing has its state loaded as it is (fedlt only checks 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,17 +81,18 @@ class Owner:
         return at < len(self.samples) and int(self.samples[at]) == index
 
 
-class Rule:
+class Rule(ABC):
     """One constraint on a value; ``problem`` returns what the value must be, or ``None`` if it fits.
 
     ``state`` is the whole state dict and ``at`` the position in the list being checked (for rules
     that relate two keys, as :class:`LabelOf`).
     """
 
+    @abstractmethod
     def problem(
         self, value: Any, owner: Owner, state: Mapping[str, Any], at: int | None = None
     ) -> str | None:
-        raise NotImplementedError
+        """What ``value`` must be, or ``None`` when it fits (each rule says)."""
 
     def where(
         self, value: Any, owner: Owner, state: Mapping[str, Any], at: int | None = None
