@@ -40,6 +40,7 @@ __all__ = [
     "mahalanobis_distances",
     "mahalanobis_score",
     "preprocess",
+    "training_features",
 ]
 
 #: Rows fed through ``model.features`` at once.
@@ -72,6 +73,20 @@ def feature_statistics(
     count = torch.bincount(y, minlength=num_classes).to(torch.float64)
     total = torch.zeros(num_classes, f.shape[1], dtype=torch.float64, device=f.device).index_add_(0, y, f)
     return {"count": count.cpu(), "sum": total.cpu(), "outer": (f.T @ f).cpu()}
+
+
+def training_features(model: nn.Module, ctx: ClientContext) -> torch.Tensor:
+    """The client's training features under ``model`` (the global model it received), in eval
+    mode and in chunks of ``CHUNK`` samples; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        rows = ctx.indices
+        feats = torch.cat(
+            [model.features(ctx.x_train[rows[i : i + CHUNK]]) for i in range(0, rows.numel(), CHUNK)]
+        )
+    model.train(was_training)
+    return feats
 
 
 def combine_statistics(parts: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -140,15 +155,7 @@ class MahalanobisOOD(Plugin):
 
     @hookimpl
     def client_start(self, model: nn.Module, ctx: ClientContext) -> None:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            rows = ctx.indices
-            feats = torch.cat(
-                [model.features(ctx.x_train[rows[i : i + CHUNK]]) for i in range(0, rows.numel(), CHUNK)]
-            )
-        model.train(was_training)
-        self.stats = feature_statistics(feats, ctx.labels, ctx.num_classes)
+        self.stats = feature_statistics(training_features(model, ctx), ctx.labels, ctx.num_classes)
 
     @hookimpl
     def client_end(self) -> dict[str, torch.Tensor]:

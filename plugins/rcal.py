@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from fedlt_plugins.ood import combine_statistics, training_features  # the same pooled sums as mahalanobis-ood
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -57,7 +58,6 @@ __all__ = [
 ]
 
 #: Rows fed through ``model.features`` at once.
-CHUNK = 1024
 
 MEAN_KEY = "rcal.mean"
 COV_KEY = "rcal.cov"
@@ -166,11 +166,6 @@ def class_statistics(
     return {"count": count, "sum": total, "outer": outer}
 
 
-def combine_statistics(parts: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The element-wise sum of clients' statistics: the statistics of their pooled samples."""
-    return {key: torch.stack([p[key] for p in parts]).sum(0) for key in ("count", "sum", "outer")}
-
-
 def class_gaussians(
     stats: Mapping[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -239,19 +234,6 @@ def sample_features(
     return torch.cat(zs).to(torch.float32), torch.cat(ys)
 
 
-def _features(model: nn.Module, ctx: ClientContext) -> torch.Tensor:
-    """The client's training features under ``model`` in eval mode."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        rows = ctx.indices
-        feats = torch.cat(
-            [model.features(ctx.x_train[rows[i : i + CHUNK]]) for i in range(0, rows.numel(), CHUNK)]
-        )
-    model.train(was_training)
-    return feats
-
-
 class RCAL(Plugin):
     """Representation calibration (see the module docstring): clients upload robust per-class
     feature statistics, the server calibrates tail classes with their nearest head classes, and
@@ -290,7 +272,7 @@ class RCAL(Plugin):
         p = self.params
         self._collect = ctx.round + 1 >= p.start_round
         if self._collect:
-            feats = _features(model, ctx)
+            feats = training_features(model, ctx)
             mask = robust_keep(feats, ctx.labels, p).to(feats.device)
             self.stats = class_statistics(feats[mask], ctx.labels.to(feats.device)[mask], ctx.num_classes)
         self._z = None
