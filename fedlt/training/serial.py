@@ -47,9 +47,12 @@ class SerialUpdate(Update):
         self.clip = r.max_grad_norm
         self.after_backward = client.hooks.client_after_backward or None
         self.step_gradients = client.hooks.client_step_gradients or None
-        names = {id(p): n for n, p in model.named_parameters()}
-        #: the model's trained parameters by name: what client_step_gradients sees
-        self.named = [(names[id(p)], p) for p in trainable if id(p) in names]
+        #: the model's trained parameters by name: what client_step_gradients sees (only built
+        #: when a plugin implements it: this runs once per client)
+        self.named: list[tuple[str, nn.Parameter]] = []
+        if self.step_gradients is not None:
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.named = [(names[id(p)], p) for p in trainable if id(p) in names]
         setup = client.setup
         self.autocast = setup.autocast if setup.dtype is not None else None
 
