@@ -457,3 +457,46 @@ def test_append_metrics_on_a_full_disk_leaves_only_whole_lines(tmp_path, monkeyp
     monkeypatch.undo()
     append_metrics(path, {"round": 2, "accuracy": 0.5})
     assert [r["round"] for r in _strict(path.read_text())] == [1, 2]
+
+
+def test_the_background_writer_runs_jobs_in_order_and_hands_a_failure_to_the_caller() -> None:
+    done: list[int] = []
+    writer = ckpt_mod.BackgroundWriter()
+    for i in range(5):
+        writer.submit(lambda i=i: done.append(i))
+    writer.wait()
+    assert done == [0, 1, 2, 3, 4]
+
+    def fail() -> None:
+        raise ckpt_mod.DiskFullError(Path("/x"), 10, 0, "the checkpoint")
+
+    writer.submit(fail)
+    with pytest.raises(ckpt_mod.DiskFullError):
+        writer.submit(lambda: done.append(5))  # the next write waits for the failed one and raises
+    assert done == [0, 1, 2, 3, 4]
+    writer.submit(fail)
+    writer.wait(raise_error=False)  # a caller unwinding from another error keeps that one
+    writer.wait()  # nothing left to raise
+
+
+def test_a_run_that_cannot_write_its_checkpoint_fails_with_the_previous_one_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint's disk work runs on a background thread; its failure still stops the run."""
+    from support.scenarios import TINY
+
+    real = ckpt_mod._atomic_write
+    calls = {"n": 0}
+
+    def full_after_two(path: Path, data: Any, what: str) -> None:
+        if path.name == CHECKPOINT:
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise ckpt_mod.DiskFullError(path.parent, len(data), 0, what)
+        real(path, data, what)
+
+    monkeypatch.setattr(ckpt_mod, "_atomic_write", full_after_two)
+    s = {**TINY, "federation": {**TINY["federation"], "rounds": 5}}
+    with pytest.raises(ckpt_mod.DiskFullError):
+        fedlt.run(s, out=tmp_path / "r")
+    assert torch.load(tmp_path / "r" / CHECKPOINT, weights_only=True)["round"] == 2

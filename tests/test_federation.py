@@ -455,3 +455,40 @@ def test_sync_rounds_start_only_clients_online_in_their_round(tmp_path: Path) ->
         chosen = by_round.get(r, [])
         assert set(chosen) <= set(online)
         assert len(chosen) == min(2, len(online))
+
+
+def test_an_async_checkpoint_holds_each_in_flight_base_once_as_the_global_weights_of_its_version(
+    tmp_path: Path,
+) -> None:
+    """The bases in-flight clients started from are packed one row per version; each row is the
+    global model after that server update, read from a run stopped there (independent of the
+    packing), and the current version's is left out only when it equals the saved weights."""
+    s = scenario(tmp_path, n=4, speeds=(32, 16, 8, 4), **copy.deepcopy(ASYNC_CASES["async"]))
+    fedlt.run(s, out=tmp_path / "full")
+    saved = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    bases, flights = saved["federation"]["bases"], saved["federation"]["flights"]
+    started = {f["base_version"] for f in flights if f["arrives"]}
+    assert sorted(bases["versions"]) == bases["versions"]
+    assert set(bases["versions"]) | ({saved["federation"]["version"]} if bases["current"] else set()) == started
+    assert bases["current"] == (8 in started)
+    (packed,) = bases["packed"].values()
+    assert packed.shape[0] == len(bases["versions"])
+    for row, version in zip(packed, bases["versions"], strict=True):
+        cut = copy.deepcopy(s)
+        cut["federation"]["rounds"] = version
+        fedlt.run(cut, out=tmp_path / f"v{version}")
+        weights = _weights(tmp_path / f"v{version}")
+        assert torch.equal(row, torch.cat([w.reshape(-1) for w in weights.values()]))
+
+
+def test_a_checkpoint_with_bases_saved_per_version_still_loads() -> None:
+    """Checkpoints written before the bases were packed hold ``{version: {dtype: flat}}``."""
+    from fedlt.server.federation import _unpacked_bases
+
+    like = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([7.0, 8.0])}
+    legacy = {4: {"float32": torch.tensor([1.0, 2, 3, 4, 5, 6, 9, 10])}}
+    (views, flat) = _unpacked_bases(legacy, like, torch.device("cpu"), version=6)[4]
+    assert torch.equal(views["w"], torch.tensor([[1.0, 2, 3], [4, 5, 6]]))
+    assert torch.equal(views["b"], torch.tensor([9.0, 10]))
+    legacy[4]["float32"].zero_()  # the loaded base owns its memory
+    assert torch.equal(flat["float32"], torch.tensor([1.0, 2, 3, 4, 5, 6, 9, 10]))

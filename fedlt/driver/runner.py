@@ -61,11 +61,13 @@ from fedlt.scenario.config import Scenario, load_scenario, scenario_to_toml
 from fedlt.server.federation import Federation, FederationStalled, ServerUpdate, make_federation
 from fedlt.server.rounds import select_clients
 from fedlt.store.checkpoint import (
+    BackgroundWriter,
     append_metrics,
+    encode_checkpoint,
     load_checkpoint,
     read_metrics,
     remove_stale_temps,
-    save_checkpoint,
+    write_checkpoint,
     write_file,
 )
 from fedlt.store.events import EventLog
@@ -166,6 +168,7 @@ class Run:
         self._r = 0
         self.starts: dict[str, Any] = {"started": now(), "command": None, "resumes": []}
         self._losses: list[dict[str, Any]] = []  # rounds.jsonl lines not yet written (at checkpoints)
+        self._writer = BackgroundWriter()  # checkpoints' disk work, overlapping the next round
         self._ckpt: Any = _UNREAD
         self._peak = PeakMemory(self.device)
         self._on_round: Callable[[int, dict[str, Any] | None], None] | None = None
@@ -340,7 +343,9 @@ class Run:
         t0 = time.perf_counter()
         try:
             stopped = self._loop(start, lambda: point.elapsed + time.perf_counter() - t0) or stopped
+            self._writer.wait()  # the last checkpoint is on disk before the summary says it is done
         finally:
+            self._writer.wait(raise_error=False)  # unwinding from another error: that one is reported
             self.engine.close()
             self.events.close()
             self.observers.close()
@@ -455,11 +460,8 @@ class Run:
         return record
 
     def _checkpoint(self, r: int, elapsed: float) -> None:
-        if self._losses:  # before the checkpoint, as metrics.jsonl, so it never gets ahead of them
-            append_metrics(self.run_dir / ROUNDS, self._losses)
-            self._losses = []
-        save_checkpoint(
-            self.run_dir,
+        """Snapshot round ``r`` now; write it (after its rounds.jsonl lines) on the writer's thread."""
+        data = encode_checkpoint(
             {
                 "round": r,
                 "elapsed": elapsed,
@@ -470,8 +472,16 @@ class Run:
                 "training": self.training,
                 "federation": self.federation.state_dict() if self.federation is not None else {},
                 "events": self.events.offset(),
-            },
+            }
         )
+        losses, self._losses = self._losses, []
+
+        def write() -> None:
+            if losses:  # before the checkpoint, as metrics.jsonl, so it never gets ahead of them
+                append_metrics(self.run_dir / ROUNDS, losses)
+            write_checkpoint(self.run_dir, data)
+
+        self._writer.submit(write)
 
 
 def _raise_stop(signum: int, frame: Any) -> None:

@@ -91,9 +91,9 @@ class FedAsync:
         if not any(a for _, a in self._mixes):
             return None
         x = self._like if self._in_place else {k: v.clone() for k, v in self._like.items()}
-        for weights, a in self._mixes:
-            for k, v in x.items():  # lerp: x + a (x_new - x) = (1 - a) x + a x_new
-                v.lerp_(weights[k].to(v.dtype), a)
+        targets = list(x.values())
+        for weights, a in self._mixes if targets else ():  # lerp: x + a (x_new - x), one call a mix
+            torch._foreach_lerp_(targets, [weights[k].to(v.dtype) for k, v in x.items()], a)
         return x
 
 

@@ -194,4 +194,5 @@ def aggregate_round(
                     state[k].copy_(v)
     if hooks.server_after_aggregate:
         hooks.server_after_aggregate(payloads=payloads, model=model, ctx=ctx)  # each plugin its own
-    return (float(np.mean(losses)) if losses else float("nan")), total
+    mean = float(losses[0]) if len(losses) == 1 else float(np.mean(losses)) if losses else float("nan")
+    return mean, total

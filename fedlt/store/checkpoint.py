@@ -27,8 +27,9 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +42,19 @@ from fedlt.store.safefile import open_nofollow, refuse_link
 __all__ = [
     "CHECKPOINT",
     "FORMAT",
+    "BackgroundWriter",
     "CheckpointError",
     "DiskFullError",
     "append_metrics",
     "check_compatible",
+    "encode_checkpoint",
     "json_safe",
     "load_checkpoint",
     "read_metrics",
     "remove_stale_temps",
     "save_checkpoint",
     "truncate_metrics",
+    "write_checkpoint",
     "write_file",
 ]
 
@@ -166,6 +170,9 @@ class DiskFullError(FedltError):
 def save_checkpoint(run_dir: Path, payload: Mapping[str, Any]) -> None:
     """Write ``payload`` as the run's checkpoint, atomically, adding the ``format`` key.
 
+    :func:`encode_checkpoint` then :func:`write_checkpoint`: a caller that wants the disk's work off
+    its own thread (:class:`BackgroundWriter`) calls the two apart.
+
     Raises
     ------
     TypeError
@@ -175,6 +182,14 @@ def save_checkpoint(run_dir: Path, payload: Mapping[str, Any]) -> None:
         not be loaded with ``weights_only=True`` and the run would be lost.
     DiskFullError
         No room for the file; the previous checkpoint is left intact and no temporary file remains.
+    """
+    write_checkpoint(run_dir, encode_checkpoint(payload))
+
+
+def encode_checkpoint(payload: Mapping[str, Any]) -> memoryview:
+    """``payload`` (plus ``format``) serialised: a snapshot, so the tensors may change afterwards.
+
+    Raises ``TypeError`` as :func:`save_checkpoint` says.
     """
     data: dict[str, Any] = {"format": FORMAT}
     for key, value in payload.items():
@@ -191,7 +206,53 @@ def save_checkpoint(run_dir: Path, payload: Mapping[str, Any]) -> None:
         data[key] = value
     buffer = io.BytesIO()
     torch.save(data, buffer)  # in memory first: the exact size is known before touching the disk
-    _atomic_write(Path(run_dir) / CHECKPOINT, buffer.getbuffer(), "the checkpoint")
+    return buffer.getbuffer()
+
+
+def write_checkpoint(run_dir: Path, data: bytes | memoryview) -> None:
+    """Replace the run's checkpoint by ``data`` (from :func:`encode_checkpoint`), atomically.
+
+    Raises :class:`DiskFullError` as :func:`save_checkpoint` says.
+    """
+    _atomic_write(Path(run_dir) / CHECKPOINT, data, "the checkpoint")
+
+
+class BackgroundWriter:
+    """Runs one write job at a time on a background thread, so a checkpoint's disk work (writes and
+    fsyncs, most of its cost for a small model) overlaps the next round's training.
+
+    The caller snapshots first (:func:`encode_checkpoint`) and submits only disk work; jobs run in
+    submission order, since :meth:`submit` waits for the previous one. A job's exception is raised
+    in the caller's thread by the next :meth:`submit` or :meth:`wait`. What a kill leaves is what a
+    synchronous writer leaves: each file is replaced atomically, so a kill mid-write keeps the
+    previous checkpoint, as a kill just before the write would.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` once the previous job is done (raising that job's error, if it failed)."""
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(job,), name="fedlt-checkpoint-writer")
+        self._thread.start()
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as exc:  # handed to the caller's thread
+            self._error = exc
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Block until the pending job is on disk; raise its error (unless ``raise_error`` is False,
+        for a caller already unwinding from another error)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
