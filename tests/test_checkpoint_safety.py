@@ -477,6 +477,10 @@ def test_the_background_writer_runs_jobs_in_order_and_hands_a_failure_to_the_cal
     writer.submit(fail)
     writer.wait(raise_error=False)  # a caller unwinding from another error keeps that one
     writer.wait()  # nothing left to raise
+    writer.submit(lambda: done.append(6))
+    writer.close()  # finishes the pending job and stops the thread
+    assert done == [0, 1, 2, 3, 4, 6]
+    assert not any(t.name == "fedlt-checkpoint-writer" for t in threading.enumerate())
 
 
 def test_a_run_that_cannot_write_its_checkpoint_fails_with_the_previous_one_intact(

@@ -345,7 +345,7 @@ class Run:
             stopped = self._loop(start, lambda: point.elapsed + time.perf_counter() - t0) or stopped
             self._writer.wait()  # the last checkpoint is on disk before the summary says it is done
         finally:
-            self._writer.wait(raise_error=False)  # unwinding from another error: that one is reported
+            self._writer.close()  # unwinding from another error: that one is reported
             self.engine.close()
             self.events.close()
             self.observers.close()

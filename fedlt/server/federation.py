@@ -120,48 +120,35 @@ class _Flight:
         )
 
 
-def _flatten(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One tensor per dtype (in key order), so a checkpoint of many base versions saves a few
-    records each rather than one per entry (torch.save's cost is per record)."""
+def _pack(bases: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Weights of one model at several versions as one ``[versions, numel]`` tensor per dtype, so a
+    checkpoint of many base versions saves a few records (torch.save's cost is per record)."""
     groups: dict[str, list[torch.Tensor]] = {}
-    for t in weights.values():
-        groups.setdefault(str(t.dtype).removeprefix("torch."), []).append(t.detach().reshape(-1))
-    return {dtype: torch.cat(parts) for dtype, parts in groups.items()}
+    for weights in bases:
+        for t in weights.values():
+            groups.setdefault(str(t.dtype).removeprefix("torch."), []).append(t.detach().reshape(-1))
+    return {dtype: torch.cat(parts).reshape(len(bases), -1) for dtype, parts in groups.items()}
 
 
-def _views(flat: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``like``'s entries as views into the buffers :func:`_flatten` made (in key order)."""
+def _unflatten(
+    flat: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The weights :func:`_flatten` packed, shaped as ``like`` (the model's entries, in key order)."""
     offsets = dict.fromkeys(flat, 0)
     out = {}
     for key, ref in like.items():
         dtype = str(ref.dtype).removeprefix("torch.")
         start = offsets[dtype]
-        out[key] = flat[dtype][start : start + ref.numel()].view(ref.shape)
+        out[key] = flat[dtype][start : start + ref.numel()].reshape(ref.shape).to(device).clone()
         offsets[dtype] = start + ref.numel()
     return out
 
 
-def _unflatten(
-    flat: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor], device: torch.device
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The weights :func:`_flatten` packed, shaped as ``like``, on ``device``, and their buffers."""
-    own = {dtype: t.to(device).clone() for dtype, t in flat.items()}
-    return _views(own, like), own
-
-
-def _snapshot(weights: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A copy of ``weights`` held in one buffer per dtype: the copy (views) and the buffers, which a
-    checkpoint saves as they are."""
-    flat = _flatten(weights)  # torch.cat copies
-    return _views(flat, weights), flat
-
-
 def _unpacked_bases(
     saved: Mapping[Any, Any], like: Mapping[str, torch.Tensor], device: torch.device, version: int
-) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+) -> dict[int, dict[str, torch.Tensor]]:
     """The bases :meth:`Asynchronous._packed_bases` saved (``like``: the restored global weights),
-    or those of a checkpoint written before they were packed (``{version: flat}``), each as
-    :func:`_snapshot` makes it."""
+    or those of a checkpoint written before they were packed (``{version: flat}``)."""
     if "versions" not in saved:
         return {int(v): _unflatten(w, like, device) for v, w in saved.items()}
     bases = {
@@ -169,7 +156,7 @@ def _unpacked_bases(
         for i, v in enumerate(saved["versions"])
     }
     if saved.get("current"):
-        bases[version] = _snapshot({k: v.to(device) for k, v in like.items()})
+        bases[version] = {k: v.detach().to(device).clone() for k, v in like.items()}
     return bases
 
 
@@ -448,7 +435,6 @@ class Asynchronous(Federation):
         self.queue: list[tuple[float, int, int]] = []  # (due, client, dispatch): ties by client id
         self.buffer: list[_Flight] = []
         self.bases: dict[int, dict[str, torch.Tensor]] = {}
-        self.flats: dict[int, dict[str, torch.Tensor]] = {}  # the buffers ``bases`` are views into
         self._state: dict[str, torch.Tensor] | None = None  # the model's live weights, when known
 
     # ------------------------------------------------------------------ starting clients
@@ -501,7 +487,7 @@ class Asynchronous(Federation):
             self.note("start", self.clock, client=c, version=self.version)
             if arrives and self.version not in self.bases:
                 state = self._state if self._state is not None else self.global_state()
-                self.bases[self.version], self.flats[self.version] = _snapshot(state)
+                self.bases[self.version] = {k: v.detach().clone() for k, v in state.items()}
             self.flights[c] = _Flight(c, self.dispatches, self.version, self.clock, at, configs[c], arrives)
             heapq.heappush(self.queue, (at, c, self.dispatches))
 
@@ -548,7 +534,6 @@ class Asynchronous(Federation):
         self.version = r
         used = {f.base_version for f in self.flights.values() if f.arrives}
         self.bases = {v: w for v, w in self.bases.items() if v in used}
-        self.flats = {v: w for v, w in self.flats.items() if v in used}
         self._fill(r + 1)
         return ServerUpdate(loss, round_config, configs, self.clock, len(configs))
 
@@ -613,11 +598,13 @@ class Asynchronous(Federation):
         dtype for all versions (torch.save's cost is per record), leaving out the current
         version's when it equals the global weights the checkpoint holds anyway."""
         state, base = self.global_state(), self.bases.get(self.version)
-        current = self.version in used and base is not None
-        current = current and all(torch.equal(state[k], v) for k, v in base.items())
+        current = (
+            self.version in used
+            and base is not None
+            and all(torch.equal(state[k], b) for k, b in base.items())
+        )
         versions = sorted(v for v in used if v in self.bases and not (current and v == self.version))
-        flats = [self.flats[v] for v in versions]
-        packed = {dtype: torch.stack([f[dtype] for f in flats]) for dtype in (flats[0] if flats else {})}
+        packed = _pack([self.bases[v] for v in versions]) if versions else {}
         return {"versions": versions, "packed": packed, "current": current}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -627,9 +614,7 @@ class Asynchronous(Federation):
         self.flights = {int(s["client"]): _Flight.from_state(s, device) for s in state.get("flights", [])}
         self.buffer = [_Flight.from_state(s, device) for s in state.get("buffer", [])]
         like = self.global_state()
-        saved = _unpacked_bases(state.get("bases", {}), like, device, self.version)
-        self.bases = {v: views for v, (views, _) in saved.items()}
-        self.flats = {v: flat for v, (_, flat) in saved.items()}
+        self.bases = _unpacked_bases(state.get("bases", {}), like, device, self.version)
         self.queue = [(f.due, f.client, f.dispatch) for f in self.flights.values()]
         heapq.heapify(self.queue)
 
