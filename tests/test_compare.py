@@ -551,6 +551,10 @@ def test_interval_of_an_accuracy_stays_in_its_range(tmp_path: Path) -> None:
     assert metric_bounds("personalized_tail_accuracy") == (0, 1)
     assert metric_bounds("a_auc_personalized") == (0, 1) and metric_bounds("auroc_macro") == (0, 1)
     assert metric_bounds("diagnostics.nc1") is None and metric_bounds("train_loss") is None
+    # shares of the noisy samples, and differences of two accuracies
+    assert metric_bounds("noise_memorised") == (0, 1) and metric_bounds("auprc_macro") == (0, 1)
+    for signed in ("accuracy_disparity", "robust_accuracy_disparity", "fgsm_pgd_gap"):
+        assert metric_bounds(signed) == (-1, 1)
 
 
 def test_paired_difference_of_accuracies_stays_in_minus_one_one() -> None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +30,7 @@ from fedlt.data.ood import hold_out_classes
 from fedlt.data.raw import RawDataset, RawSplit
 from fedlt.errors import PluginError, ScenarioError
 from fedlt.evaluation.ood import check_scores, msp_score
-from fedlt.metrics.ood import fpr_at_tpr, ood_metrics
+from fedlt.metrics.ood import fpr_at_tpr, ood_group_metrics, ood_metrics
 from fedlt.scenario.config import scenario_from_dict
 
 # --------------------------------------------------------------------------- Gaussian fit and score
@@ -142,6 +145,52 @@ def test_fpr_at_95_tpr_by_hand() -> None:
     # 20 + 19 + (18 + 0.5) + (17 + 0.5) = 75 of 80 pairs.
     assert ood_metrics(s_in, s_out)["ood_auroc"] == pytest.approx(75 / 80)
     assert ood_metrics(s_in, np.array([]))["ood_auroc"] is None
+
+
+def test_ood_metrics_per_shot_group_match_scikit_learn_on_a_hand_split() -> None:
+    # Prepare: 5 classes, head {0, 1}, medium {2, 3}, tail {4} but class 4 has no test sample;
+    # tail samples score lower (closer to the OOD scores) than head ones.
+    rng = np.random.default_rng(4)
+    y_in = np.repeat([0, 1, 2, 3], [30, 25, 12, 8])
+    s_in = np.round(rng.normal(2.0 - 0.4 * y_in, 1.0), 1)  # rounded: ties within and across sets
+    s_out = np.round(rng.normal(0.0, 1.0, 23), 1)
+    groups = {"head": [0, 1], "medium": [2, 3], "tail": [4]}
+
+    # Execute
+    got = ood_group_metrics(s_in, y_in, s_out, groups)
+
+    # Assert: each group's samples picked by hand, against all OOD samples, with scikit-learn.
+    for group, classes in (("head", (0, 1)), ("medium", (2, 3))):
+        pick = s_in[(y_in == classes[0]) | (y_in == classes[1])]
+        labels = np.r_[np.ones(pick.size), np.zeros(s_out.size)]
+        scores = np.r_[pick, s_out]
+        fpr, tpr, _ = roc_curve(labels, scores)
+        assert got[f"ood_{group}_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+        assert got[f"ood_{group}_auprc"] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+        assert got[f"ood_{group}_fpr_at_95_tpr"] == pytest.approx(fpr[np.argmax(tpr >= 0.95)], abs=1e-12)
+    assert {k: v for k, v in got.items() if k.startswith("ood_tail_")} == {
+        "ood_tail_auroc": None,
+        "ood_tail_auprc": None,
+        "ood_tail_fpr_at_95_tpr": None,
+    }
+    assert got["ood_medium_auroc"] < got["ood_head_auroc"]  # the hand-made gap is seen
+    with pytest.raises(ValueError, match="75 labels for 74"):
+        ood_group_metrics(s_in[:-1], y_in, s_out, groups)
+
+
+def test_compare_knows_every_ood_metric_a_record_carries() -> None:
+    # Every key ood_metrics / ood_group_metrics write lies in [0, 1], so fedlt compare clips its
+    # interval; the per-group AUROCs are among the default metrics (shown when a run has them).
+    from fedlt.analysis.compare import DEFAULT_METRICS, metric_bounds
+
+    keys = {
+        **ood_metrics([1.0, 2.0], [0.0]),
+        **ood_group_metrics([1.0, 2.0], [0, 1], [0.0], {"head": [0], "medium": [1], "tail": []}),
+    }
+    assert len(keys) == 12
+    assert {k: metric_bounds(k) for k in keys} == {k: (0.0, 1.0) for k in keys}
+    assert metric_bounds("ood_score") is None
+    assert {"ood_auroc", "ood_head_auroc", "ood_medium_auroc", "ood_tail_auroc"} <= set(DEFAULT_METRICS)
 
 
 def test_msp_orders_as_the_softmax_maximum_and_bad_plugin_scores_are_refused() -> None:
@@ -293,6 +342,65 @@ def test_runs_report_ood_metrics_that_repeat_and_match_the_checkpointed_detector
     assert first["ood_auroc"] == pytest.approx(roc_auc_score(labels, np.r_[s_in, s_out]), abs=1e-9)
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["ood_score"] == "mahalanobis-ood" for r in records)
+    # Per shot group, the same pass: MSP recomputed from its run's final model, both by hand.
+    model.load_state_dict(torch.load(tmp_path / "msp" / "checkpoint.pt", weights_only=False)["global"])
+    with torch.no_grad():
+        msp_in = torch.softmax(model(data.x_test).double(), 1).max(1).values.numpy()
+        msp_out = torch.softmax(model(data.x_ood).double(), 1).max(1).values.numpy()
+    _assert_group_aurocs(msp, msp_in, msp_out, data.y_test.numpy())
+    _assert_group_aurocs(first, s_in, s_out, data.y_test.numpy())
+
+
+def _assert_group_aurocs(final: dict, s_in: np.ndarray, s_out: np.ndarray, y_in: np.ndarray) -> None:
+    """``ood_{group}_auroc`` of a run record against scikit-learn on the group's samples picked by
+    hand: the count rule at the tiny scenario's thresholds (head > 60, tail < 20 training samples)."""
+    counts = np.asarray(final["train_class_counts"])
+    groups = {"head": counts > 60, "medium": (counts >= 20) & (counts <= 60), "tail": counts < 20}
+    assert all(groups[g].any() for g in groups)  # every group has classes here
+    for group, in_group in groups.items():
+        pick = s_in[in_group[y_in]]
+        labels = np.r_[np.ones(pick.size), np.zeros(s_out.size)]
+        expected = roc_auc_score(labels, np.r_[pick, s_out])
+        assert final[f"ood_{group}_auroc"] == pytest.approx(expected, abs=1e-6), group
+        assert final[f"ood_{group}_auprc"] is not None and final[f"ood_{group}_fpr_at_95_tpr"] is not None
+
+
+def test_offline_refit_script_of_the_results_page_matches_a_numpy_fit(tiny, tmp_path, monkeypatch, capsys):
+    # Prepare: a finished tiny run; the script is docs/results/ood-digits-lt.md's python block.
+    page = (Path(__file__).parents[1] / "docs" / "results" / "ood-digits-lt.md").read_text()
+    script = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    fedlt.run(_ood_digits(tiny), out=tmp_path / "run")
+    capsys.readouterr()
+
+    # Execute
+    monkeypatch.setattr(sys, "argv", ["refit.py", str(tmp_path / "run")])
+    exec(compile(script, "refit.py", "exec"), {"__name__": "__main__"})
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    # Assert: the tied-covariance fit with numpy/scipy on all training features of the final model.
+    from fedlt.models import build_model
+
+    scenario = fedlt.load_scenario(_ood_digits(tiny))
+    data = build_federated_data(scenario)
+    model = build_model(scenario.model.name, data.input_shape, data.num_classes, **scenario.model.params())
+    model.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["global"])
+    model.eval()
+    with torch.no_grad():
+        f, f_in, f_out = (model.features(x).double().numpy() for x in (data.x_train, data.x_test, data.x_ood))
+    y = data.y_train.numpy()
+    mu = np.stack([f[y == c].mean(0) for c in range(data.num_classes)])
+    precision = pinvh((f - mu[y]).T @ (f - mu[y]) / y.size)
+
+    def score(q: np.ndarray) -> np.ndarray:
+        return np.max([-np.einsum("nd,de,ne->n", q - m, precision, q - m) for m in mu], axis=0)
+
+    s_in, s_out = score(f_in), score(f_out)
+    tail_classes = json.loads((tmp_path / "run" / "summary.json").read_text())["final"]["shot_rule"]["tail"]
+    assert tail_classes  # the tiny run has a tail
+    tail = np.isin(data.y_test.numpy(), tail_classes)
+    for key, pick in (("ood_auroc", s_in), ("ood_tail_auroc", s_in[tail])):
+        labels = np.r_[np.ones(pick.size), np.zeros(s_out.size)]
+        assert got[key] == pytest.approx(roc_auc_score(labels, np.r_[pick, s_out]), abs=1e-6), key
 
 
 @pytest.mark.parametrize("pool", ["round", "latest"])

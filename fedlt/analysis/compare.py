@@ -72,6 +72,10 @@ DEFAULT_METRICS: tuple[str, ...] = (
     "medium_accuracy",
     "tail_accuracy",
     "auroc_macro",
+    "ood_auroc",
+    "ood_head_auroc",
+    "ood_medium_auroc",
+    "ood_tail_auroc",
     "personalized_accuracy",
     "a_auc",
     "a_last",
@@ -114,8 +118,18 @@ IGNORED_KEYS: tuple[str, ...] = (
 OBSERVER_HOOKS: frozenset[str] = frozenset({"server_log_metrics", "server_end"})
 
 #: Metrics with a known range (the interval is clipped to it); see :func:`metric_bounds`.
-_UNIT_METRICS = frozenset({"auroc_macro", "a_auc", "a_last", "a_avg"})
-_SIGNED_UNIT_METRICS = frozenset({"f_last"})
+_UNIT_METRICS = frozenset(
+    {"auroc_macro", "auprc_macro", "a_auc", "a_last", "a_avg", "noise_memorised", "noise_corrected"}
+) | frozenset(
+    # fedlt.metrics.ood's names, spelt out here: importing it would load torch for a table.
+    f"ood_{group}{measure}"
+    for group in ("", "head_", "medium_", "tail_")
+    for measure in ("auroc", "auprc", "fpr_at_95_tpr")
+)
+#: Differences of two values in [0, 1]: forgetting, head minus tail, FGSM- minus PGD-robust accuracy.
+_SIGNED_UNIT_METRICS = frozenset(
+    {"f_last", "accuracy_disparity", "robust_accuracy_disparity", "fgsm_pgd_gap"}
+)
 
 #: Two-sided 95% Student t quantiles t_{0.975, df}, used when scipy is not installed.
 _T975: dict[int, float] = {
@@ -175,8 +189,11 @@ def metric_bounds(metric: str) -> tuple[float, float] | None:
     """The range a metric's values (hence its mean) cannot leave, or ``None`` when unknown.
 
     Accuracies of every kind (names ending in ``accuracy``: balanced, head, tail, personalised,
-    anytime), ``auroc_macro``, ``a_auc``, ``a_last`` and ``a_avg`` (also with ``_personalized``)
-    lie in [0, 1]; ``f_last`` (a best accuracy minus a final one) in [-1, 1]. Plugin metrics
+    anytime), ``auroc_macro``, ``a_auc``, ``a_last`` and ``a_avg`` (also with ``_personalized``),
+    the OOD detection metrics (``ood_auroc``, ``ood_auprc``, ``ood_fpr_at_95_tpr`` and their
+    ``ood_head_*`` / ``ood_medium_*`` / ``ood_tail_*`` per-group forms), ``auprc_macro`` and the
+    shares of noisy samples memorised or corrected lie in [0, 1]; ``f_last`` (a best accuracy minus
+    a final one), the head-tail disparities and ``fgsm_pgd_gap`` in [-1, 1]. Plugin metrics
     (``"<plugin>.<name>"``) have no range fedlt knows.
     """
     if "." in metric:

@@ -38,7 +38,7 @@ from fedlt.metrics.classification import (
     shot_groups,
 )
 from fedlt.metrics.noise import memorisation_metrics
-from fedlt.metrics.ood import ood_metrics
+from fedlt.metrics.ood import ood_group_metrics, ood_metrics
 from fedlt.training.context import client_context
 from fedlt.training.round import ClientTask
 
@@ -321,8 +321,8 @@ class Evaluator:
         return msp_score(logits).cpu(), DEFAULT_SCORE
 
     def _ood(self, model, feats, logits, gctx: EvalContext) -> dict[str, Any]:
-        """``ood_*`` metrics of the global model: the in-distribution test set against ``x_ood``
-        (docs/ood.md)."""
+        """``ood_*`` metrics of the global model: the in-distribution test set against ``x_ood``,
+        overall and per shot group (``ood_head_auroc``...; docs/ood.md)."""
         d = self.data
         o_feats, o_raw = _forward(model, d.x_ood, self.scenario.eval.batch_size)
         octx = dataclasses.replace(gctx, test_class_counts=np.zeros(d.num_classes, dtype=np.int64))
@@ -336,7 +336,13 @@ class Evaluator:
                 f"scored the in-distribution set with {name!r} but the OOD set with {out_name!r}; "
                 "return a score (or None) for both",
             )
-        return {**ood_metrics(s_in.numpy(), s_out.numpy()), "ood_score": name, "ood_kind": d.ood["kind"]}
+        by_group = ood_group_metrics(s_in.numpy(), d.y_test.cpu().numpy(), s_out.numpy(), self.shot_groups)
+        return {
+            **ood_metrics(s_in.numpy(), s_out.numpy()),
+            **by_group,
+            "ood_score": name,
+            "ood_kind": d.ood["kind"],
+        }
 
     def _anytime(self, logits: torch.Tensor, exposed: np.ndarray) -> dict[str, Any]:
         d = self.data

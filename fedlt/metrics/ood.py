@@ -6,17 +6,29 @@ class (OpenOOD's and Hendrycks & Gimpel's "AUPR-In"). ``ood_auroc`` does not dep
 positive; ``ood_auprc`` does, and under a small OOD set it is the optimistic side, so the record
 names it. ``ood_fpr_at_95_tpr`` is the share of OOD samples accepted at the threshold that keeps 95%
 of the in-distribution ones (lower is better).
+
+Per shot group (:func:`ood_group_metrics`): the same three metrics of each group's
+in-distribution test samples (head / medium / tail, by their true class) against *all* OOD samples,
+named ``ood_head_auroc``, ``ood_medium_fpr_at_95_tpr``... as ``robust_head_accuracy`` names its
+group: an overall AUROC can hide that a score takes tail samples for unknown ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from fedlt.metrics.classification import _auroc, _average_precision
 
-__all__ = ["TPR_LEVEL", "fpr_at_tpr", "ood_metrics"]
+__all__ = ["OOD_MEASURES", "SHOT_GROUPS", "TPR_LEVEL", "fpr_at_tpr", "ood_group_metrics", "ood_metrics"]
+
+#: The three detection measures, as named after ``ood_`` (``ood_auroc``) and after the group
+#: (``ood_tail_auroc``).
+OOD_MEASURES: tuple[str, ...] = ("auroc", "auprc", "fpr_at_95_tpr")
+#: The shot groups reported, as :func:`fedlt.metrics.classification.shot_groups` names them.
+SHOT_GROUPS: tuple[str, ...] = ("head", "medium", "tail")
 
 #: The true-positive rate of ``ood_fpr_at_95_tpr``.
 TPR_LEVEL = 0.95
@@ -50,3 +62,25 @@ def ood_metrics(score_in: Any, score_out: Any) -> dict[str, float | None]:
         "ood_auprc": _average_precision(ordered, s_in),
         "ood_fpr_at_95_tpr": fpr_at_tpr(s_in, s_out),
     }
+
+
+def ood_group_metrics(
+    score_in: Any, labels_in: Any, score_out: Any, groups: Mapping[str, Sequence[int]]
+) -> dict[str, float | None]:
+    """``ood_{group}_{measure}`` for each of :data:`SHOT_GROUPS`: :func:`ood_metrics` of the
+    in-distribution scores whose label is one of the group's classes against every OOD score.
+
+    ``groups`` maps ``"head"`` / ``"medium"`` / ``"tail"`` to class ids (the run's shot split). A
+    group without test samples (no class, or classes absent from the test set) gets ``None`` for
+    each measure, as ``tail_accuracy`` does: there is nothing to separate.
+    """
+    s_in = np.asarray(score_in, dtype=np.float64).ravel()
+    y_in = np.asarray(labels_in).ravel()
+    if y_in.shape != s_in.shape:
+        raise ValueError(f"labels_in has {y_in.size} labels for {s_in.size} in-distribution scores")
+    out: dict[str, float | None] = {}
+    for group in SHOT_GROUPS:
+        members = np.isin(y_in, np.asarray(groups.get(group, []), dtype=np.int64))
+        found = ood_metrics(s_in[members], score_out)
+        out.update({f"ood_{group}_{m}": found[f"ood_{m}"] for m in OOD_MEASURES})
+    return out
