@@ -11,6 +11,9 @@ plugin says). Formulas (docs/robustness.md, "Adversarial training"):
   PGD maximiser of ``KL(softmax f(x) || softmax f(x'))`` (clean softmax held fixed during the
   attack), KL summed over classes and averaged over the batch (the authors' ``(1 / B) *
   KLDivLoss(sum)``), gradients through both ``f(x)`` and ``f(x')``; ``beta = 6``.
+- ``adv-train``'s ``attack`` swaps PGD for a single-step attack (fast adversarial training): FGSM,
+  FGSM-RS (Wong et al. 2020) or N-FGSM (de Jorge et al. 2022), and ``grad_align`` adds GradAlign's
+  regulariser (Andriushchenko & Flammarion 2020); see :mod:`fedlt_plugins.fast_adversarial`.
 - SRAT (Wang et al., ICDM 2022, "Imbalanced Adversarial Training with Reweighting"):
   ``sum_i w_{y_i} CE(f(x'_i), y_i) / sum_i w_{y_i} + lam * L_sep(h(x'))`` with ``x'`` the PGD
   examples, class weights ``w_c = n_c^(-power)`` from the client's (or the global) class counts,
@@ -34,7 +37,9 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from fedlt_plugins.fast_adversarial import grad_align_loss, single_step
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from torch import nn
 
 from fedlt import ClientContext, Forward, Plugin, hookimpl, pgd
@@ -114,11 +119,62 @@ class AttackParams(BaseModel):
     random_start: bool = Field(True, description="Start from a uniform point of the ball (seeded).")
 
 
+#: ``adv-train``'s PGD steps when ``steps`` is unset (the attack's other keys are AttackParams').
+PGD_STEPS = 10
+
+
 class AdvTrainParams(AttackParams):
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="pgd: ascent steps per batch; unset: 10. Unset with a single-step attack.",
+    )
+    random_start: bool | None = Field(
+        None,
+        description="pgd: start from a uniform point of the ball (seeded); unset: true. Unset with a "
+        "single-step attack (each has its own start).",
+    )
+    step_size: float | None = Field(
+        None,
+        gt=0,
+        description="Step length; unset: pgd 2.5 * eps / steps (Madry et al.), fgsm eps, fgsm-rs 1.25 eps "
+        "(Wong et al.), n-fgsm eps (de Jorge et al.).",
+    )
     method: Literal["pgd-at", "trades"] = Field(
         "pgd-at", description="pgd-at: CE at the PGD examples; trades: CE(clean) + beta KL(clean || adv)."
     )
     beta: float = Field(6.0, ge=0, description="TRADES' weight of the KL term (method = 'trades' only).")
+    attack: Literal["pgd", "fgsm", "fgsm-rs", "n-fgsm"] = Field(
+        "pgd",
+        description="The training attack: pgd (steps steps, random_start); single-step (one step, no "
+        "steps / random_start keys): fgsm from x, fgsm-rs from a uniform point of the eps-ball then "
+        "projected, n-fgsm from x + U(-2 eps, 2 eps) noise, not projected (fedlt_plugins.fast_adversarial).",
+    )
+    grad_align: float = Field(
+        0.0,
+        ge=0,
+        description="GradAlign's weight lambda (Andriushchenko & Flammarion 2020): adds lambda (1 - mean "
+        "cos(grad_x CE(x), grad_x CE(x + eta))), eta uniform in the eps-ball; 0: off.",
+    )
+
+    @model_validator(mode="after")
+    def _keys_fit_attack(self) -> AdvTrainParams:
+        if self.attack == "pgd":
+            return self
+        for key in ("steps", "random_start"):
+            if getattr(self, key) is not None:
+                _param_error(
+                    key, getattr(self, key), f"unset with attack {self.attack!r} (one step; PGD's key)"
+                )
+        if self.attack == "fgsm" and self.method == "trades":
+            _param_error(
+                "attack",
+                self.attack,
+                "pgd, fgsm-rs or n-fgsm with method 'trades' (TRADES' KL has zero "
+                "gradient at the clean input, where fgsm starts)",
+            )
+        return self
 
 
 class SRATParams(AttackParams):
@@ -131,8 +187,20 @@ class SRATParams(AttackParams):
     )
 
 
+#: The attacked function (inputs to logits) and what an attack ascends (None: cross-entropy).
+_ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+_Obj = Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+
+
+def _param_error(key: str, value: object, allowed: str) -> None:
+    """Raise a validation error located at parameter ``key`` (so the scenario error names it)."""
+    detail = InitErrorDetails(type=PydanticCustomError("value_error", allowed), loc=(key,), input=value)
+    raise ValidationError.from_exception_data("AdvTrainParams", [detail])
+
+
 class _Adversarial(Plugin):
-    """What both plugins share: the seeded PGD attack of a client's batch."""
+    """What both plugins share: the seeded attack of a client's batch (PGD unless a plugin's
+    :meth:`_perturb` says otherwise)."""
 
     #: The purpose of the attack's random stream: ``(seed, purpose, round, client)``.
     purpose: ClassVar[str] = ""
@@ -144,14 +212,18 @@ class _Adversarial(Plugin):
         y: torch.Tensor,
         objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        p = self.params
-        gen = self._gen if p.random_start else None
         was_training = model.training
         model.eval()
         try:
-            return pgd(_score(model), x, y, p.eps, p.norm, p.steps, p.step_size, gen, objective)
+            return self._perturb(_score(model), x, y, objective)
         finally:
             model.train(was_training)
+
+    def _perturb(self, score: _ScoreFn, x: torch.Tensor, y: torch.Tensor, objective: _Obj) -> torch.Tensor:
+        """The attack proper, the model already in eval mode: PGD with the plugin's parameters."""
+        p = self.params
+        gen = self._gen if p.random_start else None
+        return pgd(score, x, y, p.eps, p.norm, p.steps, p.step_size, gen, objective)
 
     @hookimpl
     def client_start(self, ctx: ClientContext) -> None:
@@ -159,10 +231,19 @@ class _Adversarial(Plugin):
 
 
 class AdvTrain(_Adversarial):
-    """Adversarial training (PGD-AT or TRADES) of every client's local steps."""
+    """Adversarial training (PGD-AT or TRADES) of every client's local steps, with PGD or a
+    single-step attack (``attack``: fgsm, fgsm-rs, n-fgsm)."""
 
     Params = AdvTrainParams
     purpose = "adv-train"
+
+    def _perturb(self, score: _ScoreFn, x: torch.Tensor, y: torch.Tensor, objective: _Obj) -> torch.Tensor:
+        p = self.params
+        if p.attack == "pgd":
+            steps = PGD_STEPS if p.steps is None else p.steps
+            gen = None if p.random_start is False else self._gen
+            return pgd(score, x, y, p.eps, p.norm, steps, p.step_size, gen, objective)
+        return single_step(score, x, y, p.attack, p.eps, p.norm, p.step_size, self._gen, objective)
 
     @hookimpl
     def client_forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Forward | None:
@@ -173,13 +254,17 @@ class AdvTrain(_Adversarial):
 
     @hookimpl
     def client_extra_losses(
-        self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor
     ) -> torch.Tensor | None:
-        if self.params.method != "trades":
-            return None
-        target = F.softmax(logits.detach().float(), dim=1)
-        x_adv = self._attack(model, x, target, kl_objective)
-        return self.params.beta * trades_kl(logits, model.head(model.features(x_adv)))
+        p, terms = self.params, []
+        if p.method == "trades":
+            target = F.softmax(logits.detach().float(), dim=1)
+            x_adv = self._attack(model, x, target, kl_objective)
+            terms.append(p.beta * trades_kl(logits, model.head(model.features(x_adv))))
+        if p.grad_align > 0:
+            # In training mode, as the authors' code; the noise draws after the attack's.
+            terms.append(p.grad_align * grad_align_loss(_score(model), x, y, p.eps, p.norm, self._gen))
+        return sum(terms[1:], terms[0]) if terms else None
 
 
 class SRAT(_Adversarial):

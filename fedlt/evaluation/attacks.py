@@ -69,6 +69,8 @@ class AttackSpec:
     step_size: float = 0.0
     random_start: bool = False
     personalized: bool = False
+    #: PGD only: also attack with FGSM of the same norm and eps (``fgsm_robust_*``).
+    also_fgsm: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any) -> AttackSpec | None:
@@ -80,15 +82,20 @@ class AttackSpec:
         steps = cfg.steps if cfg.steps is not None else DEFAULT_STEPS
         step = cfg.step_size if cfg.step_size is not None else STEP_FACTOR * cfg.eps / steps
         start = True if cfg.random_start is None else cfg.random_start
-        return cls("pgd", cfg.norm, cfg.eps, steps, step, start, cfg.personalized)
+        return cls("pgd", cfg.norm, cfg.eps, steps, step, start, cfg.personalized, cfg.also_fgsm)
+
+    def fgsm(self) -> AttackSpec:
+        """FGSM of this attack's norm and eps, on the global test set only (``also_fgsm``)."""
+        return AttackSpec("fgsm", self.norm, self.eps, 1, self.eps)
 
     def describe(self) -> str:
-        """For the record: ``"pgd linf eps=0.3 steps=10 step_size=0.075 random_start"``."""
+        """For the record: ``"pgd linf eps=0.3 steps=10 step_size=0.075 random_start"`` (then
+        ``" + fgsm"`` with ``also_fgsm``)."""
         text = f"{self.kind} {self.norm} eps={self.eps:g}"
         if self.kind == "pgd":
             text += f" steps={self.steps} step_size={self.step_size:g}"
             text += " random_start" if self.random_start else ""
-        return text
+        return text + (" + fgsm" if self.also_fgsm else "")
 
 
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
@@ -221,7 +228,7 @@ ROBUST_KEYS = (
 )
 
 
-def robust_metrics(clean_metrics: dict[str, Any]) -> dict[str, Any]:
-    """``robust_<key>`` for each of :data:`ROBUST_KEYS`, from the classification metrics of the
-    attacked inputs' logits."""
-    return {f"robust_{key}": clean_metrics[key] for key in ROBUST_KEYS}
+def robust_metrics(clean_metrics: dict[str, Any], prefix: str = "robust_") -> dict[str, Any]:
+    """``<prefix><key>`` for each of :data:`ROBUST_KEYS`, from the classification metrics of the
+    attacked inputs' logits (``fgsm_robust_`` for the second attack of ``also_fgsm``)."""
+    return {f"{prefix}{key}": clean_metrics[key] for key in ROBUST_KEYS}

@@ -170,12 +170,15 @@ class Evaluator:
 
         return score
 
-    def _robust(self, model, x, labels, ctx: EvalContext, states, mask: bool = False) -> dict[str, Any]:
-        """Classification metrics of the evaluated logits of ``x`` attacked by ``self.attack``
-        (random start from ``(seed, "attack", round[, client])``)."""
+    def _robust(
+        self, model, x, labels, ctx: EvalContext, states, mask: bool = False, spec: AttackSpec | None = None
+    ) -> dict[str, Any]:
+        """Classification metrics of the evaluated logits of ``x`` attacked by ``spec`` (default
+        ``self.attack``; random start from ``(seed, "attack", round[, client])``)."""
         ev, d = self.scenario.eval, self.data
+        spec = self.attack if spec is None else spec
         score = self._scorer(model, ctx, states, mask)
-        x_adv = attack(score, x, labels, self.attack, ctx.generator_for("attack"), ev.batch_size)
+        x_adv = attack(score, x, labels, spec, ctx.generator_for("attack"), ev.batch_size)
         logits = score_batched(score, x_adv, ev.batch_size)
         return classification_metrics(
             logits, labels, d.num_classes, d.train_class_counts, ev.shot_rule, ev.shot_thresholds
@@ -253,6 +256,8 @@ class Evaluator:
             if self.attack is not None:
                 out["attack"] = self.attack.describe()
                 out.update(robust_metrics(self._robust(model, d.x_test, d.y_test, gctx, {})))
+                if self.attack.also_fgsm:
+                    out.update(self._fgsm_too(model, gctx, out["robust_accuracy"]))
             out.update(memorisation_metrics(model, d, ev.batch_size))  # [noise] only
             if d.x_ood is not None:
                 out.update(self._ood(model, feats, logits, gctx))
@@ -302,6 +307,16 @@ class Evaluator:
                     }
         model.train(was_training)
         return out
+
+    def _fgsm_too(self, model, gctx: EvalContext, pgd_accuracy: float) -> dict[str, Any]:
+        """``fgsm_robust_*`` of the global model and ``fgsm_pgd_gap``: FGSM-robust minus
+        PGD-robust accuracy, near 0 for a robust model and large under catastrophic overfitting
+        (the model masks FGSM's one gradient step while PGD still breaks it)."""
+        d = self.data
+        found = robust_metrics(
+            self._robust(model, d.x_test, d.y_test, gctx, {}, spec=self.attack.fgsm()), "fgsm_robust_"
+        )
+        return {**found, "fgsm_pgd_gap": found["fgsm_robust_accuracy"] - pgd_accuracy}
 
     def _ood_scores(self, model, features, logits, inputs, ctx: EvalContext) -> tuple[torch.Tensor, str]:
         """The OOD score of each sample (higher: in-distribution) and its name: the first

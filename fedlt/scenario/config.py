@@ -778,12 +778,18 @@ class AttackConfig(_Section):
         description="Also attack each client's personalised model on its local view "
         "(robust_personalized_accuracy); needs eval.personalized.",
     )
+    also_fgsm: bool = Field(
+        False,
+        description="pgd: also attack the global model with FGSM of the same norm and eps and report "
+        "fgsm_robust_* and fgsm_pgd_gap (FGSM-robust minus PGD-robust accuracy): a large gap is the mark "
+        "of catastrophic overfitting in single-step adversarial training.",
+    )
 
     @model_validator(mode="after")
     def _keys_fit_kind(self) -> AttackConfig:
         if self.kind == "none":
             defaults = {"norm": "linf", "eps": None, "steps": None, "step_size": None}
-            defaults.update(random_start=None, personalized=False)
+            defaults.update(random_start=None, personalized=False, also_fgsm=False)
             for key, default in defaults.items():
                 if getattr(self, key) != default:
                     raise ScenarioError(
@@ -800,6 +806,10 @@ class AttackConfig(_Section):
                         getattr(self, key),
                         "unset with kind 'fgsm' (one step of length eps from the clean input; use pgd)",
                     )
+            if self.also_fgsm:
+                raise ScenarioError(
+                    "eval.attack.also_fgsm", True, "false with kind 'fgsm' (the attack is FGSM already)"
+                )
         return self
 
 
