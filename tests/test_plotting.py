@@ -223,7 +223,8 @@ def test_missing_data_skips_figures_with_a_note(two_runs: list[Path], tmp_path: 
         assert data.startswith(PNG_MAGIC) and len(data) < 150_000
     skipped = {n.split(".png")[0] for n in files.notes}
     clock = {"virtual_time_accuracy", "client_timeline", "staleness"}  # hand-written runs have no clock
-    assert skipped == {"confusion_matrix", "anytime_accuracy", "task_class_accuracy", *clock}
+    study = {"robust", "noise", "ood"}  # no [eval.attack], [noise] or [eval.ood]
+    assert skipped == {"confusion_matrix", "anytime_accuracy", "task_class_accuracy", *clock, *study}
     assert any("no run recorded a confusion_matrix" in n for n in files.notes)
 
 
@@ -284,7 +285,8 @@ def test_anytime_figure_uses_samples_seen_and_marks_task_ends(tmp_path: Path) ->
     # Accuracy curves use only the full evaluations (rounds 3 and 6).
     assert _lines(figures["accuracy"].axes[0])["c"] == ([3, 6], [0.5, 0.5])
     clock = ("virtual_time", "client_timeline", "staleness")
-    assert not notes or all(any(w in n for w in ("confusion", "per_class", *clock)) for n in notes)
+    study = ("robust", "noise", "ood")  # no [eval.attack], [noise] or [eval.ood]
+    assert not notes or all(any(w in n for w in ("confusion", "per_class", *clock, *study)) for n in notes)
 
 
 def test_anytime_figure_falls_back_to_rounds(tmp_path: Path) -> None:
@@ -467,16 +469,21 @@ def synthetic_runs(root: Path, continual: bool = False) -> list[Path]:
 
 
 CLOCK_FIGURES = ("virtual_time_accuracy", "client_timeline", "staleness")
+STUDY_FIGURES = ("robust", "noise", "ood")
 
 
 def test_synthetic_long_tail_draws_all_figures(tmp_path: Path) -> None:
     offline = plot_runs(synthetic_runs(tmp_path / "lt"), tmp_path / "offline", dpi=40)
     assert [p.stem for p in offline] == [
-        n for n in FIGURE_FILES if n not in ("anytime_accuracy", "task_class_accuracy", *CLOCK_FIGURES)
+        n
+        for n in FIGURE_FILES
+        if n not in ("anytime_accuracy", "task_class_accuracy", *CLOCK_FIGURES, *STUDY_FIGURES)
     ]
     continual = plot_runs(synthetic_runs(tmp_path / "cl", continual=True), tmp_path / "continual", dpi=40)
-    assert [p.stem for p in continual] == [n for n in FIGURE_FILES if n not in CLOCK_FIGURES]
-    assert {n.split(".png")[0] for n in continual.notes} == set(CLOCK_FIGURES)
+    assert [p.stem for p in continual] == [
+        n for n in FIGURE_FILES if n not in (*CLOCK_FIGURES, *STUDY_FIGURES)
+    ]
+    assert {n.split(".png")[0] for n in continual.notes} == {*CLOCK_FIGURES, *STUDY_FIGURES}
 
 
 def test_clock_figures_of_an_async_run_draw_what_its_files_say(tmp_path: Path) -> None:
@@ -519,6 +526,228 @@ def test_clock_figures_of_an_async_run_draw_what_its_files_say(tmp_path: Path) -
             shown += 1
     assert green == shown and (tmp_path / "a" / "system.npz").is_file()
     assert any(c.get_facecolor()[0][0] == pytest.approx(0.82) for c in timeline.collections)  # offline
+
+
+# --------------------------------------------------------------------------- robust, noise, OOD figures
+
+ROBUST_KEYS = ("accuracy", "head_accuracy", "medium_accuracy", "tail_accuracy", "accuracy_disparity")
+STUDY_KEYS = ("noise_memorised", "noise_corrected", "ood_auroc", "ood_auprc", "ood_fpr_at_95_tpr")
+
+
+def study_records(shift: float, rounds: Sequence[int] = (5, 10, 15)) -> list[dict[str, Any]]:
+    """Records of a run with every family: clean and robust accuracy, noise and OOD metrics (each
+    a distinct made-up number, so a swapped key shows; all in [0.1, 0.9] for ``shift`` up to 0.12, so
+    no 95% band of two seeds 0.01 apart is clipped to [0, 1])."""
+    out = []
+    for k, r in enumerate(rounds):
+        rec = record(r, 0.5 + 0.1 * k, 0.45 + 0.1 * k, 0.8, 0.5 + 0.05 * k, 0.1 * k)
+        rec["accuracy_disparity"] = rec["head_accuracy"] - rec["tail_accuracy"]
+        for j, key in enumerate(ROBUST_KEYS):
+            rec[f"robust_{key}"] = round(0.2 + 0.03 * j + 0.02 * k + shift, 6)
+        for j, key in enumerate(STUDY_KEYS):
+            rec[key] = round(0.1 * (j + 1) + 0.01 * k + shift, 6)
+        for j, group in enumerate(("head", "medium", "tail")):
+            rec[f"ood_{group}_auroc"] = round(0.8 - 0.2 * j + 0.01 * k + shift, 6)
+        rec.update(attack="pgd linf eps=0.3", ood_score="msp")
+        out.append(rec)
+    return out
+
+
+@pytest.fixture
+def study_runs(tmp_path: Path) -> list[Path]:
+    """Two runs with robust, noise and OOD records (final per-class clean and robust accuracy,
+    one class not in the test set), and one plain run without them."""
+    finals = [
+        {"per_class_accuracy": [0.9, 0.6, None, 0.2], "robust_per_class_accuracy": [0.5, 0.3, None, 0.0]},
+        {"per_class_accuracy": [0.8, 0.7, 0.5, 0.4], "robust_per_class_accuracy": [0.6, 0.4, 0.2, 0.1]},
+    ]
+    runs = [
+        write_run(tmp_path / name, study_records(shift), final=final)
+        for name, shift, final in (("plain-at", 0.0, finals[0]), ("srat", 0.05, finals[1]))
+    ]
+    return [*runs, write_run(tmp_path / "clean-only", [record(5, 0.7, 0.6, 0.9, 0.6, 0.3)])]
+
+
+def _by_title(fig: Any) -> dict[str, Any]:
+    return {ax.get_title(): ax for ax in fig.axes}
+
+
+def _bars(ax: Any) -> dict[str, list[float]]:
+    return {c.get_label(): [p.get_height() for p in c.patches] for c in ax.containers}
+
+
+def test_robust_noise_ood_figures_hold_the_records(study_runs: list[Path]) -> None:
+    figures, notes = build_figures(study_runs)
+    assert {"robust", "noise", "ood"} <= set(figures)
+    assert not any(n.startswith(("robust", "noise", "ood")) for n in notes)
+    recs = {p.name: _records(p) for p in study_runs[:2]}
+    panels = _by_title(figures["robust"])
+    titles = ["Accuracy", "Head accuracy", "Medium accuracy", "Tail accuracy", "Disparity (head - tail)"]
+    for title, key in zip(titles, ROBUST_KEYS, strict=True):
+        want = {}
+        for name, rs in recs.items():
+            want[f"{name} (clean)"] = ([r["round"] for r in rs], [r[key] for r in rs])
+            want[f"{name} (robust)"] = ([r["round"] for r in rs], [r[f"robust_{key}"] for r in rs])
+        assert _lines(panels[title]) == want  # the run without robust metrics is left out
+        assert {ln.get_linestyle() for ln in panels[title].get_lines() if "robust" in ln.get_label()} == {
+            "--"
+        }
+    summaries = {p.name: json.loads((p / "summary.json").read_text())["final"] for p in study_runs[:2]}
+    bars = _bars(next(ax for t, ax in panels.items() if t.startswith("Per-class accuracy")))
+    assert set(bars) == {f"{n} ({kind})" for n in recs for kind in ("clean", "robust")}
+    for name, final in summaries.items():
+        assert _nan_equal(bars[f"{name} (clean)"], final["per_class_accuracy"])
+        assert _nan_equal(bars[f"{name} (robust)"], final["robust_per_class_accuracy"])
+    assert "attack: pgd linf eps=0.3" in figures["robust"].get_suptitle()
+
+    noise = _by_title(figures["noise"])
+    ood = _by_title(figures["ood"])
+    for ax, key in (
+        (noise["Memorised: predicted as their noisy label"], "noise_memorised"),
+        (noise["Corrected: predicted as their clean label"], "noise_corrected"),
+        (ood["OOD AUROC"], "ood_auroc"),
+        (ood["OOD AUPRC (in-distribution positive)"], "ood_auprc"),
+        (ood["FPR at 95% TPR (lower is better)"], "ood_fpr_at_95_tpr"),
+    ):
+        assert _lines(ax) == {n: ([r["round"] for r in rs], [r[key] for r in rs]) for n, rs in recs.items()}
+    groups = _lines(ood["AUROC of each shot group's samples vs OOD"])
+    for name, rs in recs.items():
+        for group in ("head", "medium", "tail"):
+            assert groups[f"{name} ({group})"][1] == [r[f"ood_{group}_auroc"] for r in rs]
+    assert "score: msp" in figures["ood"].get_suptitle()
+
+
+def test_study_figures_are_skipped_with_a_note_without_their_metrics(study_runs: list[Path]) -> None:
+    figures, notes = build_figures(study_runs[2:])
+    assert not {"robust", "noise", "ood"} & set(figures)
+    assert (
+        "robust.png skipped: no run has robust_accuracy in metrics.jsonl (a scenario without [eval.attack])"
+        in notes
+    )
+    assert (
+        "noise.png skipped: no run has noise_memorised in metrics.jsonl (a scenario without [noise])" in notes
+    )
+    assert "ood.png skipped: no run has ood_auroc in metrics.jsonl (a scenario without [eval.ood])" in notes
+    # Without the per-group OOD records, the OOD figure has its three panels only.
+    per_group = ("ood_head", "ood_medium", "ood_tail")
+    rs = [{k: v for k, v in r.items() if not k.startswith(per_group)} for r in _records(study_runs[0])]
+    figures, _ = build_figures([write_run(study_runs[0].parent / "no-groups", rs)])
+    assert len(figures["ood"].axes) == 3
+    assert len(_by_title(figures["robust"])) == 5  # no final per-class values in summary: no bar panel
+
+
+@pytest.fixture
+def study_sweep(tmp_path: Path) -> Path:
+    """A hand-written sweep: two groups (lr 0.1, 0.05) of two seeds with the study records."""
+    root = tmp_path / "sweep"
+    for g, lr in enumerate((0.1, 0.05)):
+        for seed in (0, 1):
+            shift = 0.1 * g + 0.01 * seed
+            per_class = [0.9 - shift, None if seed else 0.5, 0.3 + shift]
+            final = {"per_class_accuracy": per_class, "robust_per_class_accuracy": [0.4, 0.2 + shift, None]}
+            scenario = {"name": "hand", "seed": seed, "train": {"lr": lr}}
+            write_run(root / f"lr{lr}-s{seed}", study_records(shift), final=final, scenario=scenario)
+    return root
+
+
+def test_group_study_figures_draw_mean_band_and_seed_mean_per_class(study_sweep: Path) -> None:
+    from fedlt.analysis.plotting import build_group_figures
+
+    figures, notes, groups = build_group_figures([study_sweep])
+    assert {"robust", "noise", "ood"} <= set(figures)
+    labels = [g.label for g in groups]
+    assert sorted(labels) == ["train.lr=0.05", "train.lr=0.1"]
+    t1 = 12.706205  # t(0.975, 1): two seeds per group
+    for label in labels:
+        lr = label.removeprefix("train.lr=")
+        seeds = [_records(study_sweep / f"lr{lr}-s{seed}") for seed in (0, 1)]
+        rounds = [r["round"] for r in seeds[0]]
+        for fig, title, key in (
+            (figures["robust"], "Accuracy", "robust_accuracy"),
+            (figures["noise"], "Memorised: predicted as their noisy label", "noise_memorised"),
+            (figures["ood"], "FPR at 95% TPR (lower is better)", "ood_fpr_at_95_tpr"),
+        ):
+            ax = _by_title(fig)[title]
+            suffix = " (robust)" if key.startswith("robust") else ""
+            (line,) = [ln for ln in ax.get_lines() if ln.get_label() == label + suffix]
+            pairs = [(a[key], b[key]) for a, b in zip(*seeds, strict=True)]
+            assert list(line.get_xdata()) == rounds
+            assert np.allclose(line.get_ydata(), [(a + b) / 2 for a, b in pairs])
+            color = line.get_color()[:3]
+            (band,) = [
+                c
+                for c in ax.collections
+                if np.allclose(c.get_facecolor()[0][:3], color) and c.get_alpha() == (0.15 if suffix else 0.2)
+            ]
+            vertices = band.get_paths()[0].vertices
+            for x, (a, b) in zip(rounds, pairs, strict=True):
+                half = t1 * abs(a - b) / 2
+                at_x = vertices[np.isclose(vertices[:, 0], x)][:, 1]
+                assert np.isclose(at_x.min(), (a + b) / 2 - half) and np.isclose(
+                    at_x.max(), (a + b) / 2 + half
+                )
+        finals = [
+            json.loads((study_sweep / f"lr{lr}-s{s}" / "summary.json").read_text())["final"] for s in (0, 1)
+        ]
+        bars = _bars(next(ax for ax in figures["robust"].axes if ax.get_title().startswith("Per-class")))
+        for key, kind in (("per_class_accuracy", "clean"), ("robust_per_class_accuracy", "robust")):
+            want = []
+            for a, b in zip(finals[0][key], finals[1][key], strict=True):
+                values = [v for v in (a, b) if v is not None]
+                want.append(sum(values) / len(values) if values else None)
+            assert _nan_equal(bars[f"{label} ({kind})"], want)
+    assert "Mean over 2 runs per group" in figures["noise"].get_suptitle()
+    assert not any(n.startswith(("robust", "noise", "ood")) for n in notes)
+
+
+def test_long_group_labels_get_fewer_legend_columns_and_stay_in_the_figure(tmp_path: Path) -> None:
+    from fedlt.analysis.plotting import build_group_figures
+    from fedlt.analysis.robust_plots import legend_columns
+
+    # 10 inches hold floor(10 / (0.075 * chars + 0.7)) columns: 1 of 100 characters, 4 of 10.
+    assert legend_columns(10.0, ["x" * 100] * 3, 3) == 1
+    assert legend_columns(10.0, ["x" * 10] * 5, 4) == 4
+    assert legend_columns(10.0, ["x" * 10] * 2, 4) == 2
+    for g in range(4):
+        name = f"{g}-" + "srat(eps=0.3,lam=1.0,norm=linf)," * 3  # as long as a plugin group's label
+        scenario = {"name": "hand", "seed": 0, "model": {"name": name}}
+        write_run(tmp_path / f"g{g}", study_records(0.02 * g), scenario=scenario)
+    figures, _, groups = build_group_figures([tmp_path])
+    assert len(groups) == 4 and all(len(gr.label) > 90 for gr in groups)
+    for name in ("accuracy", "robust", "noise", "ood"):
+        fig = figures[name]
+        fig.canvas.draw()
+        box = fig.legends[0].get_window_extent()
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width, name  # not cut off at the figure's edges
+
+
+def test_real_run_with_attack_noise_and_ood_draws_the_three_figures(tmp_path: Path) -> None:
+    """The keys the evaluator writes are the keys the figures read."""
+    from support.scenarios import TINY
+
+    import fedlt
+
+    s = copy.deepcopy(TINY)
+    s["noise"] = {"kind": "symmetric", "rate": 0.4}
+    s["eval"]["attack"] = {"kind": "fgsm", "norm": "linf", "eps": 0.3}
+    s["eval"]["ood"] = {"kind": "held-out-classes", "classes": [8, 9]}
+    fedlt.run(s, out=tmp_path / "run")
+    files = plot_runs([tmp_path / "run"], tmp_path / "png", dpi=40)
+    assert {"robust", "noise", "ood"} <= {p.stem for p in files}
+    figures, _ = build_figures([tmp_path / "run"])
+    rs = _records(tmp_path / "run")
+    checks = [
+        (figures["robust"], "Accuracy", "run (robust)", "robust_accuracy"),
+        (figures["robust"], "Tail accuracy", "run (robust)", "robust_tail_accuracy"),
+        (figures["noise"], "Corrected: predicted as their clean label", "run", "noise_corrected"),
+        (figures["ood"], "OOD AUROC", "run", "ood_auroc"),
+    ]
+    for fig, title, label, key in checks:
+        xs, ys = _lines(_by_title(fig)[title])[label]
+        assert xs == [r["round"] for r in rs] and _nan_equal(ys, [r[key] for r in rs])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["final"]
+    bars = _bars(next(ax for ax in figures["robust"].axes if ax.get_title().startswith("Per-class")))
+    assert _nan_equal(bars["run (robust)"], summary["robust_per_class_accuracy"])
 
 
 def render_examples(out: Path, real_root: Path) -> list[Path]:

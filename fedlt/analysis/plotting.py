@@ -38,6 +38,15 @@ from fedlt.analysis.compare import (
     summarize,
 )
 from fedlt.analysis.figure_kit import _figure, _marker, _num, _run_legend, require_matplotlib
+from fedlt.analysis.robust_plots import (
+    STUDY_FIGURES,
+    Curve,
+    Source,
+    draw_study_figure,
+    legend_columns,
+    mean_per_class,
+    skip_note,
+)
 from fedlt.analysis.timeline import client_timeline_figure, staleness_figure, virtual_time_figure
 
 if TYPE_CHECKING:
@@ -78,12 +87,15 @@ FIGURE_FILES: dict[str, str] = {
     "virtual_time_accuracy": "accuracy and head / medium / tail accuracy against virtual time",
     "client_timeline": "the first run's clients on the virtual clock: training, dropped, late, offline",
     "staleness": "asynchronous runs: how stale the arriving updates were",
+    **{name: figure.what for name, figure in STUDY_FIGURES.items()},
 }
 
 #: File formats the figures can be written in (matplotlib's names; the file suffix).
 FORMATS: tuple[str, ...] = ("png", "pdf", "svg")
 
 #: The figures :func:`plot_groups` can write: per figure, its panels as (metric, panel title).
+#: It also writes the figures of :data:`fedlt.analysis.robust_plots.STUDY_FIGURES` (robust, noise,
+#: ood) when the runs recorded their metrics.
 GROUP_FIGURES: dict[str, tuple[tuple[str, str], ...]] = {
     "accuracy": (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy")),
     "shot_accuracy": (
@@ -497,6 +509,17 @@ def _fig_task_class(runs: Sequence[_Run]) -> Figure | None:
     return fig
 
 
+def _run_source(run: _Run) -> Source:
+    """A run as the robust / noise / OOD figures read it: its full evaluations, its final record."""
+    return Source(
+        run.label,
+        run.color,
+        lambda key: Curve(*_series(run.full(), key)),
+        lambda key: mean_per_class([run.final().get(key)]),
+        run.final(),
+    )
+
+
 def build_figures(
     run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None
 ) -> tuple[dict[str, Figure], list[str]]:
@@ -532,7 +555,9 @@ def build_figures(
         "virtual_time_accuracy": "no run has virtual_time in metrics.jsonl (written before fedlt 0.3)",
         "client_timeline": "no run has events.jsonl (log.events = false, or written before fedlt 0.3)",
         "staleness": "no run had a stale update (synchronous rounds only)",
+        **{name: skip_note(name) for name in STUDY_FIGURES},
     }
+    sources = [_run_source(r) for r in runs]
     counts = _CountCache()
     builders = {
         "accuracy": lambda: (_fig_accuracy(runs), None),
@@ -545,6 +570,7 @@ def build_figures(
         "virtual_time_accuracy": lambda: (virtual_time_figure(runs), None),
         "client_timeline": lambda: (next(filter(None, map(client_timeline_figure, runs)), None), None),
         "staleness": lambda: (staleness_figure(runs), None),
+        **{name: (lambda name=name: (draw_study_figure(name, sources), None)) for name in STUDY_FIGURES},
     }
     for name, build in builders.items():
         fig, reason = build()
@@ -651,11 +677,38 @@ def _fig_group(name: str, groups: Sequence[Group], colors: Sequence[Any]) -> Fig
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=c, lw=2, label=g.label) for g, c in zip(groups, colors, strict=True)]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), frameon=False)
+    ncols = legend_columns(fig.get_figwidth(), [g.label for g in groups], 3)
+    fig.legend(handles=handles, loc="outside lower center", ncols=ncols, frameon=False)
+    fig.suptitle(_group_title(groups))
+    return fig
+
+
+def _group_title(groups: Sequence[Group]) -> str:
     sizes = sorted({len(g.runs) for g in groups})
     runs = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
-    fig.suptitle(f"Mean over {runs} runs per group; band: 95% t-interval of the mean (as fedlt compare)")
-    return fig
+    return f"Mean over {runs} runs per group; band: 95% t-interval of the mean (as fedlt compare)"
+
+
+def _group_source(group: Group, color: Any) -> Source:
+    """A group as the robust / noise / OOD figures read it: mean and band per evaluation point,
+    final per-class values averaged over its runs (seeds)."""
+
+    def curve(key: str) -> Curve:
+        xs, stats = group_curve(group, key)
+        return Curve(
+            xs,
+            [_num(st.mean) for st in stats],
+            [_num(st.ci_low) for st in stats],
+            [_num(st.ci_high) for st in stats],
+        )
+
+    return Source(
+        group.label,
+        color,
+        curve,
+        lambda key: mean_per_class([run.final.get(key) for run in group.runs]),
+        group.runs[0].final if group.runs else {},
+    )
 
 
 def build_group_figures(
@@ -666,7 +719,8 @@ def build_group_figures(
     Returns
     -------
     figures : dict
-        Name (a key of :data:`GROUP_FIGURES`) → figure, for the figures some group has data for.
+        Name (a key of :data:`GROUP_FIGURES` or of :data:`~fedlt.analysis.robust_plots.STUDY_FIGURES`)
+        → figure, for the figures some group has data for.
     notes : list of str
         One line per figure left out, saying why.
     groups : list of Group
@@ -682,6 +736,14 @@ def build_group_figures(
         if fig is None:
             keys = ", ".join(k for k, _ in GROUP_FIGURES[name])
             notes.append(f"{name} skipped: no run has {keys} in metrics.jsonl")
+        else:
+            figures[name] = fig
+    sources = [_group_source(g, c) for g, c in zip(groups, colors, strict=True)]
+    title = _group_title(groups) if groups else None
+    for name in STUDY_FIGURES:
+        fig = draw_study_figure(name, sources, title)
+        if fig is None:
+            notes.append(f"{name} skipped: {skip_note(name)}")
         else:
             figures[name] = fig
     return figures, notes, groups
@@ -703,7 +765,8 @@ def plot_groups(
         Run folders or folders holding them (a sweep's ``--out``), searched as
         :func:`fedlt.analysis.compare.collect_runs` does (finished runs only).
     out_dir : path
-        Folder for the figures, created if needed; files are named after :data:`GROUP_FIGURES`. A
+        Folder for the figures, created if needed; files are named after :data:`GROUP_FIGURES` and
+        :data:`~fedlt.analysis.robust_plots.STUDY_FIGURES`. A
         file there (or above it) is refused before anything is read or drawn.
     fmt : {"png", "pdf", "svg"}, default="png"
     dpi : int, default=100
