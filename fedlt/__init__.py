@@ -45,6 +45,8 @@ _EXPORTS: dict[str, str] = {
     "LocalTraining": "fedlt.hooks.recipe",
     "fgsm": "fedlt.evaluation.attacks",
     "pgd": "fedlt.evaluation.attacks",
+    "project_to_ball": "fedlt.evaluation.attacks",
+    "random_ball_point": "fedlt.evaluation.attacks",
 }
 
 __all__ = [
@@ -77,6 +79,8 @@ __all__ = [
     "hookimpl",
     "load_scenario",
     "pgd",
+    "project_to_ball",
+    "random_ball_point",
     "resume",
     "run",
     "staleness_weight",
@@ -87,7 +91,7 @@ __all__ = [
 if TYPE_CHECKING:
     from fedlt.api import history, resume, run
     from fedlt.errors import FedltError, NonFiniteLossError, PluginError, ScenarioError
-    from fedlt.evaluation.attacks import fgsm, pgd
+    from fedlt.evaluation.attacks import fgsm, pgd, project_to_ball, random_ball_point
     from fedlt.hooks import state
     from fedlt.hooks.context import (
         Arrival,

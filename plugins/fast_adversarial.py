@@ -30,11 +30,15 @@ held fixed, as in the authors' code.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from fedlt.evaluation.attacks import Objective, Score, fgsm, project, random_start
+from fedlt import fgsm, project_to_ball, random_ball_point
+
+if TYPE_CHECKING:
+    from fedlt.evaluation.attacks import Objective, Score
 
 __all__ = ["SINGLE_STEP", "SingleStep", "grad_align_loss", "single_step"]
 
@@ -80,12 +84,12 @@ def single_step(
     if spec.start > 0:
         if generator is None:
             raise ValueError(f"single-step attack {method!r} draws a random start: give a generator")
-        start = x + random_start(x, spec.start * eps, norm, generator)
+        start = x + random_ball_point(x, spec.start * eps, norm, generator)
     else:
         start = x
     delta = fgsm(score, start, y, alpha, norm, objective) - x
     if spec.projected:
-        delta = project(delta, eps, norm)
+        delta = project_to_ball(delta, eps, norm)
     return (x + delta).detach()
 
 
@@ -107,7 +111,7 @@ def grad_align_loss(
     and a batch without any gives 0."""
     with torch.enable_grad():
         g_clean = _input_grad(score, x, y, create_graph=False).flatten(1)
-        noisy = x + random_start(x, eps, norm, generator)
+        noisy = x + random_ball_point(x, eps, norm, generator)
         g_noisy = _input_grad(score, noisy, y, create_graph=True).flatten(1)
         keep = (g_clean.norm(dim=1) > 0) & (g_noisy.norm(dim=1) > 0)
         if not bool(keep.any()):

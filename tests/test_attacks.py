@@ -21,7 +21,7 @@ from torch import nn
 import fedlt
 from fedlt.base.seeding import torch_generator
 from fedlt.errors import ScenarioError
-from fedlt.evaluation.attacks import AttackSpec, attack, fgsm, pgd, project, random_start
+from fedlt.evaluation.attacks import AttackSpec, attack, fgsm, pgd, project_to_ball, random_ball_point
 from fedlt.hooks.plugin import Plugin, hookimpl
 from fedlt.scenario.config import scenario_from_dict
 
@@ -107,15 +107,15 @@ def test_one_pgd_l2_step_by_hand_on_three_classes() -> None:
 def test_projection_and_random_start_stay_in_the_ball_and_repeat() -> None:
     x = torch.zeros(64, 5)
     for norm in ("linf", "l2"):
-        a = random_start(x, 0.5, norm, torch_generator(7, "attack", 3))
-        b = random_start(x, 0.5, norm, torch_generator(7, "attack", 3))
-        c = random_start(x, 0.5, norm, torch_generator(7, "attack", 4))
+        a = random_ball_point(x, 0.5, norm, torch_generator(7, "attack", 3))
+        b = random_ball_point(x, 0.5, norm, torch_generator(7, "attack", 3))
+        c = random_ball_point(x, 0.5, norm, torch_generator(7, "attack", 4))
         assert torch.equal(a, b) and not torch.equal(a, c)
         size = a.abs().amax(1) if norm == "linf" else a.norm(dim=1)
         assert bool((size <= 0.5 + 1e-6).all()) and bool((size > 0.05).any())
     big = torch.tensor([[3.0, 4.0], [0.1, -0.2]])
-    assert torch.allclose(project(big, 1.0, "l2"), torch.tensor([[0.6, 0.8], [0.1, -0.2]]))
-    assert torch.equal(project(big, 0.15, "linf"), torch.tensor([[0.15, 0.15], [0.1, -0.15]]))
+    assert torch.allclose(project_to_ball(big, 1.0, "l2"), torch.tensor([[0.6, 0.8], [0.1, -0.2]]))
+    assert torch.equal(project_to_ball(big, 0.15, "linf"), torch.tensor([[0.15, 0.15], [0.1, -0.15]]))
 
 
 def test_attack_batches_like_one_call_and_leaves_parameter_gradients_alone() -> None:

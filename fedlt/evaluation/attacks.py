@@ -37,8 +37,8 @@ __all__ = [
     "attack",
     "fgsm",
     "pgd",
-    "project",
-    "random_start",
+    "project_to_ball",
+    "random_ball_point",
     "robust_metrics",
     "score_batched",
 ]
@@ -103,7 +103,7 @@ def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).clamp_min(_TINY).view(-1, *([1] * (t.ndim - 1)))
 
 
-def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+def project_to_ball(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     """``delta`` projected onto the ``norm`` ball of radius ``eps`` (each sample apart)."""
     if norm == "linf":
         return delta.clamp(-eps, eps)
@@ -117,7 +117,7 @@ def _ascent(grad: torch.Tensor, norm: str) -> torch.Tensor:
     return grad / _per_sample_norm(grad)
 
 
-def random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator) -> torch.Tensor:
+def random_ball_point(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator) -> torch.Tensor:
     """A point drawn uniformly from the ``norm`` ball of radius ``eps`` around each sample (the
     offset only), drawn on the CPU from ``generator`` and moved to ``x``'s device.
 
@@ -178,10 +178,10 @@ def pgd(
     ``2.5 eps / steps``), each projected back onto the ``norm`` ball of radius ``eps``.
     ``objective`` replaces cross-entropy (TRADES ascends a KL divergence; see :data:`Objective`)."""
     alpha = STEP_FACTOR * eps / steps if step_size is None else step_size
-    delta = torch.zeros_like(x) if generator is None else random_start(x, eps, norm, generator)
+    delta = torch.zeros_like(x) if generator is None else random_ball_point(x, eps, norm, generator)
     for _ in range(steps):
         grad = _gradient(score, x + delta, y, objective)
-        delta = project(delta + alpha * _ascent(grad, norm), eps, norm)
+        delta = project_to_ball(delta + alpha * _ascent(grad, norm), eps, norm)
     return (x + delta).detach()
 
 
