@@ -161,6 +161,13 @@ def test_scenario_noise_changes_training_labels_only(tiny):
         ({"kind": "symmetric", "rate": 0.2, "rates": [0.1]}, "noise.rates", "unset"),
         ({"kind": "none", "rate": 0.2}, "noise.rate", "unset"),
         ({"kind": "gaussian"}, "noise.kind", "symmetric"),
+        ({"kind": "asymmetric", "rate": 0.4}, "noise.map", "'cifar10'"),
+        ({"kind": "symmetric", "rate": 0.4, "map": "cifar10"}, "noise.map", "unset"),
+        ({"kind": "asymmetric", "rate": 0.4, "map": "mnist"}, "noise.map", "one of ['cifar10']"),
+        ({"kind": "asymmetric", "rate": 0.4, "map": {"3": 3}}, "noise.map", "other than its source"),
+        ({"kind": "asymmetric", "rate": 0.4, "map": {"a": 1}}, "noise.map", "class ids >= 0"),
+        ({"kind": "asymmetric", "rate": 0.4, "map": {}}, "noise.map", "non-empty"),
+        ({"kind": "asymmetric", "map": {"1": 2}}, "noise.rate", "in (0, 1]"),
     ],
 )
 def test_bad_noise_keys_refused_with_the_key(tiny, noise, key, allowed):
@@ -178,6 +185,46 @@ def test_data_dependent_noise_errors_name_the_key(tiny):
     with pytest.raises(fedlt.ScenarioError) as info:
         build_data(load_scenario({**tiny, "noise": {"kind": "tail", "rate": 0.9}}))
     assert info.value.key == "noise.rate"
+
+
+def test_asymmetric_cifar10_map_written_out():
+    """Patrini et al.'s CIFAR-10 map at rate 0.4: truck (9) -> automobile (1), bird (2) ->
+    airplane (0), deer (4) -> horse (7), cat (3) <-> dog (5); the other classes stay clean."""
+    from fedlt.data.noise import resolve_map
+
+    mapping = resolve_map("cifar10", C)
+    rates = class_rates("asymmetric", 0.4, None, np.ones(C), mapping)
+    np.testing.assert_allclose(rates, [0, 0, 0.4, 0.4, 0.4, 0.4, 0, 0, 0, 0.4])
+    expected = np.eye(C)
+    for source, target in [(9, 1), (2, 0), (4, 7), (3, 5), (5, 3)]:
+        expected[source, source], expected[source, target] = 0.6, 0.4
+    np.testing.assert_allclose(transition_matrix("asymmetric", rates, mapping), expected)
+
+
+def test_asymmetric_flips_go_to_the_mapped_class_only():
+    labels, clients = _clients()
+    mapping = {0: 1, 3: 2}
+    t = transition_matrix("asymmetric", class_rates("asymmetric", 0.3, None, np.ones(C), mapping), mapping)
+    noisy = apply_noise(labels, clients, t, seed=5)
+    flipped = noisy != labels
+    assert set(labels[flipped].tolist()) == {0, 3}  # only mapped classes flip...
+    assert np.array_equal(noisy[flipped], np.vectorize(mapping.get)(labels[flipped]))  # ...to their target
+    for c in (0, 3):
+        rows = labels == c
+        assert _within(flipped[rows].mean(), 0.3, int(rows.sum()))
+
+
+def test_asymmetric_map_round_trips_and_names_classes_the_data_lacks(tiny, tmp_path):
+    from fedlt.scenario.config import scenario_to_toml
+
+    s = load_scenario({**tiny, "noise": {"kind": "asymmetric", "rate": 0.4, "map": {9: 1, "2": 0}}})
+    assert s.noise.map == {"9": 1, "2": 0}  # TOML's table keys are strings, however given
+    path = tmp_path / "s.toml"
+    path.write_text(scenario_to_toml(s))
+    assert load_scenario(path).noise.map == s.noise.map
+    with pytest.raises(fedlt.ScenarioError) as info:
+        build_data(load_scenario({**tiny, "noise": {"kind": "asymmetric", "rate": 0.4, "map": {"12": 1}}}))
+    assert info.value.key == "noise.map" and "0..9" in str(info.value)
 
 
 def test_memorisation_on_a_hand_made_example():

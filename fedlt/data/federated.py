@@ -29,7 +29,14 @@ from fedlt.data.clients import class_counts, client_class_counts, local_test_vie
 from fedlt.data.datasets import RawDataset, estimate_bytes, known_train_size, load_dataset, to_tensor
 from fedlt.data.imagefolder import ImageFolderError
 from fedlt.data.longtail import long_tail_counts, subsample_long_tail
-from fedlt.data.noise import apply_noise, class_rates, noise_summary, noisy_class_counts, transition_matrix
+from fedlt.data.noise import (
+    apply_noise,
+    class_rates,
+    noise_summary,
+    noisy_class_counts,
+    resolve_map,
+    transition_matrix,
+)
 from fedlt.data.ood import hold_out_classes, ood_dataset_tensor
 from fedlt.data.partition import partition
 from fedlt.data.stream import ClientStream, TaskSchedule, build_stream, check_task_count, shared_schedule
@@ -446,8 +453,9 @@ def _noisy_labels(
     """The clients' noisy training labels and the noise's summary (``[noise]``, docs/noise.md)."""
     nz = scenario.noise
     with _boundary(scenario, "noise"):
-        rates = class_rates(nz.kind, nz.rate, nz.rates, class_counts(clean, num_classes))
-    t = transition_matrix(nz.kind, rates)
+        mapping = resolve_map(nz.map, num_classes)
+        rates = class_rates(nz.kind, nz.rate, nz.rates, class_counts(clean, num_classes), mapping)
+    t = transition_matrix(nz.kind, rates, mapping)
     seed = nz.seed if nz.seed is not None else data_seed
     noisy = apply_noise(clean, clients, t, seed)
     per_client = noisy_class_counts(clean, noisy, clients, num_classes)

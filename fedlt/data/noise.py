@@ -12,6 +12,9 @@ Kinds (``noise.kind``), with ``r_c`` the flip rate of class ``c`` and ``C`` clas
 - ``symmetric``: ``r_c = rate``; a flipped label is uniform over the ``C - 1`` other classes.
 - ``pair``: ``r_c = rate``; a flipped label goes to ``(c + 1) mod C``.
 - ``class-dependent``: ``r_c = rates[c]``; flips uniform over the other classes.
+- ``asymmetric``: ``r_c = rate`` for the classes of ``map`` (``{source: target}``), 0 for the
+  others; a flipped label goes to the class's target. ``map = "cifar10"`` is the standard CIFAR-10
+  map of Patrini et al. (2017): truck -> automobile, bird -> airplane, deer -> horse, cat <-> dog.
 - ``tail``: ``r_c = rate * N / (C * n_c)`` with ``n_c`` the class's (clean, long-tailed) training
   count and ``N`` their sum: every class gets the same expected number of noisy labels
   ``rate * N / C``, so the overall share of noisy labels is ``rate`` and a class's rate grows as
@@ -21,7 +24,7 @@ Kinds (``noise.kind``), with ``r_c`` the flip rate of class ``c`` and ``C`` clas
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,20 +33,54 @@ from fedlt.base.registry import ParameterError
 from fedlt.base.seeding import numpy_rng
 
 __all__ = [
+    "CLASS_MAPS",
     "NOISE_KINDS",
     "apply_noise",
     "class_rates",
     "noise_summary",
     "noisy_class_counts",
+    "resolve_map",
     "transition_matrix",
 ]
 
 #: ``noise.kind`` values.
-NOISE_KINDS = ("none", "symmetric", "pair", "class-dependent", "tail")
+NOISE_KINDS = ("none", "symmetric", "pair", "class-dependent", "tail", "asymmetric")
+
+#: Named ``noise.map`` values: ``{source class: target class}``.
+CLASS_MAPS: dict[str, dict[int, int]] = {
+    # Patrini et al. 2017 (CIFAR-10 class ids): truck -> automobile, bird -> airplane,
+    # deer -> horse, cat <-> dog.
+    "cifar10": {9: 1, 2: 0, 4: 7, 3: 5, 5: 3},
+}
+
+
+def resolve_map(mapping: str | dict[int, int] | None, n_classes: int) -> dict[int, int] | None:
+    """``noise.map`` as ``{source: target}`` (a named map looked up), checked against the classes.
+
+    Raises
+    ------
+    ParameterError
+        A class outside ``0 .. n_classes - 1``.
+    """
+    if mapping is None:
+        return None
+    if isinstance(mapping, str):
+        resolved = CLASS_MAPS[mapping]
+    else:
+        resolved = {int(k): int(v) for k, v in mapping.items()}
+    outside = sorted({c for pair in resolved.items() for c in pair if not 0 <= c < n_classes})
+    if outside:
+        allowed = f"class ids in 0..{n_classes - 1} ({n_classes} classes in the data), not {outside[0]}"
+        raise ParameterError("map", mapping, allowed)
+    return resolved
 
 
 def class_rates(
-    kind: str, rate: float, rates: Sequence[float] | None, class_counts: np.ndarray
+    kind: str,
+    rate: float,
+    rates: Sequence[float] | None,
+    class_counts: np.ndarray,
+    mapping: Mapping[int, int] | None = None,
 ) -> np.ndarray:
     """Flip rate ``r_c`` of every class (see the module docstring for each kind).
 
@@ -59,6 +96,10 @@ def class_rates(
         return np.zeros(n_classes)
     if kind in ("symmetric", "pair"):
         return np.full(n_classes, float(rate))
+    if kind == "asymmetric":
+        out = np.zeros(n_classes)
+        out[list(mapping or {})] = rate
+        return out
     if kind == "class-dependent":
         if rates is None or len(rates) != n_classes:
             raise ParameterError("rates", rates, f"a list of {n_classes} rates in [0, 1], one per class")
@@ -79,19 +120,25 @@ def class_rates(
     raise ValueError(f"unknown noise kind {kind!r}; expected one of {NOISE_KINDS}")
 
 
-def transition_matrix(kind: str, rates: np.ndarray) -> np.ndarray:
+def transition_matrix(
+    kind: str, rates: np.ndarray, mapping: Mapping[int, int] | None = None
+) -> np.ndarray:
     """``T[c, j]`` = P(label ``j`` | clean class ``c``) for per-class flip rates ``rates``.
 
-    ``pair`` puts the whole rate on ``(c + 1) mod C``; every other kind spreads it evenly over the
-    ``C - 1`` other classes. Rows sum to 1.
+    ``pair`` puts the whole rate on ``(c + 1) mod C``, ``asymmetric`` on ``mapping[c]``; every
+    other kind spreads it evenly over the ``C - 1`` other classes. Rows sum to 1.
     """
     rates = np.asarray(rates, dtype=np.float64)
     n = rates.size
     if n < 2:
         return np.ones((n, n))
-    if kind == "pair":
+    if kind in ("pair", "asymmetric"):
         t = np.diag(1.0 - rates)
-        t[np.arange(n), (np.arange(n) + 1) % n] += rates
+        if kind == "pair":
+            t[np.arange(n), (np.arange(n) + 1) % n] += rates
+        else:
+            for source, target in (mapping or {}).items():
+                t[source, target] += rates[source]
         return t
     t = np.repeat((rates / (n - 1))[:, None], n, axis=1)
     t[np.arange(n), np.arange(n)] = 1.0 - rates

@@ -39,7 +39,7 @@ from pydantic.fields import FieldInfo
 from fedlt.base.registry import Entry, OutsideEntryError, ParameterError, Registry
 from fedlt.data.datasets import DATASETS
 from fedlt.data.longtail import PROFILES
-from fedlt.data.noise import NOISE_KINDS
+from fedlt.data.noise import CLASS_MAPS, NOISE_KINDS
 from fedlt.data.ood import OOD_KINDS
 from fedlt.data.partition import PARTITIONS
 from fedlt.data.stream import PACINGS, SCHEDULES, STREAM_KINDS
@@ -462,12 +462,20 @@ class NoiseConfig(_Section):
         "the other classes, uniformly; pair: flipped to class (c + 1) mod C; class-dependent: class c "
         "flipped with probability rates[c], uniformly; tail: class c flipped with probability "
         "rate * N / (C * n_c) (n_c its training count, N their sum), so every class carries the same "
-        "number of noisy labels and the tail the highest rates; the overall share is rate.",
+        "number of noisy labels and the tail the highest rates; the overall share is rate; asymmetric: "
+        "each class of map flipped with probability rate to its target (Patrini et al.), other classes "
+        "clean.",
     )
     rate: float = Field(
         0.0, ge=0, le=1, description="symmetric, pair, tail: the share of training labels flipped."
     )
     rates: list[float] | None = Field(None, description="class-dependent: one flip rate in [0, 1] per class.")
+    map: str | dict[str, int] | None = Field(
+        None,
+        description="asymmetric: {source class = target class}, e.g. {9 = 1, 2 = 0}, or 'cifar10' (truck -> "
+        "automobile, bird -> airplane, deer -> horse, cat <-> dog; Patrini et al. 2017). Class ids as the "
+        "data numbers them (after held-out OOD classes are removed).",
+    )
     seed: int | None = Field(
         None,
         ge=0,
@@ -482,8 +490,36 @@ class NoiseConfig(_Section):
             raise ValueError("a non-empty list of rates in [0, 1], one per class")
         return value
 
+    @field_validator("map", mode="before")
+    @classmethod
+    def _map(cls, value: Any) -> Any:
+        """Class ids as TOML writes table keys (strings), whichever way they were given."""
+        if isinstance(value, str) and value not in CLASS_MAPS:
+            raise ValueError(f"a table {{source class = target class}} or one of {sorted(CLASS_MAPS)}")
+        if not isinstance(value, Mapping):
+            return value
+        if not value:
+            raise ValueError("a non-empty table {source class = target class}, or 'cifar10'")
+        out: dict[str, int] = {}
+        for source, target in value.items():
+            ok = str(source).isdigit() and isinstance(target, int) and not isinstance(target, bool)
+            if not ok or target < 0 or int(source) == target:
+                raise ValueError(
+                    f"class ids >= 0 and a target other than its source; {source} = {target!r} is not"
+                )
+            out[str(int(source))] = target
+        return out
+
     @model_validator(mode="after")
     def _keys_fit_kind(self) -> NoiseConfig:
+        if self.kind == "asymmetric" and self.map is None:
+            raise ScenarioError(
+                "noise.map", None, "a table {source class = target class} or 'cifar10' with kind 'asymmetric'"
+            )
+        if self.kind != "asymmetric" and self.map is not None:
+            raise ScenarioError(
+                "noise.map", self.map, f"unset with kind {self.kind!r} (only 'asymmetric' uses a map)"
+            )
         if self.kind == "class-dependent":
             if self.rates is None:
                 raise ScenarioError("noise.rates", None, "per-class rates with kind 'class-dependent'")
@@ -491,7 +527,7 @@ class NoiseConfig(_Section):
                 raise ScenarioError("noise.rate", self.rate, "unset with kind 'class-dependent' (use rates)")
         elif self.rates is not None:
             raise ScenarioError("noise.rates", self.rates, f"unset with kind {self.kind!r}")
-        if self.kind in ("symmetric", "pair", "tail") and self.rate == 0:
+        if self.kind in ("symmetric", "pair", "tail", "asymmetric") and self.rate == 0:
             raise ScenarioError("noise.rate", self.rate, f"in (0, 1] with kind {self.kind!r}")
         if self.kind == "none" and (self.rate or self.seed is not None):
             key, value = ("noise.rate", self.rate) if self.rate else ("noise.seed", self.seed)
