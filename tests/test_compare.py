@@ -553,6 +553,7 @@ def test_interval_of_an_accuracy_stays_in_its_range(tmp_path: Path) -> None:
     assert metric_bounds("diagnostics.nc1") is None and metric_bounds("train_loss") is None
     # shares of the noisy samples, and differences of two accuracies
     assert metric_bounds("noise_memorised") == (0, 1) and metric_bounds("auprc_macro") == (0, 1)
+    assert metric_bounds("adv_detection_auroc") == (0, 1) and metric_bounds("ood_tail_auprc") == (0, 1)
     for signed in ("accuracy_disparity", "robust_accuracy_disparity", "fgsm_pgd_gap"):
         assert metric_bounds(signed) == (-1, 1)
 

@@ -122,8 +122,8 @@ _UNIT_METRICS = frozenset(
     {"auroc_macro", "auprc_macro", "a_auc", "a_last", "a_avg", "noise_memorised", "noise_corrected"}
 ) | frozenset(
     # fedlt.metrics.ood's names, spelt out here: importing it would load torch for a table.
-    f"ood_{group}{measure}"
-    for group in ("", "head_", "medium_", "tail_")
+    f"{family}{measure}"
+    for family in ("ood_", "ood_head_", "ood_medium_", "ood_tail_", "adv_detection_")
     for measure in ("auroc", "auprc", "fpr_at_95_tpr")
 )
 #: Differences of two values in [0, 1]: forgetting, head minus tail, FGSM- minus PGD-robust accuracy.
@@ -190,10 +190,11 @@ def metric_bounds(metric: str) -> tuple[float, float] | None:
 
     Accuracies of every kind (names ending in ``accuracy``: balanced, head, tail, personalised,
     anytime), ``auroc_macro``, ``a_auc``, ``a_last`` and ``a_avg`` (also with ``_personalized``),
-    the OOD detection metrics (``ood_auroc``, ``ood_auprc``, ``ood_fpr_at_95_tpr`` and their
-    ``ood_head_*`` / ``ood_medium_*`` / ``ood_tail_*`` per-group forms), ``auprc_macro`` and the
-    shares of noisy samples memorised or corrected lie in [0, 1]; ``f_last`` (a best accuracy minus
-    a final one), the head-tail disparities and ``fgsm_pgd_gap`` in [-1, 1]. Plugin metrics
+    the OOD detection metrics (``ood_auroc``, ``ood_auprc``, ``ood_fpr_at_95_tpr``, their
+    ``ood_head_*`` / ``ood_medium_*`` / ``ood_tail_*`` per-group forms and ``adv_detection_*``),
+    ``auprc_macro`` and the shares of noisy samples memorised or corrected lie in [0, 1];
+    ``f_last`` (a best accuracy minus a final one), the head-tail disparities and ``fgsm_pgd_gap``
+    in [-1, 1]. Plugin metrics
     (``"<plugin>.<name>"``) have no range fedlt knows.
     """
     if "." in metric:

@@ -71,6 +71,8 @@ class AttackSpec:
     personalized: bool = False
     #: PGD only: also attack with FGSM of the same norm and eps (``fgsm_robust_*``).
     also_fgsm: bool = False
+    #: Adversarial-sample detection: ``"none"``, ``"successful"`` or ``"all"`` pairs (``adv_detection_*``).
+    detect: str = "none"
 
     @classmethod
     def from_config(cls, cfg: Any) -> AttackSpec | None:
@@ -78,11 +80,11 @@ class AttackSpec:
         if cfg.kind == "none":
             return None
         if cfg.kind == "fgsm":
-            return cls("fgsm", cfg.norm, cfg.eps, 1, cfg.eps, False, cfg.personalized)
+            return cls("fgsm", cfg.norm, cfg.eps, 1, cfg.eps, False, cfg.personalized, detect=cfg.detect)
         steps = cfg.steps if cfg.steps is not None else DEFAULT_STEPS
         step = cfg.step_size if cfg.step_size is not None else STEP_FACTOR * cfg.eps / steps
         start = True if cfg.random_start is None else cfg.random_start
-        return cls("pgd", cfg.norm, cfg.eps, steps, step, start, cfg.personalized, cfg.also_fgsm)
+        return cls("pgd", cfg.norm, cfg.eps, steps, step, start, cfg.personalized, cfg.also_fgsm, cfg.detect)
 
     def fgsm(self) -> AttackSpec:
         """FGSM of this attack's norm and eps, on the global test set only (``also_fgsm``)."""

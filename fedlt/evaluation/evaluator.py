@@ -175,14 +175,25 @@ class Evaluator:
     ) -> dict[str, Any]:
         """Classification metrics of the evaluated logits of ``x`` attacked by ``spec`` (default
         ``self.attack``; random start from ``(seed, "attack", round[, client])``)."""
-        ev, d = self.scenario.eval, self.data
-        spec = self.attack if spec is None else spec
-        score = self._scorer(model, ctx, states, mask)
-        x_adv = attack(score, x, labels, spec, ctx.generator_for("attack"), ev.batch_size)
-        logits = score_batched(score, x_adv, ev.batch_size)
+        ev = self.scenario.eval
+        x_adv = self._attacked(model, x, labels, ctx, states, mask, spec)
+        return self._classification(
+            score_batched(self._scorer(model, ctx, states, mask), x_adv, ev.batch_size), labels
+        )
+
+    def _classification(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        d, ev = self.data, self.scenario.eval
         return classification_metrics(
             logits, labels, d.num_classes, d.train_class_counts, ev.shot_rule, ev.shot_thresholds
         )
+
+    def _attacked(
+        self, model, x, labels, ctx: EvalContext, states, mask: bool = False, spec: AttackSpec | None = None
+    ) -> torch.Tensor:
+        """``x`` attacked by ``spec`` (default ``self.attack``) through the evaluated classifier."""
+        spec = self.attack if spec is None else spec
+        score = self._scorer(model, ctx, states, mask)
+        return attack(score, x, labels, spec, ctx.generator_for("attack"), self.scenario.eval.batch_size)
 
     def _evaluated_head(self, model, features, ctx: EvalContext, states) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weight (C, d), bias (C,))`` of the affine map from features to the evaluated logits
@@ -255,7 +266,11 @@ class Evaluator:
             out["evaluated_head"] = self.evaluated_head
             if self.attack is not None:
                 out["attack"] = self.attack.describe()
-                out.update(robust_metrics(self._robust(model, d.x_test, d.y_test, gctx, {})))
+                x_adv = self._attacked(model, d.x_test, d.y_test, gctx, {})
+                adv_logits = score_batched(self._scorer(model, gctx, {}), x_adv, ev.batch_size)
+                out.update(robust_metrics(self._classification(adv_logits, d.y_test)))
+                if self.attack.detect != "none":
+                    out.update(self._adv_detection(model, (feats, logits), (x_adv, adv_logits), gctx))
                 if self.attack.also_fgsm:
                     out.update(self._fgsm_too(model, gctx, out["robust_accuracy"]))
             out.update(memorisation_metrics(model, d, ev.batch_size))  # [noise] only
@@ -317,6 +332,30 @@ class Evaluator:
             self._robust(model, d.x_test, d.y_test, gctx, {}, spec=self.attack.fgsm()), "fgsm_robust_"
         )
         return {**found, "fgsm_pgd_gap": found["fgsm_robust_accuracy"] - pgd_accuracy}
+
+    def _adv_detection(self, model, clean, attacked, gctx: EvalContext) -> dict[str, Any]:
+        """``adv_detection_*``: the run's OOD score separating clean test samples (positive) from
+        their attacked copies, over the pairs ``eval.attack.detect`` keeps (docs/robustness.md).
+        ``clean``: the test set's (features, evaluated logits); ``attacked``: (inputs, logits)."""
+        d = self.data
+        (feats, logits), (x_adv, adv_logits) = clean, attacked
+        adv_feats, _ = _forward(model, x_adv, self.scenario.eval.batch_size)
+        s_clean, name = self._ood_scores(model, feats, logits, d.x_test, gctx)
+        s_adv, adv_name = self._ood_scores(model, adv_feats, adv_logits, x_adv, gctx)
+        if adv_name != name:  # two different scores cannot be compared
+            raise PluginError(
+                name if name != DEFAULT_SCORE else adv_name,
+                "eval_ood_score",
+                f"scored the clean test set with {name!r} but its attacked copy with {adv_name!r}; "
+                "return a score (or None) for both",
+            )
+        keep = torch.ones_like(d.y_test, dtype=torch.bool)
+        if self.attack.detect == "successful":  # correct on the clean sample, fooled on its copy
+            keep = (logits.argmax(1) == d.y_test) & (adv_logits.argmax(1) != d.y_test)
+        keep = keep.cpu()
+        found = ood_metrics(s_clean[keep].numpy(), s_adv[keep].numpy())
+        out = {f"adv_detection_{k.removeprefix('ood_')}": v for k, v in found.items()}
+        return {**out, "adv_detection_n": int(keep.sum()), "adv_detection_score": name}
 
     def _ood_scores(self, model, features, logits, inputs, ctx: EvalContext) -> tuple[torch.Tensor, str]:
         """The OOD score of each sample (higher: in-distribution) and its name: the first

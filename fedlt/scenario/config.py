@@ -820,12 +820,20 @@ class AttackConfig(_Section):
         "fgsm_robust_* and fgsm_pgd_gap (FGSM-robust minus PGD-robust accuracy): a large gap is the mark "
         "of catastrophic overfitting in single-step adversarial training.",
     )
+    detect: Literal["none", "successful", "all"] = Field(
+        "none",
+        description="Adversarial-sample detection (Lee et al. 2018): score the clean test samples and "
+        "their attacked copies with the run's OOD score (an eval_ood_score plugin such as "
+        "mahalanobis-ood, else the maximum softmax probability) and report adv_detection_auroc, "
+        "_auprc (clean positive), _fpr_at_95_tpr, _n and _score. successful: only pairs whose clean "
+        "sample is classified correctly and whose attack succeeds; all: every pair; none: off.",
+    )
 
     @model_validator(mode="after")
     def _keys_fit_kind(self) -> AttackConfig:
         if self.kind == "none":
             defaults = {"norm": "linf", "eps": None, "steps": None, "step_size": None}
-            defaults.update(random_start=None, personalized=False, also_fgsm=False)
+            defaults.update(random_start=None, personalized=False, also_fgsm=False, detect="none")
             for key, default in defaults.items():
                 if getattr(self, key) != default:
                     raise ScenarioError(
