@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "run": "fedlt.api",
     "resume": "fedlt.api",
     "history": "fedlt.api",
+    "load_model": "fedlt.api",
     "Scenario": "fedlt.scenario.config",
     "load_scenario": "fedlt.scenario.config",
     "ClientContext": "fedlt.hooks.context",
@@ -77,6 +78,7 @@ __all__ = [
     "fgsm",
     "history",
     "hookimpl",
+    "load_model",
     "load_scenario",
     "pgd",
     "project_to_ball",
@@ -89,7 +91,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from fedlt.api import history, resume, run
+    from fedlt.api import history, load_model, resume, run
     from fedlt.errors import FedltError, NonFiniteLossError, PluginError, ScenarioError
     from fedlt.evaluation.attacks import fgsm, pgd, project_to_ball, random_ball_point
     from fedlt.hooks import state

@@ -5,11 +5,15 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fedlt.scenario.config import Scenario, load_scenario
 
-__all__ = ["history", "resume", "run"]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["history", "load_model", "resume", "run"]
 
 
 def run(
@@ -172,3 +176,54 @@ def history(run_dir: str | Path) -> list[dict[str, Any]]:
     from fedlt.store.checkpoint import read_metrics
 
     return read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The final global model of a finished run folder, in eval mode (a teacher, a baseline).
+
+    The model is rebuilt from the folder's scenario.toml exactly as the run built it (its data
+    for the input shape and classes, its plugins' ``configure_model``), then loaded with the
+    global weights of the last checkpoint.
+
+    Parameters
+    ----------
+    run_dir : path
+        A folder written by ``fedlt run`` / :func:`run` whose run has finished.
+    device : str or torch.device, default="cpu"
+        Where the model is placed.
+
+    Raises
+    ------
+    FedltError
+        ``run_dir`` is not a finished fedlt run (no summary.json saying it finished, no
+        scenario.toml, or a checkpoint of an earlier round than the last).
+    CheckpointError
+        The checkpoint is damaged or holds another model's weights.
+    """
+    import torch
+
+    from fedlt.driver.resume import finished_summary
+    from fedlt.driver.runner import SCENARIO
+    from fedlt.errors import FedltError
+    from fedlt.prepare import prepare
+    from fedlt.store.checkpoint import CHECKPOINT, check_compatible, load_checkpoint
+
+    folder = Path(run_dir)
+    summary = finished_summary(folder) if folder.is_dir() else None
+    if summary is None:
+        raise FedltError(
+            f"{str(folder)!r} is not a finished fedlt run: it must be a folder written by `fedlt run` "
+            "holding scenario.toml and a summary.json of a run that finished."
+        )
+    ckpt = load_checkpoint(folder)
+    if ckpt is None or ckpt["round"] != summary["rounds_run"]:
+        saved = None if ckpt is None else ckpt["round"]
+        raise FedltError(
+            f"{str(folder)!r} is not a finished fedlt run: its checkpoint holds round {saved}, "
+            f"its summary says {summary['rounds_run']} rounds ran."
+        )
+    prepared = prepare(load_scenario(folder / SCENARIO), torch.device(device), checked=True)
+    model = prepared.model
+    check_compatible(ckpt, model.state_dict(), folder / CHECKPOINT)
+    model.load_state_dict(ckpt["global"])
+    return model.eval()
