@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from fedlt_plugins.adversarial import separability_loss, srat_class_weights
 from support.contexts import client_ctx, client_hooks
+from support.models import Linear
 from torch import nn
 
 import fedlt
@@ -29,21 +30,6 @@ from fedlt.training.loss import batch_loss
 W = [[1.0, -2.0, 0.5, 0.0], [-1.0, 1.0, -0.5, 3.0]]
 X = [[0.2, -0.1, 0.4, 0.3], [-0.5, 0.2, 0.1, -0.2], [0.3, 0.3, -0.3, 0.1], [0.0, -0.4, 0.2, 0.5]]
 Y = [0, 1, 1, 0]
-
-
-class Linear(fedlt.FedModel):
-    """Features are the inputs; the head is a linear layer with the given weights."""
-
-    def __init__(self, weight: list[list[float]], bias: list[float] | None = None) -> None:
-        super().__init__()
-        self.num_classes, self.feature_dim = len(weight), len(weight[0])
-        self.head = nn.Linear(self.feature_dim, self.num_classes)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.tensor(weight))
-            self.head.bias.copy_(torch.tensor(bias or [0.0] * self.num_classes))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1)
 
 
 def _loss(spec: dict, model: nn.Module, x, y, client_id: int = 0, round: int = 1, **ctx_fields):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from fedlt_plugins.mtard import balance_weight, mtard_kl
 from support.contexts import client_ctx, client_hooks
+from support.models import Linear
 from support.scenarios import TINY
 from torch import nn
 
@@ -35,21 +36,6 @@ W_ROBUST = [[0.1, -0.5, 0.3, 0.2], [0.4, 0.4, -0.1, -0.3], [-0.2, 0.1, 0.2, 0.6]
 X1 = [[0.2, -0.1, 0.4, 0.3], [-0.5, 0.2, 0.1, -0.2], [0.3, 0.3, -0.3, 0.1], [0.0, -0.4, 0.2, 0.5]]
 X2 = [[0.1, 0.4, -0.2, 0.0], [0.3, -0.3, 0.2, 0.2], [-0.1, 0.1, 0.5, -0.4], [0.2, 0.2, 0.2, 0.2]]
 Y1, Y2 = [0, 1, 2, 0], [2, 1, 0, 1]
-
-
-class Linear(fedlt.FedModel):
-    """Features are the inputs; the head is a linear layer with the given weights."""
-
-    def __init__(self, weight: list[list[float]], bias: list[float] | None = None) -> None:
-        super().__init__()
-        self.num_classes, self.feature_dim = len(weight), len(weight[0])
-        self.head = nn.Linear(self.feature_dim, self.num_classes)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.tensor(weight))
-            self.head.bias.copy_(torch.tensor(bias or [0.0] * self.num_classes))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1)
 
 
 def _authors_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -340,15 +340,11 @@ class Evaluator:
         d = self.data
         (feats, logits), (x_adv, adv_logits) = clean, attacked
         adv_feats, _ = _forward(model, x_adv, self.scenario.eval.batch_size)
-        s_clean, name = self._ood_scores(model, feats, logits, d.x_test, gctx)
-        s_adv, adv_name = self._ood_scores(model, adv_feats, adv_logits, x_adv, gctx)
-        if adv_name != name:  # two different scores cannot be compared
-            raise PluginError(
-                name if name != DEFAULT_SCORE else adv_name,
-                "eval_ood_score",
-                f"scored the clean test set with {name!r} but its attacked copy with {adv_name!r}; "
-                "return a score (or None) for both",
-            )
+        s_clean, s_adv, name = self._paired_scores(
+            model,
+            ("the clean test set", feats, logits, d.x_test, gctx),
+            ("its attacked copy", adv_feats, adv_logits, x_adv, gctx),
+        )
         keep = torch.ones_like(d.y_test, dtype=torch.bool)
         if self.attack.detect == "successful":  # correct on the clean sample, fooled on its copy
             keep = (logits.argmax(1) == d.y_test) & (adv_logits.argmax(1) != d.y_test)
@@ -356,6 +352,20 @@ class Evaluator:
         found = ood_metrics(s_clean[keep].numpy(), s_adv[keep].numpy())
         out = {f"adv_detection_{k.removeprefix('ood_')}": v for k, v in found.items()}
         return {**out, "adv_detection_n": int(keep.sum()), "adv_detection_score": name}
+
+    def _paired_scores(self, model, first: tuple, second: tuple) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Two sets' OOD scores and the score's name; each set is ``(what, features, logits, inputs,
+        ctx)``. Both must come from the same score: two different scores cannot be compared."""
+        s_first, name = self._ood_scores(model, *first[1:])
+        s_second, second_name = self._ood_scores(model, *second[1:])
+        if second_name != name:
+            raise PluginError(
+                name if name != DEFAULT_SCORE else second_name,
+                "eval_ood_score",
+                f"scored {first[0]} with {name!r} but {second[0]} with {second_name!r}; "
+                "return a score (or None) for both",
+            )
+        return s_first, s_second, name
 
     def _ood_scores(self, model, features, logits, inputs, ctx: EvalContext) -> tuple[torch.Tensor, str]:
         """The OOD score of each sample (higher: in-distribution) and its name: the first
@@ -381,15 +391,11 @@ class Evaluator:
         o_feats, o_raw = _forward(model, d.x_ood, self.scenario.eval.batch_size)
         octx = dataclasses.replace(gctx, test_class_counts=np.zeros(d.num_classes, dtype=np.int64))
         o_logits = self._adjust(o_raw, o_feats, model, octx, {})
-        s_in, name = self._ood_scores(model, feats, logits, d.x_test, gctx)
-        s_out, out_name = self._ood_scores(model, o_feats, o_logits, d.x_ood, octx)
-        if out_name != name:  # two different scores cannot be compared
-            raise PluginError(
-                name if name != DEFAULT_SCORE else out_name,
-                "eval_ood_score",
-                f"scored the in-distribution set with {name!r} but the OOD set with {out_name!r}; "
-                "return a score (or None) for both",
-            )
+        s_in, s_out, name = self._paired_scores(
+            model,
+            ("the in-distribution set", feats, logits, d.x_test, gctx),
+            ("the OOD set", o_feats, o_logits, d.x_ood, octx),
+        )
         by_group = ood_group_metrics(s_in.numpy(), d.y_test.cpu().numpy(), s_out.numpy(), self.shot_groups)
         return {
             **ood_metrics(s_in.numpy(), s_out.numpy()),
