@@ -29,7 +29,6 @@ the plugin does not declare ``vectorized``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -48,11 +47,11 @@ from fedlt import (
     SetupContext,
     hookimpl,
     load_model,
-    project_to_ball,
+    pgd,
 )
 from fedlt import state as rules
 
-__all__ = ["MTARD", "balance_weight", "mtard_attack", "mtard_kl"]
+__all__ = ["MTARD", "balance_weight", "mtard_kl"]
 
 #: The stream of the attack's random start: ``(seed, purpose, round, client)``.
 PURPOSE = "mt-adv-distill"
@@ -82,35 +81,6 @@ def balance_weight(
     if r_nat + r_adv <= 0:
         return w_nat
     return w_nat - lr * (w_nat - r_nat / (r_nat + r_adv))
-
-
-def _direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
-    """The steepest-ascent direction of a unit step: ``sign(g)`` (L-inf) or ``g / ||g||_2`` (L2)."""
-    if norm == "linf":
-        return grad.sign()
-    flat = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return grad / flat.view(-1, *([1] * (grad.dim() - 1)))
-
-
-def mtard_attack(
-    score: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps: float,
-    norm: str,
-    steps: int,
-    step_size: float,
-    start: torch.Tensor,
-) -> torch.Tensor:
-    """The student's adversarial examples (``mtard_inner_loss_ce``): from ``x + start``, ``steps``
-    ascent steps on the mean cross-entropy, each projected onto the ``eps``-ball around ``x``."""
-    delta = start
-    with torch.enable_grad():
-        for _ in range(steps):
-            xa = (x + delta).detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(F.cross_entropy(score(xa), y), xa)
-            delta = project_to_ball(delta.detach() + step_size * _direction(grad, norm), eps, norm)
-    return (x + delta).detach()
 
 
 @lru_cache(maxsize=8)
@@ -214,7 +184,7 @@ class MTARD(Plugin):
         model.eval()
         try:
             score = lambda v: model.head(model.features(v))  # noqa: E731
-            return mtard_attack(score, x, y, p.eps, p.norm, p.steps, self._step_size, start)
+            return pgd(score, x, y, p.eps, p.norm, p.steps, self._step_size, start=start)
         finally:
             model.train(was_training)
 

@@ -27,10 +27,6 @@ def tiny() -> dict[str, Any]:
     return copy.deepcopy(TINY)
 
 
-class _Interrupted(Exception):
-    """Raised from a run's round callback to cut it off, as a crash would."""
-
-
 @pytest.fixture
 def interrupted_run() -> Callable[[dict[str, Any], Path, int], Any]:
     """``interrupt(scenario, run_dir, after)``: start a run and cut it off after round ``after``.
@@ -38,22 +34,9 @@ def interrupted_run() -> Callable[[dict[str, Any], Path, int], Any]:
     The run folder then holds what a killed run leaves (checkpoint of round ``after``); tests
     resume it with ``fedlt.resume(run_dir)`` and compare with an uninterrupted run.
     """
-    import fedlt
-    from fedlt.driver.runner import Run
+    from support.runs import interrupt_run
 
-    def interrupt(scenario: dict[str, Any], run_dir: Path, after: int) -> Run:
-        run = Run.create(fedlt.load_scenario(scenario), run_dir)
-
-        def stop(r: int, record: Any) -> None:
-            if r == after:
-                raise _Interrupted
-
-        run.on_round = stop
-        with pytest.raises(_Interrupted):
-            run.execute()
-        return run
-
-    return interrupt
+    return interrupt_run
 
 
 @pytest.fixture

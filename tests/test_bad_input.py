@@ -30,11 +30,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.runs import interrupt_run
 from support.scenarios import TINY
 
 import fedlt
 from fedlt.cli import main
-from fedlt.driver.runner import Run
 
 
 def S(*overrides: str) -> list[str]:
@@ -235,10 +235,6 @@ def test_there_are_at_least_forty_cases() -> None:
 # --------------------------------------------------------------------------- runner side
 
 
-class _Stop(Exception):
-    """Cuts a run off after its first round, as a kill would."""
-
-
 class _Forged:
     """Unpickling it would create the file it names: what a forged checkpoint could do."""
 
@@ -256,14 +252,7 @@ def run_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     threads = torch.get_num_threads()
     scenario = {**TINY, "federation": {**TINY["federation"], "rounds": 2}}
     try:
-        run = Run.create(fedlt.load_scenario(scenario), root / "stopped")
-
-        def stop(r: int, record: Any) -> None:
-            raise _Stop
-
-        run.on_round = stop
-        with pytest.raises(_Stop):
-            run.execute()
+        interrupt_run(scenario, root / "stopped", after=1)
         fedlt.run({**scenario, "model": {"name": "mlp", "hidden": [16]}}, out=root / "other")
     finally:
         torch.set_num_threads(threads)

@@ -143,7 +143,11 @@ class _Features2(nn.Module):
         return x
 
 
-def _ldam_evaluator(tiny, plugins, train_counts) -> tuple[Evaluator, nn.Module]:
+def _two_class_evaluator(
+    tiny, plugins, train_counts, head: list[list[float]], x_test: list[list[float]], y_test: list[int]
+) -> tuple[Evaluator, nn.Module]:
+    """An evaluator over a hand-made 2-class test set and a model with identity features and the
+    given head rows (bias 0), after the plugins' ``configure_model``."""
     from support.contexts import setup_ctx
 
     tiny["plugins"] = plugins
@@ -153,17 +157,26 @@ def _ldam_evaluator(tiny, plugins, train_counts) -> tuple[Evaluator, nn.Module]:
     model = _Features2()
     hooks.configure_model(model=model, ctx=setup_ctx(2, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
-        model.head.weight.copy_(torch.eye(2))
+        model.head.weight.copy_(torch.tensor(head))
+        if model.head.bias is not None:
+            model.head.bias.zero_()
     data = SimpleNamespace(
         num_classes=2,
-        x_test=torch.tensor([[1.0, 0.0], [0.6, 0.8]]),
-        y_test=torch.tensor([0, 1]),
+        x_test=torch.tensor(x_test),
+        y_test=torch.tensor(y_test),
         test_views=[],
         train_class_counts=np.asarray(train_counts),
         x_ood=None,  # no [eval.ood]
         y_train_clean=None,  # no [noise]
     )
     return Evaluator(scenario, data, hooks, SimpleNamespace()), model
+
+
+def _ldam_evaluator(tiny, plugins, train_counts) -> tuple[Evaluator, nn.Module]:
+    """Identity head (cosine, no bias under LDAM), samples [1, 0] and [0.6, 0.8]."""
+    return _two_class_evaluator(
+        tiny, plugins, train_counts, [[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.6, 0.8]], [0, 1]
+    )
 
 
 def test_ldam_calibration_reads_the_scaled_cosines(tiny):
@@ -253,30 +266,10 @@ def test_the_results_page_states_the_pinned_defaults():
 
 
 def _nc_evaluator(tiny, plugins, train_counts=(10, 10)) -> tuple[Evaluator, nn.Module]:
-    """2 classes, identity features; model.head rows [1, 1] and [3, -1] (unequal norms), bias 0."""
-    from support.contexts import setup_ctx
-
-    tiny["plugins"] = plugins
-    tiny["eval"] = {"personalized": False}
-    scenario = fedlt.load_scenario(tiny)
-    hooks = build_hooks(scenario.plugins)
-    model = _Features2()
-    hooks.configure_model(model=model, ctx=setup_ctx(2, generator=torch.Generator().manual_seed(0)))
-    with torch.no_grad():
-        model.head.weight.copy_(torch.tensor([[1.0, 1.0], [3.0, -1.0]]))
-        if model.head.bias is not None:
-            model.head.bias.zero_()
-    data = SimpleNamespace(
-        num_classes=2,
-        # class 0 around [1, 0], class 1 around [0, 1]: centred class means [0.5, -0.5], [-0.5, 0.5]
-        x_test=torch.tensor([[1.0, 0.2], [1.0, -0.2], [0.2, 1.0], [-0.2, 1.0]]),
-        y_test=torch.tensor([0, 0, 1, 1]),
-        test_views=[],
-        train_class_counts=np.asarray(train_counts),
-        x_ood=None,  # no [eval.ood]
-        y_train_clean=None,  # no [noise]
-    )
-    return Evaluator(scenario, data, hooks, SimpleNamespace()), model
+    """2 classes, identity features; model.head rows [1, 1] and [3, -1] (unequal norms), bias 0.
+    Class 0 around [1, 0], class 1 around [0, 1]: centred class means [0.5, -0.5], [-0.5, 0.5]."""
+    x_test = [[1.0, 0.2], [1.0, -0.2], [0.2, 1.0], [-0.2, 1.0]]
+    return _two_class_evaluator(tiny, plugins, train_counts, [[1.0, 1.0], [3.0, -1.0]], x_test, [0, 0, 1, 1])
 
 
 def test_neural_collapse_describes_the_realigned_head_gla_fr_scores_with(tiny):

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from support.runs import interrupt_run
 from support.scenarios import TINY
 
 import fedlt
@@ -38,10 +39,6 @@ VICTIM = b"the user's own file: must survive\n"
 TWO_ROUNDS = {**TINY, "federation": {**TINY["federation"], "rounds": 2}}
 
 
-class _Stop(Exception):
-    """Cuts a run off after its first round, as a kill would."""
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``stopped``: a 2-round run cut off after round 1; ``done``: the same run finished; both with
@@ -50,14 +47,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     threads = torch.get_num_threads()
     scenario = {**TWO_ROUNDS, "log": {"events": True}}
     try:
-        run = Run.create(fedlt.load_scenario(scenario), root / "stopped")
-
-        def stop(r: int, record: Any) -> None:
-            raise _Stop
-
-        run.on_round = stop
-        with pytest.raises(_Stop):
-            run.execute()
+        interrupt_run(scenario, root / "stopped", after=1)
         fedlt.run(scenario, out=root / "done")
     finally:
         torch.set_num_threads(threads)
@@ -364,15 +354,7 @@ def replay_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("replay") / "cut"
     threads = torch.get_num_threads()
     try:
-        run = Run.create(fedlt.load_scenario(REPLAY), folder)
-
-        def stop(r: int, record: Any) -> None:
-            if r == 2:
-                raise _Stop
-
-        run.on_round = stop
-        with pytest.raises(_Stop):
-            run.execute()
+        interrupt_run(REPLAY, folder, after=2)
     finally:
         torch.set_num_threads(threads)
     return folder

@@ -304,6 +304,24 @@ class Registry:
             return {}
         return _discover(self.kind, self.group, self._entries)
 
+    def check_built(self, name: str, built: Any, expected: type, key: str, what: str) -> Any:
+        """``built`` (what entry ``name``'s builder returned) if it is an ``expected``; only an outside
+        builder can return anything else, and that is refused naming ``key`` and the package.
+
+        Raises
+        ------
+        ParameterError
+            ``built`` is not an ``expected``; ``what`` says what the builder must return.
+        """
+        if isinstance(built, expected):
+            return built
+        raise ParameterError(
+            key,
+            name,
+            what,
+            hint=f"The builder of {self.outside()[name].origin} returned a {type(built).__name__}.",
+        )
+
     def is_builtin(self, name: str) -> bool:
         """Whether ``name`` is one of the entries declared with the registry (not an outside one)."""
         return isinstance(name, str) and name in self._entries

@@ -314,14 +314,8 @@ def load_dataset(name: str, *, seed: int = 0, **params: Any) -> RawDataset:
     """
     entry = DATASETS[name]
     raw = entry.build(seed, **dict(entry.params.model_validate(params)))
-    if not isinstance(raw, RawDataset):  # only an outside dataset can get here
-        raise ParameterError(
-            "dataset",
-            name,
-            "a dataset whose builder returns a fedlt.data.raw.RawDataset",
-            hint=f"The builder of {DATASETS.outside()[name].origin} returned a {type(raw).__name__}.",
-        )
-    return raw
+    what = "a dataset whose builder returns a fedlt.data.raw.RawDataset"
+    return DATASETS.check_built(name, raw, RawDataset, "dataset", what)
 
 
 def _settings(name: str, params: dict[str, Any]) -> dict[str, Any]:

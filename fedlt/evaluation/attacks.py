@@ -174,13 +174,18 @@ def pgd(
     step_size: float | None = None,
     generator: torch.Generator | None = None,
     objective: Objective | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Projected gradient descent on the loss (Madry et al. 2018): from ``x`` (or a random point
-    of the ball when ``generator`` is given), ``steps`` ascent steps of ``step_size`` (default
+    of the ball when ``generator`` is given, or ``x + start`` for a start of the caller's own, e.g.
+    MTARD's small Gaussian noise), ``steps`` ascent steps of ``step_size`` (default
     ``2.5 eps / steps``), each projected back onto the ``norm`` ball of radius ``eps``.
     ``objective`` replaces cross-entropy (TRADES ascends a KL divergence; see :data:`Objective`)."""
     alpha = STEP_FACTOR * eps / steps if step_size is None else step_size
-    delta = torch.zeros_like(x) if generator is None else random_ball_point(x, eps, norm, generator)
+    if start is not None:
+        delta = start
+    else:
+        delta = torch.zeros_like(x) if generator is None else random_ball_point(x, eps, norm, generator)
     for _ in range(steps):
         grad = _gradient(score, x + delta, y, objective)
         delta = project_to_ball(delta + alpha * _ascent(grad, norm), eps, norm)

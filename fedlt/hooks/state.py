@@ -102,6 +102,23 @@ class Rule(ABC):
         return None if problem is None else ("", value, problem)
 
 
+class _Nested(Rule):
+    """A rule over a container's items: :meth:`where` finds the offending item (with its path),
+    and the problem is what that item must be."""
+
+    def problem(
+        self, value: Any, owner: Owner, state: Mapping[str, Any], at: int | None = None
+    ) -> str | None:
+        found = self.where(value, owner, state)
+        return None if found is None else found[2]
+
+    @abstractmethod
+    def where(
+        self, value: Any, owner: Owner, state: Mapping[str, Any], at: int | None = None
+    ) -> tuple[str, Any, str] | None:
+        """``(path below the key, offending value, what it must be)`` or ``None``."""
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
@@ -201,7 +218,7 @@ class Label(Rule):
 
 
 @dataclass(frozen=True)
-class ListOf(Rule):
+class ListOf(_Nested):
     """A list (or tuple) whose items all satisfy ``item``.
 
     ``max_len``: the most items, an int or the name of a plugin parameter (``"memory_size"``);
@@ -211,12 +228,6 @@ class ListOf(Rule):
     item: Rule
     max_len: int | str | None = None
     same_length_as: str | None = None
-
-    def problem(
-        self, value: Any, owner: Owner, state: Mapping[str, Any], at: int | None = None
-    ) -> str | None:
-        found = self.where(value, owner, state)
-        return None if found is None else found[2]
 
     def where(
         self, value: Any, owner: Owner, state: Mapping[str, Any], at: int | None = None
@@ -259,17 +270,11 @@ class LabelOf(Rule):
 
 
 @dataclass(frozen=True)
-class MapOf(Rule):
+class MapOf(_Nested):
     """A dict whose keys satisfy ``key`` and values satisfy ``value``."""
 
     key: Rule
     value: Rule
-
-    def problem(
-        self, value: Any, owner: Owner, state: Mapping[str, Any], at: int | None = None
-    ) -> str | None:
-        found = self.where(value, owner, state)
-        return None if found is None else found[2]
 
     def where(
         self, value: Any, owner: Owner, state: Mapping[str, Any], at: int | None = None

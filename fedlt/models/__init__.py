@@ -852,14 +852,8 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **par
     checked = entry.params.model_validate(params)
     _check_sample_shape(name, input_shape)
     model = entry.build(input_shape, num_classes, **dict(checked))
-    if not isinstance(model, FedModel):  # only an outside model can get here
-        raise ParameterError(
-            "name",
-            name,
-            "a model whose builder returns a fedlt.models.FedModel (features(x) and a linear head)",
-            hint=f"The builder of {MODELS.outside()[name].origin} returned a {type(model).__name__}.",
-        )
-    return model
+    what = "a model whose builder returns a fedlt.models.FedModel (features(x) and a linear head)"
+    return MODELS.check_built(name, model, FedModel, "name", what)
 
 
 def check_model(name: str, input_shape: tuple[int, ...], num_classes: int, **params: Any) -> None:
